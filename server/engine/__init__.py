@@ -1,0 +1,1 @@
+"""Native inference engine: GGUF models run on the project's own kernels (see README.md)."""

@@ -1,0 +1,153 @@
+"""Reads a GGUF file: hyper-parameters from its metadata, weights dequantized to float32.
+
+F32 tensors stay memory-mapped views of the file; quantized ones are dequantized once at load
+(our matmul reads fp32), which is where the resident memory goes.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+from dataclasses import dataclass, field
+
+import numpy as np
+from gguf import GGUFReader
+
+from .dequant import dequantize
+
+SUPPORTED_ARCHS = ("llama", "qwen2", "gemma3")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim_k: int
+    head_dim_v: int
+    rms_eps: float
+    rope_base: float
+    rope_freq_scale: float
+    rope_dim: int
+    rope_mode: str  # "normal" | "neox"
+    n_ctx_train: int
+    attn_scale: float
+    sliding_window: int = 0  # 0: none
+    swa_layers: tuple[bool, ...] = ()  # per layer: True -> sliding-window attention
+    rope_base_swa: float = 10000.0
+    final_logit_softcap: float = 0.0
+    bos_id: int | None = None
+    eos_id: int | None = None
+    extra_eos: tuple[int, ...] = field(default_factory=tuple)
+
+
+def _field(reader: GGUFReader, key: str, default: object = None) -> object:
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def read_config(reader: GGUFReader) -> ModelConfig:
+    arch = str(_field(reader, "general.architecture"))
+    if arch not in SUPPORTED_ARCHS:
+        raise NotImplementedError(f"architecture {arch!r} is not supported (have {SUPPORTED_ARCHS})")
+
+    def a(key: str, default: object = None) -> object:
+        return _field(reader, f"{arch}.{key}", default)
+
+    n_embd = int(a("embedding_length"))
+    n_head = int(a("attention.head_count"))
+    n_head_kv = int(a("attention.head_count_kv", n_head))
+    head_dim_k = int(a("attention.key_length", n_embd // n_head))
+    head_dim_v = int(a("attention.value_length", head_dim_k))
+    n_layer = int(a("block_count"))
+    tokens = reader.fields["tokenizer.ggml.tokens"]
+    n_vocab = int(a("vocab_size", len(tokens.data)))
+    scaling_type = a("rope.scaling.type", "none")
+    scale_factor = float(a("rope.scaling.factor", 1.0) or 1.0)
+    freq_scale = 1.0 / scale_factor if scaling_type == "linear" else 1.0
+    if scaling_type not in ("none", "linear", None):
+        raise NotImplementedError(f"rope scaling {scaling_type!r} is not supported")
+
+    swa = 0
+    swa_layers: tuple[bool, ...] = tuple(False for _ in range(n_layer))
+    attn_scale = 1.0 / math.sqrt(head_dim_k)
+    softcap = 0.0
+    if arch == "gemma3":
+        swa = int(a("attention.sliding_window", 0) or 0)
+        if swa > 0:
+            # llama.cpp set_swa_pattern(6): layers with il % 6 < 5 are local, every 6th is global.
+            swa_layers = tuple(il % 6 < 5 for il in range(n_layer))
+        # llama.cpp (after gemma_pytorch config): 27B scales by d_model/n_head, others by head_dim.
+        if n_layer == 62:
+            attn_scale = 1.0 / math.sqrt(n_embd / n_head)
+        softcap = float(a("final_logit_softcapping", 0.0) or 0.0)
+
+    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    eot = _field(reader, "tokenizer.ggml.eot_token_id")
+    bos = _field(reader, "tokenizer.ggml.bos_token_id")
+    return ModelConfig(
+        arch=arch,
+        n_vocab=n_vocab,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_ff=int(a("feed_forward_length")),
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        head_dim_k=head_dim_k,
+        head_dim_v=head_dim_v,
+        rms_eps=float(a("attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_base=float(a("rope.freq_base", 10000.0)),
+        rope_freq_scale=freq_scale,
+        rope_dim=int(a("rope.dimension_count", head_dim_k)),
+        # llama.cpp: LLAMA_ROPE_TYPE_NORM for llama, NEOX for qwen2 and the gemma family.
+        rope_mode="normal" if arch == "llama" else "neox",
+        n_ctx_train=int(a("context_length", 2048)),
+        attn_scale=attn_scale,
+        sliding_window=swa,
+        swa_layers=swa_layers,
+        final_logit_softcap=softcap,
+        bos_id=None if bos is None else int(bos),
+        eos_id=None if eos is None else int(eos),
+        extra_eos=() if eot is None else (int(eot),),
+    )
+
+
+@dataclass
+class GGUFModel:
+    path: pathlib.Path
+    config: ModelConfig
+    tensors: dict[str, np.ndarray]
+    owned_bytes: int  # dequantized copies (anonymous memory)
+    mapped_bytes: int  # F32 tensors left as views of the memory-mapped file
+
+    def get(self, name: str) -> np.ndarray | None:
+        return self.tensors.get(name)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.tensors[name]
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.owned_bytes + self.mapped_bytes
+
+
+def load_gguf(path: str | pathlib.Path) -> GGUFModel:
+    path = pathlib.Path(path)
+    reader = GGUFReader(str(path), "r")
+    config = read_config(reader)
+    tensors: dict[str, np.ndarray] = {}
+    owned = mapped = 0
+    for t in reader.tensors:
+        arr = dequantize(t.data, t.tensor_type)
+        if np.shares_memory(arr, t.data):
+            mapped += arr.nbytes
+        else:
+            owned += arr.nbytes
+        tensors[t.name] = arr
+    return GGUFModel(path=path, config=config, tensors=tensors, owned_bytes=owned, mapped_bytes=mapped)

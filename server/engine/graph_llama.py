@@ -1,0 +1,108 @@
+"""Forward pass of `llama`-family models (Llama, Mistral, Qwen2): RMSNorm, RoPE, GQA, SwiGLU.
+
+One call processes a chunk of T tokens at positions n_past..n_past+T-1: every projection is one
+matmul with M=T (GEMM for prefill, GEMV for decode) and attention reads the KV cache, so memory
+grows only with the cache. Layouts follow GGUF: weights [out, in], activations [T, features].
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import numpy as np
+
+from .gguf_loader import GGUFModel, ModelConfig
+from .kv_cache import KVCache
+
+
+class LlamaGraph:
+    def __init__(self, model: GGUFModel, ops: ModuleType) -> None:
+        self.cfg: ModelConfig = model.config
+        self.ops = ops
+        self.m = model
+        self.tok_embd = model["token_embd.weight"]
+        out = model.get("output.weight")
+        self.w_out = self.tok_embd if out is None else out  # tied embeddings when absent
+        if model.get("rope_freqs.weight") is not None:
+            raise NotImplementedError("rope_freqs (Llama 3.1 rope scaling) is not supported yet")
+
+    # -- pieces shared with subclasses -------------------------------------------------------
+
+    def w(self, il: int, name: str) -> np.ndarray | None:
+        return self.m.get(f"blk.{il}.{name}")
+
+    def norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        return self.ops.rmsnorm(x, weight, self.cfg.rms_eps)
+
+    def linear(self, x: np.ndarray, il: int, name: str) -> np.ndarray:
+        y = self.ops.matmul(x, self.w(il, f"{name}.weight"))
+        bias = self.w(il, f"{name}.bias")
+        if bias is not None:
+            y += bias
+        return y
+
+    def embed(self, tokens: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(self.tok_embd[tokens], dtype=np.float32)
+
+    def rope_params(self, il: int) -> tuple[float, float]:
+        return self.cfg.rope_base, self.cfg.rope_freq_scale
+
+    def window(self, il: int) -> int:
+        return 0
+
+    def qkv(self, h: np.ndarray, il: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        c, t = self.cfg, h.shape[0]
+        q = self.linear(h, il, "attn_q").reshape(t, c.n_head, c.head_dim_k)
+        k = self.linear(h, il, "attn_k").reshape(t, c.n_head_kv, c.head_dim_k)
+        v = self.linear(h, il, "attn_v").reshape(t, c.n_head_kv, c.head_dim_v)
+        return q, k, v
+
+    def attn_block(self, x: np.ndarray, il: int, pos: np.ndarray, n_past: int, kv: KVCache) -> np.ndarray:
+        """Attention sub-block output (before the residual add) for x [T, n_embd]."""
+        c, ops, t = self.cfg, self.ops, x.shape[0]
+        h = self.norm(x, self.w(il, "attn_norm.weight"))
+        q, k, v = self.qkv(h, il)
+        base, fscale = self.rope_params(il)
+        ops.rope(q, pos, base, mode=c.rope_mode, rot_dim=c.rope_dim, freq_scale=fscale, out=q)
+        ops.rope(k, pos, base, mode=c.rope_mode, rot_dim=c.rope_dim, freq_scale=fscale, out=k)
+        kv.store(il, n_past, k, v)
+        a = ops.attention(
+            q, n_past=n_past, scale=self.q_scale(), window=self.window(il), **kv.attention_args(il, n_past + t)
+        )
+        return self.linear(a.reshape(t, c.n_head * c.head_dim_v), il, "attn_output")
+
+    def q_scale(self) -> float:
+        return self.cfg.attn_scale
+
+    def ffn(self, h: np.ndarray, il: int) -> np.ndarray:
+        g = self.linear(h, il, "ffn_gate")
+        u = self.linear(h, il, "ffn_up")
+        return self.linear(self.ops.swiglu(g, u), il, "ffn_down")
+
+    def layer(self, x: np.ndarray, il: int, pos: np.ndarray, n_past: int, kv: KVCache) -> np.ndarray:
+        x = x + self.attn_block(x, il, pos, n_past, kv)
+        h = self.norm(x, self.w(il, "ffn_norm.weight"))
+        return x + self.ffn(h, il)
+
+    def head(self, x: np.ndarray) -> np.ndarray:
+        h = self.norm(x, self.m["output_norm.weight"])
+        logits = self.ops.matmul(h, self.w_out)
+        cap = self.cfg.final_logit_softcap
+        if cap > 0:
+            logits = np.tanh(logits / cap) * cap
+        return logits
+
+    # -- entry point ---------------------------------------------------------------------------
+
+    def forward(self, tokens: np.ndarray, n_past: int, kv: KVCache, want: str = "last") -> np.ndarray | None:
+        """Fill the KV cache for the chunk; logits [T, vocab] (want="all"), [1, vocab] ("last") or None."""
+        t = tokens.shape[0]
+        pos = np.arange(n_past, n_past + t, dtype=np.int32)
+        x = self.embed(tokens)
+        for il in range(self.cfg.n_layer):
+            x = self.layer(x, il, pos, n_past, kv)
+        if want == "none":
+            return None
+        if want == "last":
+            x = x[-1:]  # the vocab projection is the biggest matmul: skip it for earlier rows
+        return self.head(np.ascontiguousarray(x))

@@ -1,0 +1,114 @@
+"""Per-layer K/V cache in fp32, fp16 or FP8 E4M3 (one fp32 scale per token and KV head).
+
+Storage grows in chunks of `grow_tokens` up to n_ctx (never allocated for n_ctx up front), so a
+short conversation on a long-context model holds only what it uses; `nbytes()` reports exactly
+the arrays held. Sliding-window layers keep the full history too (simple and exact; a ring of
+`window` rows would bound them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+import numpy as np
+
+KV_DTYPES = ("fp32", "fp16", "fp8")
+
+
+@dataclass
+class _Layer:
+    k: np.ndarray  # [cap, Hkv, Dk] float32 | float16 | uint8 (FP8 bytes)
+    v: np.ndarray  # [cap, Hkv, Dv]
+    k_scale: np.ndarray | None = None  # [cap, Hkv] float32 (fp8 only)
+    v_scale: np.ndarray | None = None
+
+
+class KVCache:
+    def __init__(
+        self,
+        ops: ModuleType,
+        *,
+        n_layer: int,
+        n_ctx: int,
+        n_head_kv: int,
+        head_dim_k: int,
+        head_dim_v: int,
+        dtype: str = "fp32",
+        grow_tokens: int = 256,
+    ) -> None:
+        if dtype not in KV_DTYPES:
+            raise ValueError(f"kv_cache must be one of {KV_DTYPES}, not {dtype!r}")
+        self.ops = ops
+        self.dtype = dtype
+        self.n_ctx = n_ctx
+        self.n_head_kv = n_head_kv
+        self.head_dim_k = head_dim_k
+        self.head_dim_v = head_dim_v
+        self.grow_tokens = grow_tokens
+        self.n_layer = n_layer
+        self.capacity = 0
+        self.layers: list[_Layer] = [self._alloc(0) for _ in range(n_layer)]
+
+    def _alloc(self, cap: int) -> _Layer:
+        h, dk, dv = self.n_head_kv, self.head_dim_k, self.head_dim_v
+        if self.dtype == "fp8":
+            return _Layer(
+                np.zeros((cap, h, dk), np.uint8),
+                np.zeros((cap, h, dv), np.uint8),
+                np.ones((cap, h), np.float32),
+                np.ones((cap, h), np.float32),
+            )
+        dt = np.float32 if self.dtype == "fp32" else np.float16
+        return _Layer(np.zeros((cap, h, dk), dt), np.zeros((cap, h, dv), dt))
+
+    def reserve(self, n_tokens: int) -> None:
+        """Make room for positions 0..n_tokens-1 (grows by whole chunks, copies what is held)."""
+        if n_tokens > self.n_ctx:
+            raise ValueError(f"KV cache holds at most n_ctx={self.n_ctx} tokens, asked {n_tokens}")
+        if n_tokens <= self.capacity:
+            return
+        cap = min(self.n_ctx, -(-n_tokens // self.grow_tokens) * self.grow_tokens)
+        for i, old in enumerate(self.layers):
+            new = self._alloc(cap)
+            n = self.capacity
+            new.k[:n], new.v[:n] = old.k[:n], old.v[:n]
+            if old.k_scale is not None:
+                new.k_scale[:n], new.v_scale[:n] = old.k_scale[:n], old.v_scale[:n]
+            self.layers[i] = new
+        self.capacity = cap
+
+    def store(self, il: int, pos: int, k: np.ndarray, v: np.ndarray) -> None:
+        """Write k [T,Hkv,Dk], v [T,Hkv,Dv] (float32) at positions pos..pos+T-1."""
+        t = k.shape[0]
+        lay = self.layers[il]
+        if self.dtype == "fp8":
+            qk, sk = self.ops.fp8_quantize_rows(np.ascontiguousarray(k))
+            qv, sv = self.ops.fp8_quantize_rows(np.ascontiguousarray(v))
+            lay.k[pos : pos + t], lay.k_scale[pos : pos + t] = qk, sk
+            lay.v[pos : pos + t], lay.v_scale[pos : pos + t] = qv, sv
+        else:
+            lay.k[pos : pos + t] = k
+            lay.v[pos : pos + t] = v
+
+    def attention_args(self, il: int, n_rows: int) -> dict[str, np.ndarray]:
+        """Arrays for ops.attention over rows 0..n_rows-1 (fp16 is widened: kernels take fp32/fp8)."""
+        lay = self.layers[il]
+        if self.dtype == "fp8":
+            return {"k": lay.k, "v": lay.v, "k_scale": lay.k_scale, "v_scale": lay.v_scale}
+        if self.dtype == "fp16":
+            return {"k": lay.k[:n_rows].astype(np.float32), "v": lay.v[:n_rows].astype(np.float32)}
+        return {"k": lay.k, "v": lay.v}
+
+    def nbytes(self) -> int:
+        total = 0
+        for lay in self.layers:
+            total += lay.k.nbytes + lay.v.nbytes
+            if lay.k_scale is not None:
+                total += lay.k_scale.nbytes + lay.v_scale.nbytes
+        return total
+
+    def bytes_per_token(self) -> int:
+        h, dk, dv = self.n_head_kv, self.head_dim_k, self.head_dim_v
+        per = {"fp32": 4 * h * (dk + dv), "fp16": 2 * h * (dk + dv), "fp8": h * (dk + dv) + 8 * h}
+        return per[self.dtype] * self.n_layer

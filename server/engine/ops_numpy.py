@@ -1,0 +1,167 @@
+"""Plain-numpy reference of the `kernels` API (same names, signatures and semantics).
+
+Used as the correctness reference in tests and as a fallback while the C kernels are not built.
+It is written for clarity, not speed: the engine's hot path runs on `kernels`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+try:  # ml_dtypes gives an exact E4M3 (OCP e4m3fn) cast; optional outside the tests
+    import ml_dtypes
+
+    _E4M3 = ml_dtypes.float8_e4m3fn
+except ImportError:  # pragma: no cover - ml_dtypes is a dev dependency
+    _E4M3 = None
+
+FP8_MAX = 448.0
+_threads = 1
+
+
+def set_num_threads(n: int) -> None:
+    global _threads
+    _threads = max(1, int(n))
+
+
+def get_num_threads() -> int:
+    return _threads
+
+
+def _put(res: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    if out is None:
+        return np.ascontiguousarray(res, dtype=np.float32)
+    out[...] = res
+    return out
+
+
+def matmul(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """y = x @ w.T with w [N, K] row-major (GGUF layout)."""
+    return _put(x @ w.T, out)
+
+
+def softmax(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    m = x.max(axis=-1, keepdims=True)
+    e = np.exp(x - m)
+    return _put(e / e.sum(axis=-1, keepdims=True), out)
+
+
+def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray | None = None) -> np.ndarray:
+    x64 = x.astype(np.float64)
+    r = x64 / np.sqrt(np.mean(x64 * x64, axis=-1, keepdims=True) + eps)
+    return _put(r * weight, out)
+
+
+def rope(
+    x: np.ndarray,
+    positions: np.ndarray,
+    base: float,
+    mode: str = "normal",
+    rot_dim: int | None = None,
+    freq_scale: float = 1.0,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Rotary embedding on x [T, H, D]; ggml's NORMAL (adjacent pairs) or NEOX (split halves)."""
+    t, _, d = x.shape
+    rd = d if rot_dim is None else rot_dim
+    half = rd // 2
+    inv = base ** (-2.0 * np.arange(half, dtype=np.float64) / rd)
+    theta = positions.astype(np.float64)[:, None] * freq_scale * inv[None, :]  # [T, half]
+    cos = np.cos(theta)[:, None, :]
+    sin = np.sin(theta)[:, None, :]
+    y = x.astype(np.float64).copy()
+    if mode == "normal":
+        a, b = y[..., 0:rd:2].copy(), y[..., 1:rd:2].copy()
+        y[..., 0:rd:2] = a * cos - b * sin
+        y[..., 1:rd:2] = a * sin + b * cos
+    elif mode == "neox":
+        a, b = y[..., :half].copy(), y[..., half:rd].copy()
+        y[..., :half] = a * cos - b * sin
+        y[..., half:rd] = a * sin + b * cos
+    else:
+        raise ValueError(f"unknown rope mode {mode!r}")
+    assert t == positions.shape[0]
+    return _put(y, out)
+
+
+def _silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+def _gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def swiglu(g: np.ndarray, u: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    g64 = g.astype(np.float64)
+    return _put(_silu(g64) * u, out)
+
+
+def geglu(g: np.ndarray, u: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    g64 = g.astype(np.float64)
+    return _put(_gelu_tanh(g64) * u, out)
+
+
+def gelu(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    return _put(_gelu_tanh(x.astype(np.float64)), out)
+
+
+def fp8_encode(x: np.ndarray, scale: np.ndarray | float) -> np.ndarray:
+    """x / scale -> E4M3 bytes (saturating at +-448)."""
+    if _E4M3 is None:  # pragma: no cover
+        raise RuntimeError("ml_dtypes is required for the numpy FP8 reference")
+    y = np.clip(np.asarray(x, np.float32) / np.asarray(scale, np.float32), -FP8_MAX, FP8_MAX)
+    return y.astype(_E4M3).view(np.uint8)
+
+
+def fp8_decode(q: np.ndarray, scale: np.ndarray | float) -> np.ndarray:
+    if _E4M3 is None:  # pragma: no cover
+        raise RuntimeError("ml_dtypes is required for the numpy FP8 reference")
+    return q.view(_E4M3).astype(np.float32) * np.asarray(scale, np.float32)
+
+
+def fp8_quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row (last axis) scale = amax / 448, so every row uses the full E4M3 range."""
+    amax = np.abs(x).max(axis=-1).astype(np.float32)
+    scale = np.where(amax > 0, amax / FP8_MAX, 1.0).astype(np.float32)
+    return fp8_encode(x, scale[..., None]), scale
+
+
+def attention(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    *,
+    n_past: int,
+    scale: float,
+    window: int = 0,
+    k_scale: np.ndarray | None = None,
+    v_scale: np.ndarray | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Causal GQA attention of q [T,Hq,D] (positions n_past..) over cache rows 0..n_past+T-1."""
+    t, hq, d = q.shape
+    s = n_past + t
+    kk, vv = k[:s], v[:s]
+    if kk.dtype == np.uint8:
+        assert k_scale is not None and v_scale is not None
+        kk = fp8_decode(kk, k_scale[:s, :, None])
+        vv = fp8_decode(vv, v_scale[:s, :, None])
+    hkv = kk.shape[1]
+    group = hq // hkv
+    kk = np.repeat(kk.astype(np.float64), group, axis=1)  # [S, Hq, D]
+    vv = np.repeat(vv.astype(np.float64), group, axis=1)
+    scores = np.einsum("thd,shd->hts", q.astype(np.float64), kk) * scale  # [Hq, T, S]
+    pos = n_past + np.arange(t)[:, None]
+    j = np.arange(s)[None, :]
+    allowed = j <= pos
+    if window > 0:
+        allowed &= (pos - j) < window
+    scores = np.where(allowed[None], scores, -np.inf)
+    scores -= scores.max(axis=-1, keepdims=True)
+    p = np.exp(scores)
+    p /= p.sum(axis=-1, keepdims=True)
+    res = np.einsum("hts,shd->thd", p, vv)
+    return _put(res, out)

@@ -1,0 +1,138 @@
+"""Runs a loaded GGUF model: chunked prefill (GEMM), one-token decode (GEMV), prefix reuse.
+
+The runner owns one sequence: `tokens` is what its KV cache holds. `prefill` keeps the longest
+common prefix of the previous sequence and evaluates only the rest, so a follow-up chat turn
+does not recompute the conversation so far.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import threading
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .gguf_loader import GGUFModel, load_gguf
+from .graph_gemma3 import Gemma3Graph
+from .graph_llama import LlamaGraph
+from .kv_cache import KVCache
+from .ops import load_ops, ops_name
+from .sampler import SampleResult, Sampler
+
+GRAPHS: dict[str, type[LlamaGraph]] = {"llama": LlamaGraph, "qwen2": LlamaGraph, "gemma3": Gemma3Graph}
+
+
+@dataclass(frozen=True)
+class Step:
+    """One generated token with the logits it was sampled from (callers may inspect them)."""
+
+    sample: SampleResult
+    logits: np.ndarray
+
+
+class Runner:
+    def __init__(
+        self,
+        model: GGUFModel,
+        *,
+        n_ctx: int = 2048,
+        kv_cache: str = "fp32",
+        prefill_chunk: int = 256,
+        n_threads: int = 1,
+        ops: str | ModuleType = "auto",
+    ) -> None:
+        self.ops = load_ops(ops) if isinstance(ops, str) else ops
+        self.ops.set_num_threads(n_threads)
+        self.model = model
+        self.config = model.config
+        self.n_ctx = n_ctx
+        self.prefill_chunk = max(1, prefill_chunk)
+        self.graph = GRAPHS[self.config.arch](model, self.ops)
+        c = self.config
+        self.kv = KVCache(
+            self.ops,
+            n_layer=c.n_layer,
+            n_ctx=n_ctx,
+            n_head_kv=c.n_head_kv,
+            head_dim_k=c.head_dim_k,
+            head_dim_v=c.head_dim_v,
+            dtype=kv_cache,
+        )
+        self.tokens: list[int] = []
+
+    @classmethod
+    def load(cls, path: str | pathlib.Path, **kwargs: object) -> "Runner":
+        return cls(load_gguf(path), **kwargs)  # type: ignore[arg-type]
+
+    @property
+    def ops_name(self) -> str:
+        return ops_name(self.ops)
+
+    @property
+    def n_vocab(self) -> int:
+        return self.config.n_vocab
+
+    def reset(self) -> None:
+        self.tokens = []
+
+    def memory_bytes(self) -> int:
+        return self.model.weight_bytes + self.kv.nbytes()
+
+    def forward(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        """Evaluate `tokens` after what the cache holds. Logits [T, vocab] if all_logits, else
+        [vocab] for the last token (the vocab projection then runs for one row per chunk only)."""
+        toks = np.asarray(tokens, dtype=np.int64)
+        if toks.size == 0:
+            raise ValueError("forward needs at least one token")
+        n_past = len(self.tokens)
+        if n_past + toks.size > self.n_ctx:
+            raise ValueError(f"sequence of {n_past + toks.size} tokens exceeds n_ctx={self.n_ctx}")
+        self.kv.reserve(n_past + toks.size)
+        outs: list[np.ndarray] = []
+        for s in range(0, toks.size, self.prefill_chunk):
+            chunk = toks[s : s + self.prefill_chunk]
+            last_chunk = s + self.prefill_chunk >= toks.size
+            want = "all" if all_logits else ("last" if last_chunk else "none")
+            logits = self.graph.forward(chunk, len(self.tokens), self.kv, want)
+            self.tokens.extend(int(t) for t in chunk)
+            if logits is not None:
+                outs.append(logits)
+        if all_logits:
+            return np.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]
+        return outs[-1][-1]
+
+    def prefill(self, prompt: Sequence[int]) -> np.ndarray:
+        """Make the cache hold exactly `prompt`, reusing the common prefix; logits [vocab] of its last token."""
+        prompt = list(prompt)
+        n = 0
+        for a, b in zip(self.tokens, prompt):
+            if a != b:
+                break
+            n += 1
+        n = min(n, len(prompt) - 1)  # always re-run the last prompt token to get its logits
+        self.tokens = self.tokens[:n]
+        return self.forward(prompt[n:])
+
+    def generate(
+        self,
+        prompt: Sequence[int],
+        sampler: Sampler,
+        max_tokens: int,
+        stop_ids: frozenset[int] = frozenset(),
+        cancel: threading.Event | None = None,
+    ) -> Iterator[Step]:
+        """Yield sampled tokens until max_tokens or a token in stop_ids (which is yielded too)."""
+        logits = self.prefill(prompt)
+        for i in range(max_tokens):
+            if cancel is not None and cancel.is_set():
+                return
+            res = sampler.sample(logits, self.tokens)
+            yield Step(res, logits)
+            if res.token in stop_ids or i == max_tokens - 1:
+                return
+            if cancel is not None and cancel.is_set():
+                return
+            logits = self.forward([res.token])

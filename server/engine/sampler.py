@@ -1,0 +1,138 @@
+"""Token sampling in numpy, in llama-cpp-python's order: penalties -> top-k -> top-p -> min-p ->
+temperature -> draw. Works on a small candidate set (argpartition), never a full 262k-vocab sort.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+PENALTY_LAST_N = 64  # llama.cpp's default window for repeat/presence/frequency penalties
+_TOP_P_CANDIDATES = 2048  # top-p first tries this many best tokens before a full sort
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    token: int
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] | None = None  # (token id, logprob), best first
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x64 = x.astype(np.float64)
+    m = x64.max()
+    return x64 - (m + np.log(np.exp(x64 - m).sum()))
+
+
+class Sampler:
+    def __init__(
+        self,
+        *,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repeat_penalty: float = 1.0,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        seed: int | None = None,
+        logprobs: int | None = None,
+    ) -> None:
+        self.temperature = temperature
+        self.top_k = top_k
+        self.top_p = top_p
+        self.min_p = min_p
+        self.repeat_penalty = repeat_penalty
+        self.presence_penalty = presence_penalty
+        self.frequency_penalty = frequency_penalty
+        self.logprobs = logprobs
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+
+    @classmethod
+    def from_params(cls, p: object) -> "Sampler":
+        """From a SamplingParams-like object (attribute names as in server.backends.base)."""
+        return cls(
+            temperature=float(getattr(p, "temperature", 1.0)),
+            top_k=int(getattr(p, "top_k", 0) or 0),
+            top_p=float(getattr(p, "top_p", 1.0)),
+            min_p=float(getattr(p, "min_p", 0.0)),
+            repeat_penalty=float(getattr(p, "repeat_penalty", 1.0)),
+            presence_penalty=float(getattr(p, "presence_penalty", 0.0)),
+            frequency_penalty=float(getattr(p, "frequency_penalty", 0.0)),
+            seed=getattr(p, "seed", None),
+            logprobs=getattr(p, "logprobs", None),
+        )
+
+    def _penalize(self, logits: np.ndarray, history: list[int]) -> np.ndarray:
+        if not history or (
+            self.repeat_penalty == 1.0 and self.presence_penalty == 0.0 and self.frequency_penalty == 0.0
+        ):
+            return logits
+        ids, counts = np.unique(np.asarray(history[-PENALTY_LAST_N:], dtype=np.int64), return_counts=True)
+        out = logits.copy()
+        sel = out[ids]
+        if self.repeat_penalty != 1.0:
+            sel = np.where(sel > 0, sel / self.repeat_penalty, sel * self.repeat_penalty)
+        sel = sel - counts * self.frequency_penalty - (counts > 0) * self.presence_penalty
+        out[ids] = sel
+        return out
+
+    def sample(self, logits: np.ndarray, history: list[int]) -> SampleResult:
+        """Pick the next token from logits [vocab]; `history` is the sequence so far (for penalties)."""
+        raw = np.asarray(logits, dtype=np.float32)
+        x = self._penalize(raw, history)
+        if self.temperature <= 0.0:
+            tok = int(np.argmax(x))
+        else:
+            tok = self._draw(x)
+        return self._with_logprobs(raw, tok)
+
+    def _draw(self, x: np.ndarray) -> int:
+        n = x.shape[0]
+        if 0 < self.top_k < n:
+            cand = np.argpartition(-x, self.top_k - 1)[: self.top_k]
+        else:
+            cand = None
+        if self.top_p < 1.0:
+            cand = self._top_p(x, cand)
+        if cand is None:
+            cand = np.arange(n)
+        c = x[cand].astype(np.float64)
+        if self.min_p > 0.0:
+            keep = c >= c.max() + np.log(self.min_p)  # p_i >= min_p * p_max, in log space
+            cand, c = cand[keep], c[keep]
+        c = c / self.temperature
+        p = np.exp(c - c.max())
+        cdf = np.cumsum(p)
+        i = int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"))
+        return int(cand[min(i, len(cand) - 1)])
+
+    def _top_p(self, x: np.ndarray, cand: np.ndarray | None) -> np.ndarray:
+        """Smallest best-first set with cumulative probability >= top_p (at least one token)."""
+        pool = np.arange(x.shape[0]) if cand is None else cand
+        v = x[pool].astype(np.float64)
+        m = v.max()
+        total = np.exp(v - m).sum()
+        if len(pool) > _TOP_P_CANDIDATES:
+            part = np.argpartition(-v, _TOP_P_CANDIDATES - 1)[:_TOP_P_CANDIDATES]
+            if np.exp(v[part] - m).sum() / total < self.top_p:
+                part = np.arange(len(pool))  # the head is too flat: sort everything
+        else:
+            part = np.arange(len(pool))
+        order = part[np.argsort(-v[part], kind="stable")]
+        cum = np.cumsum(np.exp(v[order] - m)) / total
+        keep = int(np.searchsorted(cum, self.top_p, side="left")) + 1
+        return pool[order[: min(keep, len(order))]]
+
+    def _with_logprobs(self, raw: np.ndarray, tok: int) -> SampleResult:
+        if self.logprobs is None:
+            return SampleResult(tok)
+        lp = log_softmax(raw)
+        k = int(self.logprobs)
+        top: tuple[tuple[int, float], ...] = ()
+        if k > 0:
+            idx = np.argpartition(-lp, k - 1)[:k]
+            idx = idx[np.argsort(-lp[idx], kind="stable")]
+            top = tuple((int(i), float(lp[i])) for i in idx)
+        return SampleResult(tok, float(lp[tok]), top)
