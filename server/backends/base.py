@@ -39,6 +39,7 @@ class TokenEvent:
     text: str
     logprob: float | None = None
     top_logprobs: dict[str, float] | None = None
+    piece: str | None = None  # the token's own text (set with logprobs: stop hold-back can delay `text`)
 
 
 @dataclass

@@ -1,0 +1,258 @@
+"""HTTP layer: parse, dispatch, frame. One FastAPI app per role, all sharing one `AppState`."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..backends.base import SamplingParams
+from ..config import Registry, Role, ServerSettings
+from ..errors import ApiError, BodyTooLarge, InvalidRequest, ModelNotFound, NotFound
+from ..pool import ModelPool
+from ..serving import Generation, Plan, Service
+from .framing import complete_json, stream_sse
+from .grammar import response_format_grammar
+from .protocol import ChatCompletionRequest, CompletionRequest
+
+T = TypeVar("T")
+
+
+@dataclass
+class AppState:
+    """What every role's app shares in one process."""
+
+    registry: Registry
+    settings: ServerSettings
+    pool: ModelPool
+    service: Service
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @classmethod
+    def create(cls, registry: Registry, settings: ServerSettings, pool: ModelPool | None = None) -> "AppState":
+        pool = pool or ModelPool(registry)
+        return cls(registry, settings, pool, Service(registry, pool, settings))
+
+
+def error_response(err: ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+class BodyLimit:
+    """413 for request bodies over the limit, whether or not Content-Length tells the truth."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for k, v in scope.get("headers", []):
+            if k == b"content-length" and v.isdigit() and int(v) > self.limit:
+                return await error_response(BodyTooLarge(self.limit))(scope, receive, send)
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return msg
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await error_response(BodyTooLarge(self.limit))(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class EventStream(StreamingResponse):
+    """SSE response that always runs `cleanup` (lease release) once the response ends."""
+
+    def __init__(self, body: AsyncIterator[bytes], cleanup: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._cleanup = cleanup
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._cleanup()
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Run `work`; cancel it when the client goes away (non-streaming requests, queue waits)."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.05)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            try:
+                await task
+            except BaseException:
+                pass
+            raise asyncio.CancelledError("client disconnected")
+
+
+def _validation_error(exc: RequestValidationError) -> InvalidRequest:
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    if first.get("type") == "json_invalid":
+        return InvalidRequest("The request body is not valid JSON.")
+    param = ".".join(loc) or None
+    msg = first.get("msg", "Invalid request.")
+    return InvalidRequest(f"{msg}" + (f" (at '{param}')" if param else ""), param=loc[0] if loc else None)
+
+
+def model_card(state: AppState, model_id: str) -> dict[str, Any]:
+    spec = state.registry.models[model_id]
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": 0,
+        "owned_by": spec.owned_by,
+        "status": state.pool.status(model_id),
+        "backend": spec.backend,
+        "n_ctx": spec.n_ctx,
+        "tags": spec.tags,
+        "description": spec.description,
+    }
+
+
+def _sampling(req: ChatCompletionRequest | CompletionRequest, grammar: str | None) -> SamplingParams:
+    return SamplingParams(
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=req.top_k,
+        min_p=req.min_p,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        repeat_penalty=req.repeat_penalty,
+        seed=req.seed,
+        stop=tuple(req.stop_list()),
+        grammar=grammar,
+    )
+
+
+def chat_plan(req: ChatCompletionRequest) -> tuple[Plan, bool]:
+    try:
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    except ValueError as err:
+        raise InvalidRequest(str(err), param="messages") from None
+    want_lp = req.logprobs
+    params = _sampling(req, response_format_grammar(req.response_format))
+    if want_lp:
+        params = SamplingParams(**{**params.__dict__, "logprobs": req.top_logprobs or 0})
+    return Plan(req.model, True, [messages], req.n, req.token_limit(), params), want_lp
+
+
+def completion_plan(req: CompletionRequest) -> tuple[Plan, bool]:
+    if req.suffix:
+        raise InvalidRequest("suffix is not supported.", param="suffix")
+    try:
+        prompts = req.prompts()
+    except ValueError as err:
+        raise InvalidRequest(str(err), param="prompt") from None
+    params = _sampling(req, response_format_grammar(req.response_format))
+    want_lp = req.logprobs is not None
+    if want_lp:
+        params = SamplingParams(**{**params.__dict__, "logprobs": req.logprobs})
+    return Plan(req.model, False, prompts, req.n, req.token_limit(), params, echo=req.echo), want_lp  # type: ignore[arg-type]
+
+
+def create_app(state: AppState, role: Role) -> FastAPI:
+    app = FastAPI(title=f"capibara6 ({role})", docs_url=None, redoc_url=None)
+    app.state.capibara6 = state
+    app.state.role = role
+    stream_default = role == "streaming"
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(_validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            return error_response(NotFound("Unknown URL."))
+        err = InvalidRequest(str(exc.detail))
+        err.status = exc.status_code
+        return error_response(err)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        if state.ready.is_set():
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "warming_up"}, status_code=503)
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card(state, mid) for mid in state.registry.models]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> dict[str, Any]:
+        if model_id not in state.registry.models:
+            raise ModelNotFound(model_id)
+        return model_card(state, model_id)
+
+    async def respond(request: Request, plan: Plan, want_lp: bool, stream: bool, include_usage: bool) -> Response:
+        state.service.check_limits(plan.model, plan.n, plan.max_tokens, plan.params.stop)
+        gen = state.service.generation(plan)
+        if not stream:
+            async def run() -> dict[str, Any]:
+                async with gen:
+                    await gen.start()
+                    return await complete_json(gen, want_lp)
+
+            return JSONResponse(await until_disconnect(request, run()))
+        try:
+            await until_disconnect(request, gen.start())
+        except BaseException:
+            await gen.aclose()
+            raise
+        return EventStream(stream_sse(gen, want_lp, include_usage), gen.aclose)
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest, request: Request) -> Response:
+        plan, want_lp = chat_plan(req)
+        stream = req.stream if req.stream is not None else stream_default
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return await respond(request, plan, want_lp, stream, include_usage)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request) -> Response:
+        plan, want_lp = completion_plan(req)
+        stream = req.stream if req.stream is not None else stream_default
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return await respond(request, plan, want_lp, stream, include_usage)
+
+    return app
+
+
+def wrap(app: FastAPI, settings: ServerSettings) -> ASGIApp:
+    """The ASGI stack around an app: body size limit outermost."""
+    return BodyLimit(app, settings.max_body_bytes)
+
+
+__all__ = ["AppState", "create_app", "wrap"]

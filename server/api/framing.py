@@ -1,0 +1,122 @@
+"""OpenAI response objects and SSE framing, built from the service's neutral events."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, AsyncIterator
+
+from ..serving import ChoiceEnd, Delta, Generation
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+def _utf8(s: str) -> list[int]:
+    return list(s.encode("utf-8"))
+
+
+def chat_logprobs(deltas: list[Delta]) -> dict[str, Any]:
+    content = []
+    for d in deltas:
+        ev = d.event
+        if ev is None or ev.logprob is None:
+            continue
+        tok = ev.piece if ev.piece is not None else ev.text
+        top = [{"token": t, "logprob": lp, "bytes": _utf8(t)} for t, lp in (ev.top_logprobs or {}).items()]
+        content.append({"token": tok, "logprob": ev.logprob, "bytes": _utf8(tok), "top_logprobs": top})
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(deltas: list[Delta], offset0: int = 0) -> dict[str, Any]:
+    tokens: list[str] = []
+    lps: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    offsets: list[int] = []
+    pos = offset0
+    for d in deltas:
+        ev = d.event
+        if ev is None or ev.logprob is None:
+            continue
+        tok = ev.piece if ev.piece is not None else ev.text
+        tokens.append(tok)
+        lps.append(ev.logprob)
+        tops.append(ev.top_logprobs or {})
+        offsets.append(pos)
+        pos += len(tok)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _head(gen: Generation, chunk: bool) -> dict[str, Any]:
+    if gen.plan.chat:
+        obj = "chat.completion.chunk" if chunk else "chat.completion"
+    else:
+        obj = "text_completion"
+    return {"id": gen.id, "object": obj, "created": gen.created, "model": gen.plan.model, "system_fingerprint": "capibara6"}
+
+
+async def complete_json(gen: Generation, want_logprobs: bool) -> dict[str, Any]:
+    """Drain the generation into one (chat) completion object."""
+    texts: dict[int, list[str]] = {}
+    deltas: dict[int, list[Delta]] = {}
+    ends: dict[int, str | None] = {}
+    async for ev in gen.events():
+        if isinstance(ev, Delta):
+            texts.setdefault(ev.index, []).append(ev.text)
+            if not ev.echo:
+                deltas.setdefault(ev.index, []).append(ev)
+        else:
+            ends[ev.index] = ev.finish_reason
+    choices = []
+    for index in sorted(ends):
+        text = "".join(texts.get(index, []))
+        ds = deltas.get(index, [])
+        if gen.plan.chat:
+            choices.append({
+                "index": index,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": chat_logprobs(ds) if want_logprobs else None,
+                "finish_reason": ends[index],
+            })
+        else:
+            choices.append({
+                "index": index,
+                "text": text,
+                "logprobs": completion_logprobs(ds) if want_logprobs else None,
+                "finish_reason": ends[index],
+            })
+    return {**_head(gen, False), "choices": choices, "usage": gen.usage.as_dict()}
+
+
+async def stream_sse(gen: Generation, want_logprobs: bool, include_usage: bool) -> AsyncIterator[bytes]:
+    """OpenAI's SSE: a role chunk, a chunk per token, a finish chunk, optional usage, [DONE]."""
+    head = _head(gen, True)
+    usage_null = {"usage": None} if include_usage else {}
+    started: set[int] = set()
+
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> bytes:
+        if gen.plan.chat:
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        else:
+            choice = {"index": index, "text": delta.get("content", ""), "logprobs": logprobs, "finish_reason": finish}
+        return sse({**head, "choices": [choice], **usage_null})
+
+    async for ev in gen.events():
+        if gen.plan.chat and ev.index not in started:
+            started.add(ev.index)
+            yield chunk(ev.index, {"role": "assistant", "content": ""})
+        if isinstance(ev, ChoiceEnd):
+            yield chunk(ev.index, {}, ev.finish_reason)
+            continue
+        has_lp = want_logprobs and ev.event is not None and ev.event.logprob is not None
+        if not ev.text and not has_lp:
+            continue  # held back (possible stop string) or an empty piece
+        lp = None
+        if has_lp:
+            lp = chat_logprobs([ev]) if gen.plan.chat else completion_logprobs([ev])
+        yield chunk(ev.index, {"content": ev.text}, None, lp)
+    if include_usage:
+        yield sse({**head, "choices": [], "usage": gen.usage.as_dict()})
+    yield SSE_DONE

@@ -1,0 +1,131 @@
+"""`capibara6 serve|models`. Flags are generated from `ServerSettings`, so file, env and CLI agree."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import uvicorn
+
+from .api.app import AppState, create_app, wrap
+from .config import (
+    DEFAULT_PORTS,
+    ROLES,
+    ConfigError,
+    Registry,
+    ServerSettings,
+    build_settings,
+    load_registry,
+    parse_ports,
+)
+from .threads import resolve_threads
+
+log = logging.getLogger("capibara6")
+
+_SKIP = {"config", "ports", "roles"}  # flags with their own syntax below
+
+
+def _add_settings_flags(p: argparse.ArgumentParser) -> None:
+    for name, field in ServerSettings.model_fields.items():
+        if name in _SKIP:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if field.annotation is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=field.description)
+        elif name == "cors_origins":
+            p.add_argument(flag, default=None, help=field.description + " (comma-separated)")
+        else:
+            p.add_argument(flag, default=None, help=field.description)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="capibara6", description="OpenAI-compatible LLM server for ARM CPUs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the server (all three roles in one process by default)")
+    serve.add_argument("--config", default=None, help="model registry (default: models.yaml)")
+    serve.add_argument("--ports", default=None, help="8082,8083,8084 or standard=8082,... (role order)")
+    serve.add_argument("--role", choices=ROLES, default=None, help="serve one role only")
+    serve.add_argument("--port", type=int, default=None, help="port for --role")
+    _add_settings_flags(serve)
+    models = sub.add_parser("models", help="print the registry")
+    models.add_argument("--config", default=None)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace, registry_server: dict[str, Any]) -> ServerSettings:
+    cli: dict[str, Any] = {name: getattr(args, name, None) for name in ServerSettings.model_fields if name not in _SKIP}
+    if isinstance(cli.get("cors_origins"), str):
+        cli["cors_origins"] = [x for x in cli["cors_origins"].split(",") if x]
+    if args.config:
+        cli["config"] = args.config
+    if args.role:
+        cli["roles"] = [args.role]
+        cli["ports"] = {args.role: args.port or DEFAULT_PORTS[args.role]}
+    elif args.ports:
+        cli["ports"] = {**DEFAULT_PORTS, **parse_ports(args.ports)}
+    return build_settings(registry_server, cli)
+
+
+class _Server(uvicorn.Server):
+    """Several servers share one loop, so signals are handled once, by us, for all of them."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def run_servers(state: AppState, on_started: Any = None) -> None:
+    s = state.settings
+    servers = []
+    for role in s.roles:
+        app = wrap(create_app(state, role), s)
+        config = uvicorn.Config(app, host=s.host, port=s.ports[role], log_level="warning", lifespan="off", access_log=False)
+        servers.append(_Server(config))
+
+    def stop(*_: Any) -> None:
+        for srv in servers:
+            srv.should_exit = True
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop)
+    state.ready.set()
+    tasks = [asyncio.create_task(srv.serve()) for srv in servers]
+    for role in s.roles:
+        log.warning("capibara6 %s role on http://%s:%d", role, s.host, s.ports[role])
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        await state.pool.close()
+
+
+def print_models(registry: Registry, out: Any = sys.stdout) -> None:
+    print(f"{'id':28} {'backend':9} {'n_ctx':>6} {'threads':>7}  tags / source", file=out)
+    for mid, spec in registry.models.items():
+        src = spec.source.path or spec.source.pypi or spec.source.url
+        threads = resolve_threads(spec.n_threads)
+        print(f"{mid:28} {spec.backend:9} {spec.n_ctx:>6} {threads:>7}  [{', '.join(spec.tags)}] {src}", file=out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config_path = Path(args.config or "models.yaml")
+        registry = load_registry(config_path)
+        if args.command == "models":
+            print_models(registry)
+            return 0
+        settings = settings_from_args(args, registry.server)
+    except ConfigError as err:
+        print(f"capibara6: {err}", file=sys.stderr)
+        return 2
+    asyncio.run(run_servers(AppState.create(registry, settings)))
+    return 0

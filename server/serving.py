@@ -1,0 +1,208 @@
+"""Completion logic: requests in, backend-neutral events out. Knows nothing of HTTP.
+
+A `Plan` is a validated request. `Generation` leases the model, runs each choice in a worker
+thread (`TokenStream`) and yields `Delta` / `ChoiceEnd` events; the API layer frames them as JSON
+or SSE. Streaming callers `start()` first so that queueing, loading and prompt errors surface
+before any byte is sent (they become proper status codes), then iterate.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field, replace
+from typing import Any, AsyncIterator, Iterator, Sequence
+
+from .backends.base import Backend, ContextLengthExceeded, GenerationOutcome, SamplingParams, TokenEvent
+from .config import Registry, ServerSettings
+from .errors import ApiError, ContextTooLong, InvalidRequest, ModelNotFound
+from .pool import ModelPool
+from .runner import TokenStream
+
+Messages = list[dict[str, Any]]
+PromptSource = str | list[int] | Messages  # completion text, token ids, or chat messages
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    chat: bool
+    prompts: list[PromptSource]
+    n: int
+    max_tokens: int | None  # None: up to the context (capped)
+    params: SamplingParams  # max_tokens there is a placeholder
+    echo: bool = False
+
+    def choices(self) -> list[tuple[int, PromptSource]]:
+        """(choice index, prompt) for every prompt x n, in OpenAI's index order."""
+        return [(i * self.n + j, p) for i, p in enumerate(self.prompts) for j in range(self.n)]
+
+
+@dataclass(frozen=True)
+class Delta:
+    index: int
+    text: str
+    event: TokenEvent | None = None
+    echo: bool = False  # the prompt text returned by `echo`
+
+
+@dataclass(frozen=True)
+class ChoiceEnd:
+    index: int
+    finish_reason: str | None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    per_prompt: dict[int, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, int]:
+        prompt = sum(self.per_prompt.values())
+        return {"prompt_tokens": prompt, "completion_tokens": self.completion_tokens, "total_tokens": prompt + self.completion_tokens}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+class Service:
+    def __init__(self, registry: Registry, pool: ModelPool, settings: ServerSettings) -> None:
+        self.registry = registry
+        self.pool = pool
+        self.settings = settings
+
+    def check_limits(self, model: str, n: int, max_tokens: int | None, stops: Sequence[str]) -> None:
+        s = self.settings
+        if model not in self.registry.models:
+            raise ModelNotFound(model)
+        if max_tokens is not None and max_tokens > s.max_tokens_cap:
+            raise InvalidRequest(f"max_tokens is {max_tokens}; the limit is {s.max_tokens_cap}.", param="max_tokens")
+        if n > s.max_n:
+            raise InvalidRequest(f"n is {n}; the limit is {s.max_n}.", param="n")
+        if len(stops) > s.max_stop:
+            raise InvalidRequest(f"{len(stops)} stop sequences; the limit is {s.max_stop}.", param="stop")
+
+    def generation(self, plan: Plan) -> "Generation":
+        return Generation(self, plan)
+
+
+class Generation:
+    """One request's run. Use `async with` or call `aclose()`; iterate `events()`."""
+
+    def __init__(self, service: Service, plan: Plan) -> None:
+        self.service = service
+        self.plan = plan
+        self.id = new_id("chatcmpl" if plan.chat else "cmpl")
+        self.created = int(time.time())
+        self.usage = Usage()
+        self._stack = AsyncExitStack()
+        self._backend: Backend | None = None
+        self._first: tuple[int, PromptSource, TokenStream, GenerationOutcome] | None = None
+        self._base_seed = plan.params.seed if plan.params.seed is not None else random.getrandbits(31)
+
+    async def start(self) -> None:
+        """Wait for the model, then start the first choice and surface its prompt errors."""
+        self._backend = await self._stack.enter_async_context(self.service.pool.lease(self.plan.model))
+        index, prompt = self.plan.choices()[0]
+        stream, outcome = self._launch(index, prompt)
+        self._first = (index, prompt, stream, outcome)
+        await self._peek(stream)
+
+    async def _peek(self, stream: TokenStream) -> None:
+        """Wait for the first event so errors raise here; push it back for iteration."""
+        try:
+            first = await stream.__anext__()
+        except StopAsyncIteration:
+            self._pushback = None
+            return
+        except BaseException as err:
+            raise _api_error(err) from err
+        self._pushback = first
+
+    def _launch(self, index: int, prompt: PromptSource) -> tuple[TokenStream, GenerationOutcome]:
+        assert self._backend is not None
+        outcome = GenerationOutcome()
+        backend = self._backend
+        params = replace(self.plan.params, seed=(self._base_seed + index) & 0x7FFFFFFF)
+        limits = self.service.settings
+
+        def job(cancel: threading.Event) -> Iterator[TokenEvent]:
+            if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+                text, fmt_stops = backend.chat_prompt(prompt)  # type: ignore[arg-type]
+                tokens = backend.tokenize(text)
+                stops = tuple(params.stop) + tuple(s for s in fmt_stops if s not in params.stop)
+            else:
+                tokens = backend.tokenize(prompt) if isinstance(prompt, str) else list(prompt)  # type: ignore[arg-type]
+                stops = params.stop
+            if len(tokens) > limits.max_prompt_tokens:
+                raise InvalidRequest(
+                    f"The prompt has {len(tokens)} tokens; the limit is {limits.max_prompt_tokens}.", param="prompt"
+                )
+            room = backend.n_ctx - len(tokens)
+            max_tokens = self.plan.max_tokens or max(1, min(limits.max_tokens_cap, room))
+            yield from backend.generate(tokens, replace(params, max_tokens=max_tokens, stop=stops), outcome, cancel)
+
+        stream = TokenStream(job)
+        self._stack.push_async_callback(stream.aclose)
+        return stream, outcome
+
+    async def events(self) -> AsyncIterator[Delta | ChoiceEnd]:
+        """Every choice's deltas and its end, in order. Call after start()."""
+        assert self._first is not None, "call start() first"
+        for k, (index, prompt) in enumerate(self.plan.choices()):
+            if k == 0:
+                _, _, stream, outcome = self._first
+                pending = self._pushback
+            else:
+                stream, outcome = self._launch(index, prompt)
+                await self._peek(stream)
+                pending = self._pushback
+            if self.plan.echo:
+                yield Delta(index, _prompt_text(prompt, self._backend), echo=True)
+            if pending is not None:
+                yield Delta(index, pending.text, pending)
+            try:
+                async for ev in stream:
+                    yield Delta(index, ev.text, ev)
+            except BaseException as err:
+                raise _api_error(err) from err
+            await stream.aclose()
+            prompt_key = index // self.plan.n
+            self.usage.per_prompt[prompt_key] = outcome.prompt_tokens
+            self.usage.completion_tokens += outcome.completion_tokens
+            yield ChoiceEnd(index, outcome.finish_reason)
+
+    async def aclose(self) -> None:
+        await self._stack.aclose()
+
+    async def __aenter__(self) -> "Generation":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+def _prompt_text(prompt: PromptSource, backend: Backend | None) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int) and backend is not None:
+        detok = getattr(backend, "detokenize", None)
+        if detok is not None:
+            return str(detok(prompt))
+    return ""
+
+
+def _api_error(err: BaseException) -> BaseException:
+    """Backend exceptions -> OpenAI errors (one table: errors.py)."""
+    if isinstance(err, ApiError):
+        return err
+    if isinstance(err, ContextLengthExceeded):
+        return ContextTooLong(str(err))
+    if isinstance(err, ValueError):
+        return InvalidRequest(str(err))
+    return err
