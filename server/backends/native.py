@@ -1,0 +1,162 @@
+"""`native` backend: GGUF models on the project's own kernels (server/engine), FP8 KV cache option."""
+
+from __future__ import annotations
+
+import pathlib
+import threading
+from typing import Iterator, Sequence
+
+from llama_cpp import llama_chat_format
+
+from server.backends.base import ContextLengthExceeded, GenerationOutcome, SamplingParams, TokenEvent
+from server.engine.runner import Runner
+from server.engine.sampler import Sampler
+from server.engine.tokenizer import Tokenizer
+
+_DEFAULT_CHAT_FORMAT = {"gemma3": "gemma"}
+
+
+def _text(content: object) -> str:
+    """OpenAI message content: a string or a list of {"type": "text", "text": ...} parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return str(content)
+
+
+class NativeBackend:
+    def __init__(self, model_id: str, runner: Runner, tokenizer: Tokenizer, chat_format: str) -> None:
+        self.model_id = model_id
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.n_ctx = runner.n_ctx
+        self.chat_format = chat_format
+
+    @classmethod
+    def load(cls, model_id: str, path: pathlib.Path, spec: object, n_threads: int, ops: str = "auto") -> "NativeBackend":
+        """`spec`: any object with n_ctx, kv_cache ("fp32"|"fp16"|"fp8"|None), chat_format, prefill_chunk."""
+        runner = Runner.load(
+            path,
+            n_ctx=int(getattr(spec, "n_ctx", 2048) or 2048),
+            kv_cache=getattr(spec, "kv_cache", None) or "fp32",
+            prefill_chunk=int(getattr(spec, "prefill_chunk", 256) or 256),
+            n_threads=n_threads,
+            ops=ops,
+        )
+        tok = Tokenizer(path)
+        fmt = getattr(spec, "chat_format", None) or _DEFAULT_CHAT_FORMAT.get(runner.config.arch, "chatml")
+        return cls(model_id, runner, tok, fmt)
+
+    # -- Backend protocol -------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
+        return self.tokenizer.tokenize(text, add_bos=add_bos)
+
+    def chat_prompt(self, messages: Sequence[dict[str, object]]) -> tuple[str, tuple[str, ...]]:
+        msgs = [{"role": str(m.get("role", "user")), "content": _text(m.get("content"))} for m in messages]
+        if self.chat_format == "gemma":
+            # Gemma has no system role: fold system text into the first user turn (llama.cpp's
+            # formatter would drop it), then use llama.cpp's formatter so both backends agree.
+            system = "\n\n".join(m["content"] for m in msgs if m["role"] == "system")
+            msgs = [m for m in msgs if m["role"] != "system"]
+            if system:
+                for m in msgs:
+                    if m["role"] == "user":
+                        m["content"] = f"{system}\n\n{m['content']}"
+                        break
+                else:
+                    msgs.insert(0, {"role": "user", "content": system})
+        formatter = getattr(llama_chat_format, f"format_{self.chat_format.replace('-', '_')}", None)
+        if formatter is None:
+            raise ValueError(f"unknown chat_format {self.chat_format!r}")
+        res = formatter(messages=msgs)
+        stop = res.stop if isinstance(res.stop, list) else ([res.stop] if res.stop else [])
+        # A trailing newline in the formatter's separator would only delay the stop.
+        return res.prompt, tuple(s.rstrip("\n") or s for s in stop)
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams,
+        outcome: GenerationOutcome,
+        cancel: threading.Event,
+    ) -> Iterator[TokenEvent]:
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            ids = [self.tokenizer.bos_id]
+        if len(ids) + params.max_tokens > self.n_ctx:
+            raise ContextLengthExceeded(len(ids), params.max_tokens, self.n_ctx)
+        outcome.prompt_tokens = len(ids)
+        outcome.completion_tokens = 0
+        outcome.finish_reason = None
+        return self._generate(ids, params, outcome, cancel)
+
+    def _generate(
+        self, ids: list[int], params: SamplingParams, outcome: GenerationOutcome, cancel: threading.Event
+    ) -> Iterator[TokenEvent]:
+        if params.max_tokens <= 0:
+            outcome.finish_reason = "length"
+            return
+        stops = tuple(s for s in params.stop if s)
+        sampler = Sampler.from_params(params)
+        dec = self.tokenizer.stream()
+        eog = self.tokenizer.eog_ids
+        held = ""  # decoded text not yet emitted: it may be the start of a stop string
+        steps = self.runner.generate(ids, sampler, params.max_tokens, stop_ids=eog, cancel=cancel)
+        for step in steps:
+            res = step.sample
+            is_eog = res.token in eog
+            last = is_eog or outcome.completion_tokens + 1 >= params.max_tokens
+            held += dec.flush() if is_eog else dec.add(res.token)
+            if last and not is_eog:
+                held += dec.flush()
+            emit, held, hit = _split_stop(held, stops, final=last)
+            top = None
+            if res.top is not None:
+                top = {}
+                for tid, lp in res.top:
+                    key = self.tokenizer.piece(tid).decode("utf-8", errors="replace")
+                    top[key] = max(lp, top.get(key, lp))
+            event = TokenEvent(res.token, emit, res.logprob, top)
+            if is_eog:
+                outcome.finish_reason = "stop"
+                if emit:  # only to flush held-back text; EOS is not a completion token
+                    yield event
+                return
+            outcome.completion_tokens += 1
+            if hit:
+                outcome.finish_reason = "stop"
+                yield event
+                return
+            if last:
+                outcome.finish_reason = "length"
+            yield event
+            if last or cancel.is_set():
+                return
+
+    def memory_bytes(self) -> int:
+        return self.runner.memory_bytes()
+
+    def close(self) -> None:
+        self.tokenizer.close()
+        self.runner.kv.layers = []
+        self.runner.model.tensors.clear()
+
+
+def _split_stop(held: str, stops: tuple[str, ...], *, final: bool) -> tuple[str, str, bool]:
+    """(text to emit now, text to keep holding, stop string found)."""
+    cut = min((i for i in (held.find(s) for s in stops) if i >= 0), default=-1)
+    if cut >= 0:
+        return held[:cut], "", True
+    if final or not stops:
+        return held, "", False
+    keep = 0
+    for s in stops:  # longest suffix of `held` that is a proper prefix of some stop string
+        for n in range(min(len(s) - 1, len(held)), keep, -1):
+            if held.endswith(s[:n]):
+                keep = n
+                break
+    return held[: len(held) - keep], held[len(held) - keep :], False
