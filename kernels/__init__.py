@@ -1,0 +1,296 @@
+"""capibara6 CPU kernels: numpy wrappers around the cffi extension kernels._kernels.
+
+All float arrays are numpy float32, C-contiguous. Every op validates its arguments (TypeError for a
+wrong type/dtype, ValueError for a wrong shape/contiguity/aliasing), accepts ``out=`` and returns the
+output array. The GIL is released during every C call (cffi API mode). See kernels/README.md.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+try:
+    from ._kernels import ffi as _ffi, lib as _lib
+except ImportError as e:  # pragma: no cover
+    raise ImportError(
+        "kernels._kernels is not built: run `pip install -e .` or `python kernels/build_ffi.py` "
+        f"({e})") from e
+
+__all__ = [
+    "set_num_threads", "get_num_threads", "build_info", "matmul", "softmax", "rmsnorm", "rope",
+    "swiglu", "geglu", "gelu", "fp8_encode", "fp8_decode", "fp8_quantize_rows", "attention",
+]
+
+_F32 = np.dtype(np.float32)
+_U8 = np.dtype(np.uint8)
+_I32 = np.dtype(np.int32)
+FP8_MAX = 448.0
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _arr(name, a, dtype=_F32, ndims=None):
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy.ndarray of {dtype}, got {type(a).__name__}")
+    if a.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype}, got {a.dtype}")
+    if ndims is not None and a.ndim not in ndims:
+        exp = " or ".join(f"{d}-D" for d in ndims)
+        raise ValueError(f"{name}: expected a {exp} array, got shape {a.shape}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name}: array must be C-contiguous (use np.ascontiguousarray), "
+                         f"got strides {a.strides} for shape {a.shape}")
+    return a
+
+
+def _ptr(a, ctype="float *"):
+    return _ffi.cast(ctype, _ffi.from_buffer(a, require_writable=False))
+
+
+def _wptr(a, ctype="float *"):
+    return _ffi.cast(ctype, _ffi.from_buffer(a, require_writable=True))
+
+
+def _out(out, shape, dtype=_F32, inputs=(), inplace_ok=(), name="out"):
+    """Allocate or validate an output array. inputs: arrays it must not overlap, except the
+    ones in inplace_ok, which it may be exactly (same buffer, same shape) for in-place use."""
+    if out is None:
+        return np.empty(shape, dtype)
+    _arr(name, out, dtype)
+    if out.shape != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {out.shape}")
+    if not out.flags.writeable:
+        raise ValueError(f"{name}: array is read-only")
+    for a in inputs:
+        if a is None or not np.may_share_memory(out, a):
+            continue
+        exact = any(a is b for b in inplace_ok) and a.ctypes.data == out.ctypes.data and \
+            a.shape == out.shape and a.dtype == out.dtype
+        if not exact:
+            raise ValueError(f"{name}: must not overlap the inputs"
+                             + (" (exact in-place use, out=<input>, is allowed)" if inplace_ok else ""))
+    return out
+
+
+def _rows(shape):
+    r = 1
+    for s in shape[:-1]:
+        r *= s
+    return r
+
+
+# ------------------------------------------------------------------------------------ threads
+def set_num_threads(n: int) -> None:
+    """Threads used by matmul and attention (idle workers sleep on a condvar; default 1)."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"n: expected int, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"n: expected >= 1, got {n}")
+    _lib.c6_set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    return int(_lib.c6_get_num_threads())
+
+
+def build_info() -> dict:
+    """Which code paths were compiled: {'neon', 'avx2', 'avx512', 'fma', 'force_portable', 'portable'}."""
+    f = int(_lib.c6_build_flags())
+    neon = bool(f & 1)
+    return {"neon": neon, "avx2": bool(f & 2), "avx512": bool(f & 4), "fma": bool(f & 8),
+            "force_portable": bool(f & 16), "portable": not neon}
+
+
+# ------------------------------------------------------------------------------------ ops
+def matmul(x, w, out=None):
+    """y[M,N] = x[M,K] @ w[N,K]^T (w row-major [out, in], GGUF layout); x may be 1-D [K] -> y [N]."""
+    _arr("x", x, ndims=(1, 2))
+    _arr("w", w, ndims=(2,))
+    K = x.shape[-1]
+    if w.shape[1] != K:
+        raise ValueError(f"w: expected shape (N, {K}) to match x's last dim K={K}, got {w.shape}")
+    M = 1 if x.ndim == 1 else x.shape[0]
+    N = w.shape[0]
+    shape = (N,) if x.ndim == 1 else (M, N)
+    out = _out(out, shape, inputs=(x, w))
+    _lib.c6_matmul(_ptr(x), _ptr(w), _wptr(out), M, N, K)
+    return out
+
+
+def softmax(x, out=None):
+    """Numerically stable softmax over the last axis of x [R, C] or [C]; out=x allowed."""
+    _arr("x", x, ndims=(1, 2))
+    out = _out(out, x.shape, inputs=(x,), inplace_ok=(x,))
+    _lib.c6_softmax(_ptr(x), _wptr(out), _rows(x.shape), x.shape[-1])
+    return out
+
+
+def rmsnorm(x, weight, eps, out=None):
+    """y = x / sqrt(mean(x^2, -1) + eps) * weight; x [R, D] or [D], weight [D]; out=x allowed."""
+    _arr("x", x, ndims=(1, 2))
+    _arr("weight", weight, ndims=(1,))
+    D = x.shape[-1]
+    if weight.shape[0] != D:
+        raise ValueError(f"weight: expected shape ({D},), got {weight.shape}")
+    eps = float(eps)
+    out = _out(out, x.shape, inputs=(x, weight), inplace_ok=(x,))
+    _lib.c6_rmsnorm(_ptr(x), _ptr(weight), _wptr(out), _rows(x.shape), D, eps)
+    return out
+
+
+def rope(x, positions, base, mode="normal", rot_dim=None, freq_scale=1.0, out=None):
+    """Rotary embedding on x [T, H, D] at positions int32 [T]; rotates the first rot_dim dims of
+    each head. mode 'normal' pairs (i, i+1) (llama), 'neox' pairs (i, i+rot_dim/2) (gemma, qwen2).
+    theta_i = pos * freq_scale * base^(-2i/rot_dim), cos/sin in double. out=x allowed."""
+    _arr("x", x, ndims=(3,))
+    _arr("positions", positions, dtype=_I32, ndims=(1,))
+    T, H, D = x.shape
+    if positions.shape[0] != T:
+        raise ValueError(f"positions: expected shape ({T},), got {positions.shape}")
+    if mode not in ("normal", "neox"):
+        raise ValueError(f"mode: expected 'normal' or 'neox', got {mode!r}")
+    rot = D if rot_dim is None else int(rot_dim)
+    if rot <= 0 or rot > D or rot % 2:
+        raise ValueError(f"rot_dim: expected an even value in [2, {D}], got {rot_dim}")
+    out = _out(out, x.shape, inputs=(x, positions), inplace_ok=(x,))
+    _lib.c6_rope(_ptr(x), _ptr(positions, "int32_t *"), _wptr(out), T, H, D, rot,
+                 1 if mode == "neox" else 0, float(base), float(freq_scale))
+    return out
+
+
+def _binary(fn, g, u, out):
+    _arr("g", g)
+    _arr("u", u)
+    if g.shape != u.shape:
+        raise ValueError(f"u: expected shape {g.shape} (same as g), got {u.shape}")
+    out = _out(out, g.shape, inputs=(g, u), inplace_ok=(g, u))
+    fn(_ptr(g), _ptr(u), _wptr(out), g.size)
+    return out
+
+
+def swiglu(g, u, out=None):
+    """silu(g) * u, any shape (g and u the same shape)."""
+    return _binary(_lib.c6_swiglu, g, u, out)
+
+
+def geglu(g, u, out=None):
+    """gelu_tanh(g) * u, any shape."""
+    return _binary(_lib.c6_geglu, g, u, out)
+
+
+def gelu(x, out=None):
+    """gelu_tanh(x) = 0.5x(1+tanh(sqrt(2/pi)(x+0.044715x^3))), any shape."""
+    _arr("x", x)
+    out = _out(out, x.shape, inputs=(x,), inplace_ok=(x,))
+    _lib.c6_gelu(_ptr(x), _wptr(out), x.size)
+    return out
+
+
+def _exp(x, out=None):
+    """exp(x) with the vectorised exp used by the other ops (exposed for testing)."""
+    _arr("x", x)
+    out = _out(out, x.shape, inputs=(x,), inplace_ok=(x,))
+    _lib.c6_exp(_ptr(x), _wptr(out), x.size)
+    return out
+
+
+def _scale_arg(scale, shape, name="scale"):
+    """-> (float32 array, stride): a scalar, or one scale per row (shape[:-1])."""
+    if isinstance(scale, np.ndarray):
+        if scale.dtype != _F32:
+            raise TypeError(f"{name}: expected a float or a float32 array, got dtype {scale.dtype}")
+        if scale.ndim == 0:
+            return scale.reshape(1), 0
+        if scale.shape != tuple(shape[:-1]):
+            raise ValueError(f"{name}: expected a float or a float32 array of shape {tuple(shape[:-1])} "
+                             f"(one scale per row), got {scale.shape}")
+        _arr(name, scale)
+        return scale, 1
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{name}: expected a float or a float32 array, got {type(scale).__name__}")
+    return np.array([scale], _F32), 0
+
+
+def fp8_encode(x, scale, out=None):
+    """FP8 E4M3 (e4m3fn) codes of clip(x / scale, -448, 448): RNE, saturating, NaN kept.
+    scale: float, or float32 array of shape x.shape[:-1] (one per row). Returns uint8 like x."""
+    _arr("x", x)
+    if x.ndim == 0:
+        raise ValueError("x: expected at least 1-D, got a 0-d array")
+    s, stride = _scale_arg(scale, x.shape)
+    out = _out(out, x.shape, _U8)
+    _lib.c6_fp8_encode(_ptr(x), _ptr(s), stride, _wptr(out, "uint8_t *"), _rows(x.shape), x.shape[-1])
+    return out
+
+
+def fp8_decode(q, scale, out=None):
+    """float32(e4m3fn(q)) * scale; scale as in fp8_encode."""
+    _arr("q", q, dtype=_U8)
+    if q.ndim == 0:
+        raise ValueError("q: expected at least 1-D, got a 0-d array")
+    s, stride = _scale_arg(scale, q.shape)
+    out = _out(out, q.shape)
+    _lib.c6_fp8_decode(_ptr(q, "uint8_t *"), _ptr(s), stride, _wptr(out), _rows(q.shape), q.shape[-1])
+    return out
+
+
+def fp8_quantize_rows(x, out_q=None, out_scale=None):
+    """Per-row FP8: scale = max|x|/448 over the last axis (1.0 for an all-zero row; NaN ignored),
+    q = fp8_encode(x, scale). Returns (q uint8 [..., D], scale float32 [...])."""
+    _arr("x", x)
+    if x.ndim == 0:
+        raise ValueError("x: expected at least 1-D, got a 0-d array")
+    out_q = _out(out_q, x.shape, _U8, name="out_q")
+    out_scale = _out(out_scale, x.shape[:-1], name="out_scale")
+    _lib.c6_fp8_quantize_rows(_ptr(x), _wptr(out_q, "uint8_t *"), _wptr(out_scale),
+                              _rows(x.shape), x.shape[-1])
+    return out_q, out_scale
+
+
+def attention(q, k, v, *, n_past, scale, window=0, k_scale=None, v_scale=None, out=None):
+    """Causal (optionally sliding-window) grouped-query attention with online softmax.
+    q [T, Hq, D] float32 at positions n_past..n_past+T-1; k, v [S, Hkv, D] float32, or uint8 FP8
+    e4m3fn with k_scale, v_scale float32 [S, Hkv]; only rows < n_past+T are read. Hq % Hkv == 0,
+    head h uses kv head h // (Hq // Hkv). window > 0: key j visible iff p - j < window.
+    Returns out [T, Hq, D] float32."""
+    _arr("q", q, ndims=(3,))
+    T, Hq, D = q.shape
+    if not isinstance(k, np.ndarray):
+        raise TypeError(f"k: expected a numpy.ndarray (float32 or uint8), got {type(k).__name__}")
+    if k.dtype not in (_F32, _U8):
+        raise TypeError(f"k: expected dtype float32 or uint8 (FP8 e4m3fn), got {k.dtype}")
+    _arr("k", k, dtype=k.dtype, ndims=(3,))
+    _arr("v", v, dtype=k.dtype, ndims=(3,))
+    S, Hkv, Dk = k.shape
+    if Dk != D:
+        raise ValueError(f"k: expected head dim {D} (from q), got shape {k.shape}")
+    if v.shape != k.shape:
+        raise ValueError(f"v: expected shape {k.shape} (same as k), got {v.shape}")
+    if Hkv < 1 or Hq % Hkv:
+        raise ValueError(f"k: number of kv heads ({Hkv}) must divide the number of q heads ({Hq})")
+    if isinstance(n_past, bool) or not isinstance(n_past, (int, np.integer)) or n_past < 0:
+        raise ValueError(f"n_past: expected an int >= 0, got {n_past!r}")
+    if n_past + T > S:
+        raise ValueError(f"k: cache has {S} rows, need n_past + T = {n_past + T}")
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 0:
+        raise ValueError(f"window: expected an int >= 0, got {window!r}")
+    fp8 = k.dtype == _U8
+    if fp8:
+        if k_scale is None or v_scale is None:
+            raise ValueError("k_scale, v_scale: required (float32 [S, Hkv]) for an FP8 (uint8) cache")
+        _arr("k_scale", k_scale, ndims=(2,))
+        _arr("v_scale", v_scale, ndims=(2,))
+        if k_scale.shape != (S, Hkv):
+            raise ValueError(f"k_scale: expected shape {(S, Hkv)}, got {k_scale.shape}")
+        if v_scale.shape != (S, Hkv):
+            raise ValueError(f"v_scale: expected shape {(S, Hkv)}, got {v_scale.shape}")
+    elif k_scale is not None or v_scale is not None:
+        raise ValueError("k_scale, v_scale: only valid with an FP8 (uint8) cache")
+    out = _out(out, (T, Hq, D), inputs=(q, k, v, k_scale, v_scale))
+    if T == 0:
+        return out
+    ks = _ptr(k_scale) if fp8 else _ffi.NULL
+    vs = _ptr(v_scale) if fp8 else _ffi.NULL
+    rc = _lib.c6_attention(_ptr(q), _ptr(k, "void *"), _ptr(v, "void *"), ks, vs, 1 if fp8 else 0,
+                           _wptr(out), T, Hq, Hkv, D, int(n_past), float(scale), int(window))
+    if rc != 0:
+        raise MemoryError("attention: scratch allocation failed")
+    return out

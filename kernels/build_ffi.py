@@ -1,0 +1,102 @@
+"""cffi (API mode) builder for kernels._kernels.
+
+Used three ways:
+  * setuptools: setup.py has cffi_modules=["kernels/build_ffi.py:ffibuilder"] (pip install -e .)
+  * directly:   python kernels/build_ffi.py          -> compiles kernels/_kernels*.so in place
+  * cross:      python kernels/build_ffi.py --emit-c OUT.c  -> only writes cffi's C (scripts/test_arm.sh)
+Env: CAPIBARA6_PORTABLE=1 -> no -march/-mcpu flags; CAPIBARA6_FORCE_PORTABLE=1 -> also disable
+the NEON paths (-DC6_FORCE_PORTABLE) so the portable C is used even on aarch64.
+"""
+import os
+import platform
+import sys
+
+from cffi import FFI
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SRC_DIR = os.path.join(HERE, "src")
+SOURCES = ["pool.c", "matmul.c", "elementwise.c", "fp8.c", "attention.c"]
+
+CDEF = """
+int  c6_set_num_threads(int n);
+int  c6_get_num_threads(void);
+int  c6_build_flags(void);
+void c6_matmul(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K);
+void c6_softmax(const float *x, float *y, int64_t R, int64_t C);
+void c6_rmsnorm(const float *x, const float *w, float *y, int64_t R, int64_t D, float eps);
+void c6_rope(const float *x, const int32_t *pos, float *y, int64_t T, int64_t H, int64_t D,
+             int64_t rot_dim, int neox, double base, double freq_scale);
+void c6_swiglu(const float *g, const float *u, float *y, int64_t n);
+void c6_geglu(const float *g, const float *u, float *y, int64_t n);
+void c6_gelu(const float *x, float *y, int64_t n);
+void c6_exp(const float *x, float *y, int64_t n);
+void c6_fp8_encode(const float *x, const float *scale, int64_t scale_stride, uint8_t *q, int64_t R, int64_t D);
+void c6_fp8_decode(const uint8_t *q, const float *scale, int64_t scale_stride, float *y, int64_t R, int64_t D);
+void c6_fp8_quantize_rows(const float *x, uint8_t *q, float *scale, int64_t R, int64_t D);
+int  c6_attention(const float *q, const void *k, const void *v, const float *k_scale,
+                  const float *v_scale, int kv_fp8, float *out, int64_t T, int64_t Hq, int64_t Hkv,
+                  int64_t D, int64_t n_past, float scale, int64_t window);
+"""
+
+
+def compile_args(machine=None):
+    machine = machine or platform.machine()
+    args = ["-O3", "-std=gnu11", "-pthread", "-fno-math-errno", "-Wall", "-Wno-unused-function"]
+    if os.environ.get("CAPIBARA6_FORCE_PORTABLE") == "1":
+        args.append("-DC6_FORCE_PORTABLE")
+    if os.environ.get("CAPIBARA6_PORTABLE") != "1":
+        if machine in ("x86_64", "AMD64", "i686"):
+            args.append("-march=native")
+        elif machine in ("aarch64", "arm64"):
+            args.append("-mcpu=native")
+    return args
+
+
+def _rel(p):
+    # setuptools wants source paths relative to the project root (its cwd)
+    try:
+        r = os.path.relpath(p)
+    except ValueError:
+        return p
+    return p if r.startswith("..") else r
+
+
+def make_builder(fix=_rel):
+    b = FFI()
+    b.cdef(CDEF)
+    b.set_source(
+        "kernels._kernels",
+        '#include "capibara6_kernels.h"',
+        sources=[fix(os.path.join(SRC_DIR, s)) for s in SOURCES],
+        include_dirs=[fix(SRC_DIR)],
+        extra_compile_args=compile_args(),
+        extra_link_args=["-pthread"],
+        libraries=["m"],
+    )
+    return b
+
+
+ffibuilder = make_builder()
+
+
+def main(argv):
+    if len(argv) >= 2 and argv[0] == "--emit-c":
+        make_builder(os.path.abspath).emit_c_code(argv[1])
+        return 0
+    import glob
+    import shutil
+
+    root = os.path.dirname(HERE)  # build/ is gitignored
+    tmp = os.path.join(root, "build", "cffi-kernels")
+    os.makedirs(tmp, exist_ok=True)
+    so = make_builder(os.path.abspath).compile(tmpdir=tmp, verbose=bool(os.environ.get("VERBOSE")))
+    for old in glob.glob(os.path.join(HERE, "_kernels.*.so")):
+        os.remove(old)
+    dst = os.path.join(HERE, os.path.basename(so))
+    shutil.copy2(so, dst)
+    print(dst)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

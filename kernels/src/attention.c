@@ -1,0 +1,180 @@
+/* attention: out[T,Hq,D] = softmax(scale * q k^T + causal/window mask) v, GQA (head h uses kv head
+ * h / (Hq/Hkv)); q [T,Hq,D] f32; k,v [S,Hkv,D] f32 or FP8 e4m3fn + scales [S,Hkv]. Query t sits at
+ * position p = n_past + t and sees keys j <= p (and p - j < window if window > 0).
+ * Online softmax over KV tiles of C6_AT_TILE keys: scratch is O(g*(D + tile)), independent of S.
+ * One task = (query row, kv head) handling its g query heads together so each K/V row is loaded
+ * (and FP8-decoded) once per group; when T*Hkv is smaller than the thread count (decode), the key
+ * range is split across tasks and the partial (max, sum, acc) results are merged (flash-decoding). */
+#include "capibara6_kernels.h"
+#include <math.h>
+#include <stdlib.h>
+
+#define C6_AT_TILE 64
+
+typedef struct {
+    const float *q; const float *kf, *vf; const uint8_t *k8, *v8; const float *ks, *vs;
+    float *out, *part;
+    int64_t T, Hq, Hkv, D, n_past, window, nsplit;
+    float scale;
+} at_ctx;
+
+static inline float dotf(const float *restrict a, const float *restrict b, int64_t D) {
+    int64_t i = 0;
+    float s;
+#if C6_USE_NEON
+    float32x4_t a0 = vdupq_n_f32(0), a1 = a0, a2 = a0, a3 = a0;
+    for (; i + 16 <= D; i += 16) {
+        a0 = vfmaq_f32(a0, vld1q_f32(a + i), vld1q_f32(b + i));
+        a1 = vfmaq_f32(a1, vld1q_f32(a + i + 4), vld1q_f32(b + i + 4));
+        a2 = vfmaq_f32(a2, vld1q_f32(a + i + 8), vld1q_f32(b + i + 8));
+        a3 = vfmaq_f32(a3, vld1q_f32(a + i + 12), vld1q_f32(b + i + 12));
+    }
+    for (; i + 4 <= D; i += 4) a0 = vfmaq_f32(a0, vld1q_f32(a + i), vld1q_f32(b + i));
+    s = vaddvq_f32(vaddq_f32(vaddq_f32(a0, a1), vaddq_f32(a2, a3)));
+#else
+    c6_vf a0 = {0}, a1 = {0};
+    for (; i + 2 * C6_VL <= D; i += 2 * C6_VL) {
+        a0 += c6_ldu(a + i) * c6_ldu(b + i);
+        a1 += c6_ldu(a + i + C6_VL) * c6_ldu(b + i + C6_VL);
+    }
+    s = c6_hsum(a0 + a1);
+#endif
+    for (; i < D; i++) s += a[i] * b[i];
+    return s;
+}
+
+static inline void axpy(float *restrict y, float a, const float *restrict x, int64_t D) {
+    int64_t i = 0;
+#if C6_USE_NEON
+    for (; i + 4 <= D; i += 4) vst1q_f32(y + i, vfmaq_n_f32(vld1q_f32(y + i), vld1q_f32(x + i), a));
+#endif
+    for (; i < D; i++) y[i] += a * x[i];
+}
+
+static inline void scal(float *restrict y, float a, int64_t D) {
+    for (int64_t i = 0; i < D; i++) y[i] *= a;
+}
+
+/* s[i] = exp(s[i] - m); returns the sum */
+static inline double exp_sub(float *restrict s, int64_t n, float m) {
+    int64_t i = 0;
+    float part = 0.0f;
+#if C6_USE_NEON
+    float32x4_t vm = vdupq_n_f32(m), acc = vdupq_n_f32(0);
+    for (; i + 4 <= n; i += 4) {
+        float32x4_t e = c6_vexpq(vsubq_f32(vld1q_f32(s + i), vm));
+        vst1q_f32(s + i, e);
+        acc = vaddq_f32(acc, e);
+    }
+    part = vaddvq_f32(acc);
+#endif
+    for (int64_t j = i; j < n; j++) s[j] = c6_expf(s[j] - m);
+    for (; i < n; i++) part += s[i];
+    return part;
+}
+
+static void att_task(void *vctx, int64_t task) {
+    const at_ctx *c = vctx;
+    int64_t D = c->D, Hq = c->Hq, Hkv = c->Hkv, g = Hq / Hkv;
+    int64_t sp = task % c->nsplit, rest = task / c->nsplit;
+    int64_t hk = rest % Hkv, t = rest / Hkv;
+    int64_t p = c->n_past + t;
+    int64_t lo = 0, hi = p + 1;
+    if (c->window > 0 && p - c->window + 1 > 0) lo = p - c->window + 1;
+    int64_t len = hi - lo;
+    int64_t a = lo + len * sp / c->nsplit, b = lo + len * (sp + 1) / c->nsplit;
+
+    float *buf = c6_scratch(3, (size_t)(g * D + g * C6_AT_TILE + 2 * D + 2 * g + 64));
+    if (!buf) abort();
+    float *acc = buf, *sc = acc + g * D, *kb = sc + g * C6_AT_TILE, *vb = kb + D, *mx = vb + D;
+    double lsum[64];
+    double *l = g <= 64 ? lsum : malloc(sizeof(double) * (size_t)g);
+    if (!l) abort();
+    const float *qr = c->q + (t * Hq + hk * g) * D;   /* the g query heads are adjacent */
+    for (int64_t gi = 0; gi < g; gi++) { mx[gi] = -INFINITY; l[gi] = 0.0; }
+    memset(acc, 0, sizeof(float) * (size_t)(g * D));
+
+    for (int64_t j0 = a; j0 < b; j0 += C6_AT_TILE) {
+        int64_t jn = b - j0 < C6_AT_TILE ? b - j0 : C6_AT_TILE;
+        for (int64_t jj = 0; jj < jn; jj++) {
+            int64_t row = (j0 + jj) * Hkv + hk;
+            const float *kr;
+            if (c->k8) { c6_fp8_decode_row(c->k8 + row * D, c->ks[row], kb, D); kr = kb; }
+            else kr = c->kf + row * D;
+            for (int64_t gi = 0; gi < g; gi++) sc[gi * C6_AT_TILE + jj] = dotf(qr + gi * D, kr, D) * c->scale;
+        }
+        for (int64_t gi = 0; gi < g; gi++) {
+            float *s = sc + gi * C6_AT_TILE;
+            float mt = mx[gi];
+            for (int64_t jj = 0; jj < jn; jj++) mt = s[jj] > mt ? s[jj] : mt;
+            if (mt > mx[gi]) {
+                float corr = c6_expf(mx[gi] - mt);   /* exp(-inf) = 0 on the first tile */
+                l[gi] *= corr;
+                scal(acc + gi * D, corr, D);
+                mx[gi] = mt;
+            }
+            l[gi] += exp_sub(s, jn, mx[gi]);
+        }
+        for (int64_t jj = 0; jj < jn; jj++) {
+            int64_t row = (j0 + jj) * Hkv + hk;
+            const float *vr;
+            if (c->v8) { c6_fp8_decode_row(c->v8 + row * D, c->vs[row], vb, D); vr = vb; }
+            else vr = c->vf + row * D;
+            for (int64_t gi = 0; gi < g; gi++) axpy(acc + gi * D, sc[gi * C6_AT_TILE + jj], vr, D);
+        }
+    }
+    for (int64_t gi = 0; gi < g; gi++) {
+        int64_t h = hk * g + gi;
+        if (c->nsplit == 1) {
+            float inv = (float)(1.0 / l[gi]);
+            float *o = c->out + (t * Hq + h) * D;
+            for (int64_t d = 0; d < D; d++) o[d] = acc[gi * D + d] * inv;
+        } else {
+            float *pp = c->part + ((t * Hq + h) * c->nsplit + sp) * (D + 2);
+            pp[0] = mx[gi]; pp[1] = (float)l[gi];
+            memcpy(pp + 2, acc + gi * D, sizeof(float) * (size_t)D);
+        }
+    }
+    if (l != lsum) free(l);
+}
+
+int c6_attention(const float *q, const void *k, const void *v, const float *k_scale,
+                 const float *v_scale, int kv_fp8, float *out, int64_t T, int64_t Hq, int64_t Hkv,
+                 int64_t D, int64_t n_past, float scale, int64_t window) {
+    if (T <= 0 || Hq <= 0) return 0;
+    at_ctx c;
+    memset(&c, 0, sizeof c);
+    c.q = q; c.out = out; c.T = T; c.Hq = Hq; c.Hkv = Hkv; c.D = D; c.n_past = n_past;
+    c.window = window; c.scale = scale; c.nsplit = 1;
+    if (kv_fp8) { c.k8 = k; c.v8 = v; c.ks = k_scale; c.vs = v_scale; }
+    else { c.kf = k; c.vf = v; }
+    int nt = c6_get_num_threads();
+    int64_t keys = n_past + T;
+    if (window > 0 && window < keys) keys = window;
+    if (T * Hkv < nt && keys >= 256) c.nsplit = nt;
+    if (c.nsplit > 1) {
+        c.part = malloc(sizeof(float) * (size_t)(T * Hq * c.nsplit * (D + 2)));
+        if (!c.part) return -1;
+    }
+    c6_parallel_for(T * Hkv * c.nsplit, att_task, &c);
+    if (c.nsplit > 1) {
+        for (int64_t r = 0; r < T * Hq; r++) {
+            const float *pp = c.part + r * c.nsplit * (D + 2);
+            float m = -INFINITY;
+            for (int64_t s = 0; s < c.nsplit; s++) m = pp[s * (D + 2)] > m ? pp[s * (D + 2)] : m;
+            double L = 0.0;
+            float *o = out + r * D;
+            memset(o, 0, sizeof(float) * (size_t)D);
+            for (int64_t s = 0; s < c.nsplit; s++) {
+                const float *ps = pp + s * (D + 2);
+                if (ps[1] == 0.0f) continue;
+                float w = c6_expf(ps[0] - m);
+                L += (double)ps[1] * w;
+                axpy(o, w, ps + 2, D);
+            }
+            scal(o, (float)(1.0 / L), D);
+        }
+        free(c.part);
+    }
+    return 0;
+}

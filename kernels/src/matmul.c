@@ -1,0 +1,273 @@
+/* matmul: y[M,N] = x[M,K] @ w[N,K]^T  (x row-major [M,K], w row-major [N,K] = GGUF [out,in]).
+ * M <= C6_GEMV_MAX_M: streaming GEMV (w read once, 4 rows at a time against every x row; memory bound).
+ * Otherwise GEMM: BLIS-style cache blocking (KC x NC block of w packed per task, MC x KC block of x
+ * packed), MR x NR register tile microkernel. Threads split N (and M when M is large). */
+#include "capibara6_kernels.h"
+#include <stdlib.h>
+
+#define C6_GEMV_MAX_M 4
+
+#if C6_USE_NEON
+#define MR 8
+#define NR 12
+#define KC 256
+#else
+#if defined(__AVX512F__)
+#define VB 64
+#elif defined(__AVX__)
+#define VB 32
+#else
+#define VB 16
+#endif
+#define VL (VB / 4)
+#define MR 6
+#define NR (2 * VL)
+#define KC (VL >= 16 ? 128 : 256)
+typedef float vf __attribute__((vector_size(VB)));
+typedef float vfu __attribute__((vector_size(VB), aligned(4)));
+#endif
+#define MC (MR * 16)
+
+static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* ---------------- GEMM microkernels: C[mr,nr] (+)= Ap[kc][MR]^T Bp[kc][NR] ---------------- */
+#if C6_USE_NEON
+static void ukernel(int64_t kc, const float *restrict A, const float *restrict B, float *restrict C,
+                    int64_t ldc, int accum, int mr, int nr) {
+    float32x4_t c00 = vdupq_n_f32(0), c01 = c00, c02 = c00, c10 = c00, c11 = c00, c12 = c00;
+    float32x4_t c20 = c00, c21 = c00, c22 = c00, c30 = c00, c31 = c00, c32 = c00;
+    float32x4_t c40 = c00, c41 = c00, c42 = c00, c50 = c00, c51 = c00, c52 = c00;
+    float32x4_t c60 = c00, c61 = c00, c62 = c00, c70 = c00, c71 = c00, c72 = c00;
+    for (int64_t k = 0; k < kc; k++) {
+        float32x4_t a0 = vld1q_f32(A + k * MR), a1 = vld1q_f32(A + k * MR + 4);
+        float32x4_t b0 = vld1q_f32(B + k * NR), b1 = vld1q_f32(B + k * NR + 4), b2 = vld1q_f32(B + k * NR + 8);
+#define ROW(ci, av, l) c##ci##0 = vfmaq_laneq_f32(c##ci##0, b0, av, l); \
+        c##ci##1 = vfmaq_laneq_f32(c##ci##1, b1, av, l); c##ci##2 = vfmaq_laneq_f32(c##ci##2, b2, av, l);
+        ROW(0, a0, 0) ROW(1, a0, 1) ROW(2, a0, 2) ROW(3, a0, 3)
+        ROW(4, a1, 0) ROW(5, a1, 1) ROW(6, a1, 2) ROW(7, a1, 3)
+#undef ROW
+    }
+    float tile[MR * NR];
+    float *T = tile; int64_t ldt = NR;
+    int full = (mr == MR && nr == NR);
+    if (full) { T = C; ldt = ldc; }
+#define ST(ci) { float *p = T + ci * ldt; \
+        if (full && accum) { vst1q_f32(p, vaddq_f32(vld1q_f32(p), c##ci##0)); \
+            vst1q_f32(p + 4, vaddq_f32(vld1q_f32(p + 4), c##ci##1)); \
+            vst1q_f32(p + 8, vaddq_f32(vld1q_f32(p + 8), c##ci##2)); } \
+        else { vst1q_f32(p, c##ci##0); vst1q_f32(p + 4, c##ci##1); vst1q_f32(p + 8, c##ci##2); } }
+    ST(0) ST(1) ST(2) ST(3) ST(4) ST(5) ST(6) ST(7)
+#undef ST
+    if (!full)
+        for (int i = 0; i < mr; i++)
+            for (int j = 0; j < nr; j++)
+                C[i * ldc + j] = accum ? C[i * ldc + j] + tile[i * NR + j] : tile[i * NR + j];
+}
+#else
+static void ukernel(int64_t kc, const float *restrict A, const float *restrict B, float *restrict C,
+                    int64_t ldc, int accum, int mr, int nr) {
+    vf c[MR][2];
+    for (int i = 0; i < MR; i++) { c[i][0] = (vf){0}; c[i][1] = (vf){0}; }
+    for (int64_t k = 0; k < kc; k++) {
+        vf b0 = *(const vf *)(B + k * NR), b1 = *(const vf *)(B + k * NR + VL);
+        const float *a = A + k * MR;
+        for (int i = 0; i < MR; i++) { c[i][0] += a[i] * b0; c[i][1] += a[i] * b1; }
+    }
+    if (mr == MR && nr == NR) {
+        for (int i = 0; i < MR; i++) {
+            vfu *p = (vfu *)(C + i * ldc);
+            if (accum) { p[0] += c[i][0]; p[1] += c[i][1]; }
+            else { p[0] = c[i][0]; p[1] = c[i][1]; }
+        }
+    } else {
+        float tile[MR * NR] __attribute__((aligned(64)));
+        for (int i = 0; i < MR; i++) { *(vf *)(tile + i * NR) = c[i][0]; *(vf *)(tile + i * NR + VL) = c[i][1]; }
+        for (int i = 0; i < mr; i++)
+            for (int j = 0; j < nr; j++)
+                C[i * ldc + j] = accum ? C[i * ldc + j] + tile[i * NR + j] : tile[i * NR + j];
+    }
+}
+#endif
+
+typedef struct {
+    const float *x, *w; float *y;
+    int64_t M, N, K;
+    int64_t n_per_task, m_per_task, n_tasks_n;
+} mm_ctx;
+
+static void gemm_task(void *vctx, int64_t task) {
+    const mm_ctx *c = vctx;
+    int64_t tn = task % c->n_tasks_n, tm = task / c->n_tasks_n;
+    int64_t n0 = tn * c->n_per_task, n1 = imin(c->N, n0 + c->n_per_task);
+    int64_t m0 = tm * c->m_per_task, m1 = imin(c->M, m0 + c->m_per_task);
+    int64_t K = c->K, N = c->N;
+    int64_t npan = (n1 - n0 + NR - 1) / NR;
+    float *Bp = c6_scratch(0, (size_t)KC * npan * NR);
+    float *Ap = c6_scratch(1, (size_t)KC * MC);
+    if (!Bp || !Ap) abort();
+    for (int64_t pc = 0; pc < K; pc += KC) {
+        int64_t kc = imin(KC, K - pc);
+        /* pack w[n0:n1, pc:pc+kc] into panels Bp[p][k][NR] (zero padded) */
+        for (int64_t p = 0; p < npan; p++) {
+            float *dst = Bp + p * kc * NR;
+            int64_t nb = n0 + p * NR, nr = imin(NR, n1 - nb);
+            for (int64_t j = 0; j < nr; j++) {
+                const float *src = c->w + (nb + j) * K + pc;
+                for (int64_t k = 0; k < kc; k++) dst[k * NR + j] = src[k];
+            }
+            for (int64_t j = nr; j < NR; j++)
+                for (int64_t k = 0; k < kc; k++) dst[k * NR + j] = 0.0f;
+        }
+        for (int64_t ic = m0; ic < m1; ic += MC) {
+            int64_t mc = imin(MC, m1 - ic);
+            int64_t mpan = (mc + MR - 1) / MR;
+            for (int64_t q = 0; q < mpan; q++) {
+                float *dst = Ap + q * kc * MR;
+                int64_t mb = ic + q * MR, mr = imin(MR, ic + mc - mb);
+                for (int64_t i = 0; i < mr; i++) {
+                    const float *src = c->x + (mb + i) * K + pc;
+                    for (int64_t k = 0; k < kc; k++) dst[k * MR + i] = src[k];
+                }
+                for (int64_t i = mr; i < MR; i++)
+                    for (int64_t k = 0; k < kc; k++) dst[k * MR + i] = 0.0f;
+            }
+            for (int64_t p = 0; p < npan; p++) {
+                int64_t nb = n0 + p * NR, nr = imin(NR, n1 - nb);
+                for (int64_t q = 0; q < mpan; q++) {
+                    int64_t mb = ic + q * MR, mr = imin(MR, ic + mc - mb);
+                    ukernel(kc, Ap + q * kc * MR, Bp + p * kc * NR, c->y + mb * N + nb, N, pc > 0,
+                            (int)mr, (int)nr);
+                }
+            }
+        }
+    }
+}
+
+/* ---------------- GEMV: 4 rows of w against each of the M (<= 4) rows of x ---------------- */
+#if C6_USE_NEON
+static inline void dot4(const float *restrict x, const float *restrict w, int64_t K, float *out) {
+    const float *w0 = w, *w1 = w + K, *w2 = w + 2 * K, *w3 = w + 3 * K;
+    float32x4_t a[4][4];
+    for (int r = 0; r < 4; r++) for (int u = 0; u < 4; u++) a[r][u] = vdupq_n_f32(0);
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        for (int u = 0; u < 4; u++) {
+            float32x4_t xv = vld1q_f32(x + k + 4 * u);
+            a[0][u] = vfmaq_f32(a[0][u], xv, vld1q_f32(w0 + k + 4 * u));
+            a[1][u] = vfmaq_f32(a[1][u], xv, vld1q_f32(w1 + k + 4 * u));
+            a[2][u] = vfmaq_f32(a[2][u], xv, vld1q_f32(w2 + k + 4 * u));
+            a[3][u] = vfmaq_f32(a[3][u], xv, vld1q_f32(w3 + k + 4 * u));
+        }
+    }
+    for (; k + 4 <= K; k += 4) {
+        float32x4_t xv = vld1q_f32(x + k);
+        a[0][0] = vfmaq_f32(a[0][0], xv, vld1q_f32(w0 + k));
+        a[1][0] = vfmaq_f32(a[1][0], xv, vld1q_f32(w1 + k));
+        a[2][0] = vfmaq_f32(a[2][0], xv, vld1q_f32(w2 + k));
+        a[3][0] = vfmaq_f32(a[3][0], xv, vld1q_f32(w3 + k));
+    }
+    for (int r = 0; r < 4; r++) {
+        float s = vaddvq_f32(vaddq_f32(vaddq_f32(a[r][0], a[r][1]), vaddq_f32(a[r][2], a[r][3])));
+        const float *wr = w + r * K;
+        for (int64_t kk = k; kk < K; kk++) s += x[kk] * wr[kk];
+        out[r] = s;
+    }
+}
+static inline float dot1(const float *restrict x, const float *restrict w, int64_t K) {
+    float32x4_t a0 = vdupq_n_f32(0), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        a0 = vfmaq_f32(a0, vld1q_f32(x + k), vld1q_f32(w + k));
+        a1 = vfmaq_f32(a1, vld1q_f32(x + k + 4), vld1q_f32(w + k + 4));
+        a2 = vfmaq_f32(a2, vld1q_f32(x + k + 8), vld1q_f32(w + k + 8));
+        a3 = vfmaq_f32(a3, vld1q_f32(x + k + 12), vld1q_f32(w + k + 12));
+    }
+    for (; k + 4 <= K; k += 4) a0 = vfmaq_f32(a0, vld1q_f32(x + k), vld1q_f32(w + k));
+    float s = vaddvq_f32(vaddq_f32(vaddq_f32(a0, a1), vaddq_f32(a2, a3)));
+    for (; k < K; k++) s += x[k] * w[k];
+    return s;
+}
+#else
+static inline vf ldu(const float *p) { return *(const vfu *)p; }
+static inline float hsum(vf v) { float s = 0; for (int i = 0; i < VL; i++) s += v[i]; return s; }
+static inline void dot4(const float *restrict x, const float *restrict w, int64_t K, float *out) {
+    const float *w0 = w, *w1 = w + K, *w2 = w + 2 * K, *w3 = w + 3 * K;
+    vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+    int64_t k = 0;
+    for (; k + 2 * VL <= K; k += 2 * VL) {
+        vf x0 = ldu(x + k), x1 = ldu(x + k + VL);
+        a0 += x0 * ldu(w0 + k); b0 += x1 * ldu(w0 + k + VL);
+        a1 += x0 * ldu(w1 + k); b1 += x1 * ldu(w1 + k + VL);
+        a2 += x0 * ldu(w2 + k); b2 += x1 * ldu(w2 + k + VL);
+        a3 += x0 * ldu(w3 + k); b3 += x1 * ldu(w3 + k + VL);
+    }
+    for (; k + VL <= K; k += VL) {
+        vf x0 = ldu(x + k);
+        a0 += x0 * ldu(w0 + k); a1 += x0 * ldu(w1 + k); a2 += x0 * ldu(w2 + k); a3 += x0 * ldu(w3 + k);
+    }
+    float s[4] = {hsum(a0 + b0), hsum(a1 + b1), hsum(a2 + b2), hsum(a3 + b3)};
+    for (int r = 0; r < 4; r++) {
+        const float *wr = w + r * K;
+        for (int64_t kk = k; kk < K; kk++) s[r] += x[kk] * wr[kk];
+        out[r] = s[r];
+    }
+}
+static inline float dot1(const float *restrict x, const float *restrict w, int64_t K) {
+    vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    int64_t k = 0;
+    for (; k + 4 * VL <= K; k += 4 * VL) {
+        a0 += ldu(x + k) * ldu(w + k); a1 += ldu(x + k + VL) * ldu(w + k + VL);
+        a2 += ldu(x + k + 2 * VL) * ldu(w + k + 2 * VL); a3 += ldu(x + k + 3 * VL) * ldu(w + k + 3 * VL);
+    }
+    for (; k + VL <= K; k += VL) a0 += ldu(x + k) * ldu(w + k);
+    float s = hsum((a0 + a1) + (a2 + a3));
+    for (; k < K; k++) s += x[k] * w[k];
+    return s;
+}
+#endif
+
+static void gemv_task(void *vctx, int64_t task) {
+    const mm_ctx *c = vctx;
+    int64_t n0 = task * c->n_per_task, n1 = imin(c->N, n0 + c->n_per_task);
+    int64_t K = c->K, N = c->N;
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) {
+        const float *wb = c->w + n * K;
+        for (int64_t m = 0; m < c->M; m++) {
+            float o[4];
+            dot4(c->x + m * K, wb, K, o);
+            float *yr = c->y + m * N + n;
+            yr[0] = o[0]; yr[1] = o[1]; yr[2] = o[2]; yr[3] = o[3];
+        }
+    }
+    for (; n < n1; n++)
+        for (int64_t m = 0; m < c->M; m++) c->y[m * N + n] = dot1(c->x + m * K, c->w + n * K, K);
+}
+
+void c6_matmul(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K) {
+    if (M <= 0 || N <= 0) return;
+    if (K <= 0) { memset(y, 0, (size_t)(M * N) * sizeof(float)); return; }
+    int nt = c6_get_num_threads();
+    mm_ctx c = {x, w, y, M, N, K, 0, 0, 0};
+    if (M <= C6_GEMV_MAX_M) {
+        /* ~8 tasks per thread of >= 16 rows (multiple of 4) for dynamic balancing */
+        int64_t per = (N + (int64_t)nt * 8 - 1) / ((int64_t)nt * 8);
+        if (per < 16) per = 16;
+        per = (per + 3) & ~(int64_t)3;
+        c.n_per_task = per;
+        c6_parallel_for((N + per - 1) / per, gemv_task, &c);
+        return;
+    }
+    int64_t npan = (N + NR - 1) / NR;
+    int64_t m_per = M <= 512 ? M : 4 * MC;
+    int64_t n_mtasks = (M + m_per - 1) / m_per;
+    int64_t want = (int64_t)nt * 3;                       /* tasks wanted over N */
+    int64_t ppt = (npan * n_mtasks + want - 1) / want;    /* panels per task */
+    if (nt == 1) ppt = npan;
+    if (ppt > 512 / NR + 1) ppt = 512 / NR + 1;           /* packed w block <= ~KC x 512 floats */
+    if (ppt < 1) ppt = 1;
+    c.n_per_task = ppt * NR;
+    c.n_tasks_n = (npan + ppt - 1) / ppt;
+    c.m_per_task = m_per;
+    c6_parallel_for(c.n_tasks_n * n_mtasks, gemm_task, &c);
+}

@@ -1,0 +1,132 @@
+/* Small pthread pool: workers SLEEP on a condvar between jobs (no spinning), tasks are handed out
+ * with an atomic counter, the caller participates. One job at a time: a caller that finds the pool
+ * busy (another Python thread / model) runs its job inline on its own thread instead of waiting. */
+#define _GNU_SOURCE
+#include "capibara6_kernels.h"
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+
+#define C6_MAX_THREADS 256
+
+static pthread_mutex_t run_mu = PTHREAD_MUTEX_INITIALIZER; /* held by the job owner / resizer */
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t cv_work = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t cv_done = PTHREAD_COND_INITIALIZER;
+static pthread_t workers[C6_MAX_THREADS];
+static int n_workers = 0;          /* threads besides the caller */
+static int n_threads = 1;
+static uint64_t generation = 0;
+static int shutting_down = 0;
+static int pending = 0;
+static c6_task_fn job_fn;
+static void *job_ctx;
+static int64_t job_n;
+static _Atomic int64_t job_next;
+
+static void run_tasks(c6_task_fn fn, void *ctx, int64_t n) {
+    for (;;) {
+        int64_t i = atomic_fetch_add_explicit(&job_next, 1, memory_order_relaxed);
+        if (i >= n) break;
+        fn(ctx, i);
+    }
+}
+
+static void *worker_main(void *arg) {
+    pthread_mutex_lock(&mu);
+    uint64_t seen = (uint64_t)(uintptr_t)arg;   /* generation at creation: never miss a job */
+    for (;;) {
+        while (generation == seen && !shutting_down) pthread_cond_wait(&cv_work, &mu);
+        if (shutting_down) break;
+        seen = generation;
+        c6_task_fn fn = job_fn; void *ctx = job_ctx; int64_t n = job_n;
+        pthread_mutex_unlock(&mu);
+        run_tasks(fn, ctx, n);
+        pthread_mutex_lock(&mu);
+        if (--pending == 0) pthread_cond_signal(&cv_done);
+    }
+    pthread_mutex_unlock(&mu);
+    return NULL;
+}
+
+int c6_set_num_threads(int n) {
+    if (n < 1) n = 1;
+    if (n > C6_MAX_THREADS) n = C6_MAX_THREADS;
+    pthread_mutex_lock(&run_mu);
+    if (n_workers > 0) {
+        pthread_mutex_lock(&mu);
+        shutting_down = 1;
+        pthread_cond_broadcast(&cv_work);
+        pthread_mutex_unlock(&mu);
+        for (int i = 0; i < n_workers; i++) pthread_join(workers[i], NULL);
+        shutting_down = 0;
+        n_workers = 0;
+    }
+    int want = n - 1, made = 0;
+    for (; made < want; made++)
+        if (pthread_create(&workers[made], NULL, worker_main, (void *)(uintptr_t)generation) != 0) break;
+    n_workers = made;
+    n_threads = made + 1;
+    pthread_mutex_unlock(&run_mu);
+    return n_threads;
+}
+
+int c6_get_num_threads(void) { return n_threads; }
+
+void c6_parallel_for(int64_t ntasks, c6_task_fn fn, void *ctx) {
+    if (ntasks <= 0) return;
+    if (ntasks == 1 || n_threads == 1 || pthread_mutex_trylock(&run_mu) != 0) {
+        for (int64_t i = 0; i < ntasks; i++) fn(ctx, i);
+        return;
+    }
+    if (n_workers == 0) {            /* resized to 1 between the check and the lock */
+        pthread_mutex_unlock(&run_mu);
+        for (int64_t i = 0; i < ntasks; i++) fn(ctx, i);
+        return;
+    }
+    pthread_mutex_lock(&mu);
+    job_fn = fn; job_ctx = ctx; job_n = ntasks;
+    atomic_store(&job_next, 0);
+    pending = n_workers;
+    generation++;
+    pthread_cond_broadcast(&cv_work);
+    pthread_mutex_unlock(&mu);
+    run_tasks(fn, ctx, ntasks);
+    pthread_mutex_lock(&mu);
+    while (pending > 0) pthread_cond_wait(&cv_done, &mu);
+    pthread_mutex_unlock(&mu);
+    pthread_mutex_unlock(&run_mu);
+}
+
+/* thread-local scratch buffers (never freed; a few hundred KiB per thread) */
+static __thread float *scr_ptr[4];
+static __thread size_t scr_cap[4];
+float *c6_scratch(int slot, size_t nfloats) {
+    if (scr_cap[slot] < nfloats) {
+        free(scr_ptr[slot]);
+        size_t bytes = (nfloats * sizeof(float) + 63) & ~(size_t)63;
+        scr_ptr[slot] = aligned_alloc(64, bytes);
+        scr_cap[slot] = scr_ptr[slot] ? nfloats : 0;
+    }
+    return scr_ptr[slot];
+}
+
+int c6_build_flags(void) {
+    int f = 0;
+#if C6_USE_NEON
+    f |= 1;
+#endif
+#ifdef __AVX2__
+    f |= 2;
+#endif
+#ifdef __AVX512F__
+    f |= 4;
+#endif
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+    f |= 8;
+#endif
+#ifdef C6_FORCE_PORTABLE
+    f |= 16;
+#endif
+    return f;
+}
