@@ -124,7 +124,7 @@ def _format_validation(prefix: str, err: ValidationError) -> str:
     parts = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"])
-        parts.append(f"{prefix}{'.' + loc if loc else ''}: {e['msg']}")
+        parts.append(f"{prefix}{loc or '(entry)'}: {e['msg']}")
     return "; ".join(parts)
 
 
@@ -264,4 +264,4 @@ def build_settings(file_section: Mapping[str, Any], cli: Mapping[str, Any]) -> S
     try:
         return ServerSettings.model_validate(merged)
     except ValidationError as err:
-        raise ConfigError(_format_validation("settings", err)) from None
+        raise ConfigError(_format_validation("setting ", err)) from None

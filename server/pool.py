@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
@@ -16,6 +17,7 @@ from .backends import load_backend
 from .backends.base import Backend
 from .config import ModelSpec, Registry
 from .errors import ModelNotFound, ServiceUnavailable
+from .metrics import Metrics
 from .threads import resolve_threads
 
 log = logging.getLogger("capibara6.pool")
@@ -34,13 +36,22 @@ class _Slot:
 
 
 class ModelPool:
-    def __init__(self, registry: Registry, loader: Loader | None = None) -> None:
+    def __init__(self, registry: Registry, loader: Loader | None = None, metrics: Metrics | None = None) -> None:
         self.registry = registry
+        self.metrics = metrics or Metrics()
+        self.metrics.watch_pool(self)
         self._loader = loader or (lambda mid, spec, n: load_backend(mid, spec, registry.base_dir, n))
         self._slots = {mid: _Slot(spec) for mid, spec in registry.models.items()}
 
     def status(self, model_id: str) -> str:
         return self._slots[model_id].state
+
+    def metric_snapshot(self) -> list[tuple[str, str, int]]:
+        out = []
+        for mid, slot in self._slots.items():
+            kv = getattr(slot.backend, "kv_cache_bytes", None)
+            out.append((mid, slot.state, int(kv()) if callable(kv) else 0))
+        return out
 
     def loaded(self, model_id: str) -> Backend | None:
         return self._slots[model_id].backend
@@ -57,6 +68,7 @@ class ModelPool:
                 return slot.backend
             slot.state = "loading"
             threads = resolve_threads(slot.spec.n_threads)
+            t0 = time.monotonic()
             try:
                 slot.backend = await asyncio.to_thread(self._loader, model_id, slot.spec, threads)
             except Exception as err:  # any load failure: this model is unavailable, others serve
@@ -64,6 +76,8 @@ class ModelPool:
                 log.warning("loading %s failed: %s", model_id, err)
                 raise ServiceUnavailable(f"Model '{model_id}' could not be loaded: {err}") from err
             slot.state = "ready"
+            self.metrics.loads.labels(model_id).inc()
+            self.metrics.load_time.labels(model_id).observe(time.monotonic() - t0)
             return slot.backend
 
     @asynccontextmanager
@@ -82,8 +96,9 @@ class ModelPool:
                     slot.state = "ready"
 
     async def close(self) -> None:
-        for slot in self._slots.values():
+        for mid, slot in self._slots.items():
             if slot.backend is not None:
                 await asyncio.to_thread(slot.backend.close)
                 slot.backend = None
                 slot.state = "unloaded"
+                self.metrics.unloads.labels(mid, "shutdown").inc()

@@ -19,6 +19,7 @@ from typing import Any, AsyncIterator, Iterator, Sequence
 from .backends.base import Backend, ContextLengthExceeded, GenerationOutcome, SamplingParams, TokenEvent
 from .config import Registry, ServerSettings
 from .errors import ApiError, ContextTooLong, InvalidRequest, ModelNotFound
+from .metrics import RequestTimer
 from .pool import ModelPool
 from .runner import TokenStream
 
@@ -104,10 +105,20 @@ class Generation:
         self._backend: Backend | None = None
         self._first: tuple[int, PromptSource, TokenStream, GenerationOutcome] | None = None
         self._base_seed = plan.params.seed if plan.params.seed is not None else random.getrandbits(31)
+        self.metrics = service.pool.metrics
+        self.timer = RequestTimer(self.metrics, plan.model, time.monotonic)
 
     async def start(self) -> None:
         """Wait for the model, then start the first choice and surface its prompt errors."""
-        self._backend = await self._stack.enter_async_context(self.service.pool.lease(self.plan.model))
+        m = self.metrics
+        m.waiting.inc()
+        try:
+            self._backend = await self._stack.enter_async_context(self.service.pool.lease(self.plan.model))
+        finally:
+            m.waiting.dec()
+        self.timer.admitted()
+        m.running.inc()
+        self._stack.callback(self._finished)
         index, prompt = self.plan.choices()[0]
         stream, outcome = self._launch(index, prompt)
         self._first = (index, prompt, stream, outcome)
@@ -165,9 +176,11 @@ class Generation:
             if self.plan.echo:
                 yield Delta(index, _prompt_text(prompt, self._backend), echo=True)
             if pending is not None:
+                self.timer.token()
                 yield Delta(index, pending.text, pending)
             try:
                 async for ev in stream:
+                    self.timer.token()
                     yield Delta(index, ev.text, ev)
             except BaseException as err:
                 raise _api_error(err) from err
@@ -176,6 +189,13 @@ class Generation:
             self.usage.per_prompt[prompt_key] = outcome.prompt_tokens
             self.usage.completion_tokens += outcome.completion_tokens
             yield ChoiceEnd(index, outcome.finish_reason)
+
+    def _finished(self) -> None:
+        m, model = self.metrics, self.plan.model
+        m.running.dec()
+        self.timer.finished()
+        m.prompt_tokens.labels(model).inc(sum(self.usage.per_prompt.values()))
+        m.generation_tokens.labels(model).inc(self.usage.completion_tokens)
 
     async def aclose(self) -> None:
         await self._stack.aclose()

@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..backends.base import SamplingParams
 from ..config import Registry, Role, ServerSettings
+from ..metrics import CONTENT_TYPE
 from ..errors import ApiError, BodyTooLarge, InvalidRequest, ModelNotFound, NotFound
 from ..pool import ModelPool
 from ..serving import Generation, Plan, Service
@@ -196,6 +197,10 @@ def create_app(state: AppState, role: Role) -> FastAPI:
         err.status = exc.status_code
         return error_response(err)
 
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.pool.metrics.render(), media_type=CONTENT_TYPE)
+
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
@@ -217,6 +222,23 @@ def create_app(state: AppState, role: Role) -> FastAPI:
         return model_card(state, model_id)
 
     async def respond(request: Request, plan: Plan, want_lp: bool, stream: bool, include_usage: bool) -> Response:
+        endpoint = "chat" if plan.chat else "completions"
+        status = 500
+        try:
+            response = await _respond(request, plan, want_lp, stream, include_usage)
+            status = response.status_code
+            return response
+        except ApiError as err:
+            status = err.status
+            raise
+        except asyncio.CancelledError:
+            status = 499  # client closed the request
+            raise
+        finally:
+            label = plan.model if plan.model in state.registry.models else "_unknown"
+            state.pool.metrics.requests.labels(label, role, endpoint, str(status)).inc()
+
+    async def _respond(request: Request, plan: Plan, want_lp: bool, stream: bool, include_usage: bool) -> Response:
         state.service.check_limits(plan.model, plan.n, plan.max_tokens, plan.params.stop)
         gen = state.service.generation(plan)
         if not stream:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import kernels
-from conftest import (HAVE_ML_DTYPES, IS_ARM, SMALL, U, fp8_ref_encode, fp8_ref_table,
+from kernels_ref import (HAVE_ML_DTYPES, IS_ARM, SMALL, U, fp8_ref_encode, fp8_ref_table,
                       ref_attention)
 
 
