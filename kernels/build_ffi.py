@@ -4,6 +4,8 @@ Used three ways:
   * setuptools: setup.py has cffi_modules=["kernels/build_ffi.py:ffibuilder"] (pip install -e .)
   * directly:   python kernels/build_ffi.py          -> compiles kernels/_kernels*.so in place
   * cross:      python kernels/build_ffi.py --emit-c OUT.c  -> only writes cffi's C (scripts/test_arm.sh)
+  * elsewhere:  python kernels/build_ffi.py --outdir DIR    -> DIR/kernels/{__init__.py,_kernels*.so}
+                (tests build the CAPIBARA6_PORTABLE=1 variant this way)
 Env: CAPIBARA6_PORTABLE=1 -> no -march/-mcpu flags; CAPIBARA6_FORCE_PORTABLE=1 -> also disable
 the NEON paths (-DC6_FORCE_PORTABLE) so the portable C is used even on aarch64.
 """
@@ -88,11 +90,18 @@ def main(argv):
 
     root = os.path.dirname(HERE)  # build/ is gitignored
     tmp = os.path.join(root, "build", "cffi-kernels")
+    if os.environ.get("CAPIBARA6_PORTABLE") == "1" or os.environ.get("CAPIBARA6_FORCE_PORTABLE") == "1":
+        tmp += "-portable"
     os.makedirs(tmp, exist_ok=True)
     so = make_builder(os.path.abspath).compile(tmpdir=tmp, verbose=bool(os.environ.get("VERBOSE")))
-    for old in glob.glob(os.path.join(HERE, "_kernels.*.so")):
+    dest_dir = HERE
+    if len(argv) >= 2 and argv[0] == "--outdir":
+        dest_dir = os.path.join(os.path.abspath(argv[1]), "kernels")
+        os.makedirs(dest_dir, exist_ok=True)
+        shutil.copy2(os.path.join(HERE, "__init__.py"), dest_dir)
+    for old in glob.glob(os.path.join(dest_dir, "_kernels.*.so")):
         os.remove(old)
-    dst = os.path.join(HERE, os.path.basename(so))
+    dst = os.path.join(dest_dir, os.path.basename(so))
     shutil.copy2(so, dst)
     print(dst)
     return 0

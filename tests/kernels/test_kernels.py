@@ -9,6 +9,8 @@ Tolerances (relative unless said otherwise; float32 unit roundoff u = 2^-24 ~ 6e
   attention fp32 and FP8 (vs float64 on the dequantized cache): max|err| <= 1e-5 max|ref|
   FP8 encode: bit-exact; decode: exact.
 """
+import os
+
 import numpy as np
 import pytest
 
@@ -445,3 +447,30 @@ def test_errors_other(rng):
         kernels.attention(q, k.astype(np.float16), k.astype(np.float16), n_past=0, scale=1.0)
     with pytest.raises(ValueError, match="C-contiguous"):
         kernels.attention(q, k[::-1], k, n_past=0, scale=1.0)
+
+
+# ------------------------------------------------------------------------------ portable build
+@pytest.mark.skipif(os.environ.get("CAPIBARA6_IN_PORTABLE_TEST") == "1", reason="already the portable run")
+@pytest.mark.skipif(IS_ARM, reason="scripts/test_arm.sh runs the aarch64 portable build itself")
+def test_portable_build_passes_suite(tmp_path):
+    """Build with CAPIBARA6_PORTABLE=1 (no -march flags: generic vector widths) and run this
+    suite against it in a subprocess."""
+    import shutil
+    import subprocess
+    import sys
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler")
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, CAPIBARA6_PORTABLE="1", CAPIBARA6_FORCE_PORTABLE="1",
+               CAPIBARA6_IN_PORTABLE_TEST="1", PYTHONPATH=str(tmp_path), PYTHONDONTWRITEBYTECODE="1")
+    subprocess.run([sys.executable, os.path.join(repo, "kernels", "build_ffi.py"), "--outdir",
+                    str(tmp_path)], check=True, env=env, capture_output=True)
+    code = ("import kernels, sys; i = kernels.build_info(); "
+            "assert kernels.__file__.startswith(sys.argv[1]), kernels.__file__; "
+            "assert i['portable'] and not i['avx2'], i")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, env=env, cwd=str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "pytest", os.path.join(repo, "tests", "kernels"), "-q",
+                        "-x", "-p", "no:cacheprovider", "--confcutdir", os.path.join(repo, "tests", "kernels"),
+                        "--rootdir", str(tmp_path), "-c", os.devnull],
+                       env=env, cwd=str(tmp_path), capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
