@@ -83,12 +83,22 @@ class PoolSettings(_Strict):
 
 
 class EnsembleSpec(_Strict):
-    experts: list[str] = Field(min_length=1)
-    strategy: Literal["fastest", "vote", "judge", "synthesize"] = "vote"
-    judge: str | None = None
-    aggregator: str | None = None
-    timeout_s: float = Field(60.0, gt=0)
-    min_responses: int = Field(1, ge=1)
+    """A named set of consensus experts (see docs/consensus.md); ties go to ModelSpec.priority."""
+
+    experts: list[str] = Field(min_length=1, max_length=16, description="Model ids; one id may repeat (self-consistency, different seeds).")
+    strategy: Literal["fastest", "vote", "judge", "synthesize"] = Field("vote", description="How answers merge.")
+    judge: str | None = Field(None, description="Model that picks the most consistent answer (judge); default: the top-priority expert.")
+    aggregator: str | None = Field(None, description="Model that writes the final answer (synthesize); default: the top-priority expert.")
+    timeout_s: float = Field(60.0, gt=0, description="Per-expert deadline in seconds; late experts are dropped.")
+    min_responses: int = Field(1, ge=1, description="Answers needed; fewer -> 502.")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="Expert sampling temperature; None: the request's.")
+    description: str = Field("", description="Shown in /v1/models on the consensus port.")
+
+    @model_validator(mode="after")
+    def _quorum_possible(self) -> "EnsembleSpec":
+        if self.min_responses > len(self.experts):
+            raise ValueError(f"min_responses {self.min_responses} exceeds the {len(self.experts)} experts")
+        return self
 
 
 class Registry(_Strict):
@@ -114,6 +124,8 @@ class Registry(_Strict):
             if mid not in self.models:
                 raise ValueError(f"pool.warmup names unknown model {mid!r}")
         for name, ens in self.ensembles.items():
+            if name in self.models or name == "auto":
+                raise ValueError(f"ensemble name {name!r} clashes with a model id or 'auto'")
             for ref in [*ens.experts, ens.judge, ens.aggregator]:
                 if ref is not None and ref not in self.models:
                     raise ValueError(f"ensemble {name!r} names unknown model {ref!r}")
