@@ -6,13 +6,14 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import signal
+import os
 import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import uvicorn
 
+from . import shutdown
 from .api.app import AppState, create_app, wrap
 from .config import (
     DEFAULT_PORTS,
@@ -24,6 +25,8 @@ from .config import (
     load_registry,
     parse_ports,
 )
+from .logs import setup_logging
+from .shutdown import Drain
 from .threads import resolve_threads
 
 log = logging.getLogger("capibara6")
@@ -83,8 +86,9 @@ class _Server(uvicorn.Server):
 async def run_servers(state: AppState, on_started: Any = None) -> None:
     s = state.settings
     servers = []
+    drain = Drain()  # one per process: every role's app drains together
     for role in s.roles:
-        app = wrap(create_app(state, role), s)
+        app = wrap(create_app(state, role), s, drain)
         config = uvicorn.Config(app, host=s.host, port=s.ports[role], log_level="warning", lifespan="off", access_log=False)
         servers.append(_Server(config))
 
@@ -92,10 +96,8 @@ async def run_servers(state: AppState, on_started: Any = None) -> None:
         for srv in servers:
             srv.should_exit = True
 
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop)
+    # SIGTERM/SIGINT: 503 new requests, let running ones finish (grace), cancel the rest, then stop
+    shutdown.install(asyncio.get_running_loop(), drain, s.shutdown_grace_s, stop)
     state.ready.set()
     tasks = [asyncio.create_task(srv.serve()) for srv in servers]
     for role in s.roles:
@@ -116,7 +118,7 @@ def print_models(registry: Registry, out: Any = sys.stdout) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(os.environ.get("CAPIBARA6_LOG_LEVEL", "INFO"))  # one JSON object per line
     try:
         config_path = Path(args.config or "models.yaml")
         registry = load_registry(config_path)

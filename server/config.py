@@ -229,7 +229,12 @@ class ServerSettings(BaseModel):
     @model_validator(mode="after")
     def _read_key_file(self) -> "ServerSettings":
         if self.api_key is None and self.api_key_file is not None:
-            self.api_key = self.api_key_file.read_text().strip() or None
+            try:
+                self.api_key = self.api_key_file.read_text().strip() or None
+            except OSError as err:  # a ValueError, so it becomes a ConfigError naming the field
+                raise ValueError(f"api_key_file: cannot read {self.api_key_file}: {err.strerror}") from None
+            if self.api_key is None:
+                raise ValueError(f"api_key_file: {self.api_key_file} is empty")
         return self
 
 

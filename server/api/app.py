@@ -207,9 +207,13 @@ def create_app(state: AppState, role: Role) -> FastAPI:
 
     @app.get("/ready")
     async def ready() -> Response:
-        if state.ready.is_set():
-            return JSONResponse({"status": "ready"})
-        return JSONResponse({"status": "warming_up"}, status_code=503)
+        from ..readiness import shared_probe  # one probe (and cache) per pool: see readiness.py
+
+        if not state.ready.is_set():
+            return JSONResponse({"status": "warming_up"}, status_code=503)
+        v = await shared_probe(state.pool, state.registry).check()
+        body = {"status": "ready" if v.ok else "not_ready", "model": v.model, "reason": v.reason}
+        return JSONResponse(body, status_code=200 if v.ok else 503)
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -272,9 +276,26 @@ def create_app(state: AppState, role: Role) -> FastAPI:
     return app
 
 
-def wrap(app: FastAPI, settings: ServerSettings) -> ASGIApp:
-    """The ASGI stack around an app: body size limit outermost."""
-    return BodyLimit(app, settings.max_body_bytes)
+def wrap(app: FastAPI, settings: ServerSettings, drain: Any = None) -> ASGIApp:
+    """The ASGI stack, outermost first: request id + access log, CORS (if configured), drain gate
+    (503 while shutting down), API key (if configured), body size limit, the app.
+    `drain` (server.shutdown.Drain) is shared by every role of one process."""
+    from starlette.middleware.cors import CORSMiddleware
+
+    from ..shutdown import Drain
+    from .middleware import DrainGate, RequestContext
+    from .security import ApiKeyAuth
+
+    stack: ASGIApp = BodyLimit(app, settings.max_body_bytes)
+    if settings.api_key:
+        stack = ApiKeyAuth(stack, settings.api_key, settings.open_health)
+    stack = DrainGate(stack, drain if drain is not None else Drain())
+    if settings.cors_origins:
+        stack = CORSMiddleware(
+            stack, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"], expose_headers=["X-Request-ID"],
+        )
+    return RequestContext(stack, app.state.role, settings.log_prompts, settings.max_body_bytes)
 
 
 __all__ = ["AppState", "create_app", "wrap"]
