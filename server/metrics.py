@@ -4,19 +4,33 @@ One process serving three ports has one registry, so one set of metrics. Label v
 from the model registry and fixed vocabularies (roles, endpoints, states, reasons), never from
 request text, so a client cannot blow up cardinality. Pool gauges are read at scrape time from
 the pool itself (`PoolCollector`), so they can never drift from the truth.
+
+Cardinality is enforced, not just promised: once `watch_pool` has seen the registry, a model (or
+expert) label that is not a registry id is recorded as `_unknown`, and vocabulary labels (unload
+reason, rejection reason, role, endpoint) outside their fixed sets as `_other`.
+
+`render()` runs on the event loop on purpose: it takes no lock shared with inference (pool gauges
+read plain attributes), while a thread pool hop could queue a scrape behind busy worker threads.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.platform_collector import PlatformCollector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+disable_created_metrics()  # no `*_created` gauge per series: it doubles the series count for nothing
 POOL_STATES = ("unloaded", "loading", "ready", "busy", "unloading")
+ROLES = frozenset({"standard", "streaming", "consensus"})
+ENDPOINTS = frozenset({"chat", "completions", "consensus", "embeddings"})
+UNLOAD_REASONS = frozenset({"idle", "evicted", "memory", "shutdown", "error", "admin"})
+REJECT_REASONS = frozenset({"unauthorized", "too_large", "shutting_down"})
+UNKNOWN = "_unknown"
+OTHER = "_other"
 
 _LATENCY = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _ITL = (0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
@@ -56,12 +70,67 @@ class Metrics:
             p + "consensus_agreement_ratio", "Share of experts agreeing with the chosen answer.",
             buckets=(0.0, 0.2, 0.34, 0.5, 0.67, 0.8, 1.0), registry=r,
         )
+        self.rejected = Counter(
+            p + "rejected_requests", "Requests refused before reaching a model (auth, body size, shutdown).",
+            ["role", "reason"], registry=r,
+        )
+        self._models: frozenset[str] | None = None  # registry ids, known once watch_pool ran
+        self._guard()
+
+    def _guard(self) -> None:
+        """Swap each labelled metric for a view whose labels() keeps values in their vocabulary."""
+        model = self.model_label
+        self.ttft, self.itl, self.e2e, self.queue_time, self.load_time, self.prompt_tokens, self.generation_tokens, self.loads = (
+            _Vocab(m, model=model) for m in (
+                self.ttft, self.itl, self.e2e, self.queue_time, self.load_time,
+                self.prompt_tokens, self.generation_tokens, self.loads,
+            )
+        )
+        self.requests = _Vocab(self.requests, model=model, role=_within(ROLES), endpoint=_within(ENDPOINTS), status=_status)
+        self.unloads = _Vocab(self.unloads, model=model, reason=_within(UNLOAD_REASONS))
+        self.expert_latency = _Vocab(self.expert_latency, expert=model)
+        self.rejected = _Vocab(self.rejected, role=_within(ROLES), reason=_within(REJECT_REASONS))
+
+    def model_label(self, model: str) -> str:
+        """A registry id as is; anything else (an unknown id from a request) as `_unknown`."""
+        if self._models is None:
+            return model if isinstance(model, str) and len(model) <= 128 else UNKNOWN
+        return model if model in self._models else UNKNOWN
 
     def watch_pool(self, pool: PoolView) -> None:
+        models = getattr(getattr(pool, "registry", None), "models", None)
+        if isinstance(models, Mapping):
+            self._models = frozenset(models)
         self.registry.register(PoolCollector(pool))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _within(vocab: frozenset[str]) -> Callable[[str], str]:
+    return lambda v: v if v in vocab else OTHER
+
+
+def _status(v: str) -> str:
+    s = str(v)
+    return s if len(s) == 3 and s.isdigit() else OTHER
+
+
+class _Vocab:
+    """A labelled metric whose `labels()` maps each value through its label's check."""
+
+    def __init__(self, metric: Any, **checks: Callable[[str], str]) -> None:
+        self._metric = metric
+        self._checks = [checks.get(name) for name in metric._labelnames]
+
+    def labels(self, *values: str, **named: str) -> Any:
+        if named:
+            values = tuple(named[name] for name in self._metric._labelnames)
+        fixed = [check(str(v)) if check else str(v) for check, v in zip(self._checks, values)]
+        return self._metric.labels(*fixed)
+
+    def __getattr__(self, name: str) -> Any:  # collect(), describe(), _name ... of the real metric
+        return getattr(self._metric, name)
 
 
 class PoolCollector:

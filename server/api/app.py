@@ -295,7 +295,8 @@ def wrap(app: FastAPI, settings: ServerSettings, drain: Any = None) -> ASGIApp:
             stack, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"], expose_headers=["X-Request-ID"],
         )
-    return RequestContext(stack, app.state.role, settings.log_prompts, settings.max_body_bytes)
+    metrics = app.state.capibara6.pool.metrics
+    return RequestContext(stack, app.state.role, settings.log_prompts, settings.max_body_bytes, metrics)
 
 
 __all__ = ["AppState", "create_app", "wrap"]

@@ -27,6 +27,7 @@ _SANE_ID = re.compile(rb"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$")
 _MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
 _UNTRACKED = frozenset({"/health", "/metrics"})  # answer during a drain, never wait for one
 _SNIFF_BYTES = 4096  # the model id is near the start of every body clients send
+REJECTED = "capibara6.rejected"  # scope key: why a middleware refused the request (metrics)
 
 
 async def send_error(err: ApiError, scope: Scope, receive: Receive, send: Send) -> None:
@@ -57,9 +58,12 @@ def _prompt_of(body: bytes) -> Any:
 class RequestContext:
     """Outermost layer: sees every response, including 401/413/503 made by inner middleware."""
 
-    def __init__(self, app: ASGIApp, role: str, log_prompts: bool = False, max_body_bytes: int = 1 << 20) -> None:
+    def __init__(
+        self, app: ASGIApp, role: str, log_prompts: bool = False, max_body_bytes: int = 1 << 20, metrics: Any = None
+    ) -> None:
         self.app = app
         self.role = role
+        self.metrics = metrics
         self.log_prompts = log_prompts
         self.keep = max_body_bytes if log_prompts else _SNIFF_BYTES
 
@@ -89,7 +93,14 @@ class RequestContext:
             await self.app(scope, recv, send_with_id)
         finally:
             self._log(scope, rid, status, t0, bytes(head))
+            self._count_rejection(scope, status)
             request_id_var.reset(token)
+
+    def _count_rejection(self, scope: Scope, status: int) -> None:
+        """Refusals made by middleware never reach the handler that counts requests_total."""
+        reason = scope.get(REJECTED) or ("too_large" if status == 413 else None)
+        if reason and self.metrics is not None:
+            self.metrics.rejected.labels(self.role, reason).inc()
 
     def _log(self, scope: Scope, rid: str, status: int, t0: float, head: bytes) -> None:
         if scope["path"] in _UNTRACKED or scope["path"] == "/ready":
@@ -127,6 +138,7 @@ class DrainGate:
         if self.drain.draining:
             err = ServiceUnavailable("The server is shutting down; retry on another instance.", code="shutting_down")
             err.headers = {"Connection": "close"}
+            scope[REJECTED] = "shutting_down"
             return await send_error(err, scope, receive, send)
         if scope["path"] == "/ready":
             return await self.app(scope, receive, send)
@@ -134,4 +146,4 @@ class DrainGate:
             await self.app(scope, receive, send)
 
 
-__all__ = ["DrainGate", "RequestContext", "request_id", "send_error"]
+__all__ = ["REJECTED", "DrainGate", "RequestContext", "request_id", "send_error"]

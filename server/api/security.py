@@ -12,7 +12,7 @@ import hmac
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..errors import Unauthorized
-from .middleware import send_error
+from .middleware import REJECTED, send_error
 
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
 
@@ -45,6 +45,7 @@ class ApiKeyAuth:
             return await self.app(scope, receive, send)
         err = Unauthorized()
         err.headers = {"WWW-Authenticate": "Bearer"}
+        scope[REJECTED] = "unauthorized"
         await send_error(err, scope, receive, send)
 
 
