@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings_flags(serve)
     models = sub.add_parser("models", help="print the registry")
     models.add_argument("--config", default=None)
+    from .bench.cli import add_arguments as add_bench_arguments
+
+    add_bench_arguments(sub.add_parser("bench", help="serving benchmark of an OpenAI-compatible URL, or --compare results"))
     return parser
 
 
@@ -118,6 +121,10 @@ def print_models(registry: Registry, out: Any = sys.stdout) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "bench":  # a client of any server: needs no registry
+        from .bench.cli import run as run_bench
+
+        return run_bench(args)
     setup_logging(os.environ.get("CAPIBARA6_LOG_LEVEL", "INFO"))  # one JSON object per line
     try:
         config_path = Path(args.config or "models.yaml")
