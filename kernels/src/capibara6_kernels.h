@@ -29,6 +29,13 @@ typedef float c6_vf __attribute__((vector_size(C6_VB)));
 typedef float c6_vfu __attribute__((vector_size(C6_VB), aligned(4)));
 static inline c6_vf c6_ldu(const float *p) { return *(const c6_vfu *)p; }
 static inline float c6_hsum(c6_vf v) { float s = 0; for (int i = 0; i < C6_VL; i++) s += v[i]; return s; }
+typedef int32_t c6_vi __attribute__((vector_size(C6_VB)));
+/* a > b ? a : b per lane (NaN in a -> b), i.e. x86 maxps semantics */
+static inline c6_vf c6_vmax(c6_vf a, c6_vf b) {
+    c6_vi m = a > b;
+    return (c6_vf)(((c6_vi)a & m) | ((c6_vi)b & ~m));
+}
+static inline float c6_hmax(c6_vf v) { float m = v[0]; for (int i = 1; i < C6_VL; i++) m = v[i] > m ? v[i] : m; return m; }
 #endif
 
 /* ---- public API (mirrored in kernels/build_ffi.py cdef) ---- */

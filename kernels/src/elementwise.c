@@ -35,11 +35,12 @@ void c6_softmax(const float *x, float *y, int64_t R, int64_t C) {
         }
         m = vmaxvq_f32(vmaxq_f32(vmaxq_f32(m0, m1), vmaxq_f32(m2, m3)));
 #else
-        float mm[16];
-        for (int j = 0; j < 16; j++) mm[j] = -INFINITY;
-        for (; i + 16 <= C; i += 16)
-            for (int j = 0; j < 16; j++) mm[j] = xr[i + j] > mm[j] ? xr[i + j] : mm[j];
-        for (int j = 0; j < 16; j++) m = mm[j] > m ? mm[j] : m;
+        c6_vf m0 = (c6_vf){0} - INFINITY, m1 = m0;
+        for (; i + 2 * C6_VL <= C; i += 2 * C6_VL) {
+            m0 = c6_vmax(c6_ldu(xr + i), m0);
+            m1 = c6_vmax(c6_ldu(xr + i + C6_VL), m1);
+        }
+        m = c6_hmax(c6_vmax(m0, m1));
 #endif
         for (; i < C; i++) m = xr[i] > m ? xr[i] : m;
         double total = 0.0;

@@ -64,6 +64,17 @@ static inline float32x4_t vdec4(uint32x4_t c) {
 }
 #endif
 
+/* one code -> float, branch-free bit manipulation (vectorisable; same values as c6_fp8_table) */
+static inline float dec1(uint8_t c) {
+    uint32_t mag = c & 0x7Fu, sign = (uint32_t)(c & 0x80u) << 24;
+    uint32_t nb = (mag << 20) + 0x3C000000u;                       /* exponent + 120 */
+    uint32_t sb = c6_f2u((float)(int32_t)mag * (1.0f / 512.0f));   /* subnormal: m * 2^-9 */
+    uint32_t sub = 0u - (uint32_t)(mag < 8u), nan = 0u - (uint32_t)(mag == 0x7Fu);
+    uint32_t v = (sb & sub) | (nb & ~sub);
+    v = (0x7FC00000u & nan) | (v & ~nan);
+    return c6_u2f(v | sign);
+}
+
 /* out[D] = decode(q[D]) * s  (shared with attention) */
 void c6_fp8_decode_row(const uint8_t *restrict q, float s, float *restrict out, int64_t D) {
     int64_t i = 0;
@@ -77,7 +88,7 @@ void c6_fp8_decode_row(const uint8_t *restrict q, float s, float *restrict out, 
         vst1q_f32(out + i + 12, vmulq_n_f32(vdec4(vmovl_u16(vget_high_u16(hi))), s));
     }
 #endif
-    for (; i < D; i++) out[i] = c6_fp8_table[q[i]] * s;
+    for (; i < D; i++) out[i] = dec1(q[i]) * s;
 }
 
 static void encode_row(const float *restrict x, float s, uint8_t *restrict q, int64_t D) {
@@ -111,10 +122,13 @@ void c6_fp8_quantize_rows(const float *x, uint8_t *q, float *scale, int64_t R, i
         }
         amax = vmaxnmvq_f32(vmaxnmq_f32(m0, m1));
 #else
-        float mm[16] = {0};
-        for (; i + 16 <= D; i += 16)
-            for (int j = 0; j < 16; j++) { float a = fabsf(xr[i + j]); mm[j] = a > mm[j] ? a : mm[j]; }
-        for (int j = 0; j < 16; j++) amax = mm[j] > amax ? mm[j] : amax;
+        c6_vf m0 = {0}, m1 = {0};
+        const c6_vi absmask = (c6_vi){0} + 0x7FFFFFFF;
+        for (; i + 2 * C6_VL <= D; i += 2 * C6_VL) {
+            m0 = c6_vmax((c6_vf)((c6_vi)c6_ldu(xr + i) & absmask), m0);
+            m1 = c6_vmax((c6_vf)((c6_vi)c6_ldu(xr + i + C6_VL) & absmask), m1);
+        }
+        amax = c6_hmax(c6_vmax(m0, m1));
 #endif
         for (; i < D; i++) { float a = fabsf(xr[i]); amax = a > amax ? a : amax; }
         float s = amax > 0.0f ? amax / 448.0f : 1.0f;
