@@ -24,15 +24,23 @@ MATMUL_SHAPES = {  # name: (M, N, K)   y[M,N] = x[M,K] @ w[N,K]^T
 
 
 def bench(fn, min_reps=5, min_time=0.25, max_reps=200):
-    fn()  # warm up
-    ts = []
-    t_end = time.perf_counter() + min_time
-    while len(ts) < min_reps or (time.perf_counter() < t_end and len(ts) < max_reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    ts.sort()
-    return ts[len(ts) // 2]
+    return bench2(fn, None, min_reps, min_time, max_reps)[0]
+
+
+def bench2(fa, fb, min_reps=5, min_time=0.25, max_reps=200):
+    """Median times of fa and fb, measured interleaved (a, b, a, b, ...) so that load from other
+    processes on a shared machine hits both alike."""
+    fns = [f for f in (fa, fb) if f is not None]
+    for f in fns:
+        f()  # warm up
+    ts = [[] for _ in fns]
+    t_end = time.perf_counter() + min_time * len(fns)
+    while len(ts[0]) < min_reps or (time.perf_counter() < t_end and len(ts[0]) < max_reps):
+        for f, t in zip(fns, ts):
+            t0 = time.perf_counter()
+            f()
+            t.append(time.perf_counter() - t0)
+    return [sorted(t)[len(t) // 2] for t in ts] + [None] * (2 - len(fns))
 
 
 def child(nt, quick):
@@ -48,14 +56,13 @@ def child(nt, quick):
         x = rng.standard_normal((M, K), dtype=np.float32)
         w = rng.standard_normal((N, K), dtype=np.float32)
         y = np.empty((M, N), np.float32)
-        t_c6 = bench(lambda: kernels.matmul(x, w, out=y))
-        t_np = bench(lambda: np.matmul(x, w.T, out=y))
+        t_c6, t_np = bench2(lambda: kernels.matmul(x, w, out=y), lambda: np.matmul(x, w.T, out=y))
         flops = 2.0 * M * N * K
         res[name] = {"c6_gflops": flops / t_c6 / 1e9, "np_gflops": flops / t_np / 1e9,
                      "ratio": t_np / t_c6}
         if M == 1:
             dst = np.empty_like(w)
-            t_cp = bench(lambda: np.copyto(dst, w))
+            t_c6, t_cp = bench2(lambda: kernels.matmul(x, w, out=y), lambda: np.copyto(dst, w))
             res[name].update({"c6_GBps": w.nbytes / t_c6 / 1e9, "copy_GBps": w.nbytes / t_cp / 1e9,
                               "vs_copy": t_cp / t_c6})
             del dst
@@ -68,19 +75,22 @@ def child(nt, quick):
 
     xs = rng.standard_normal((16, 32768), dtype=np.float32) * 4
     ys = np.empty_like(xs)
-    res["softmax_16x32768"] = {"ratio": bench(lambda: np_softmax(xs)) / bench(lambda: kernels.softmax(xs, out=ys))}
+    def ratio(f_np, f_c6):
+        t_np, t_c6 = bench2(f_np, f_c6)
+        return {"ratio": t_np / t_c6, "c6_us": t_c6 * 1e6}
+
+    res["softmax_16x32768"] = ratio(lambda: np_softmax(xs), lambda: kernels.softmax(xs, out=ys))
     xr = rng.standard_normal((512, 2048), dtype=np.float32)
     wr = rng.standard_normal(2048, dtype=np.float32)
     yr = np.empty_like(xr)
-    res["rmsnorm_512x2048"] = {"ratio": bench(lambda: xr / np.sqrt(np.mean(xr * xr, axis=-1, keepdims=True) + 1e-6) * wr)
-                               / bench(lambda: kernels.rmsnorm(xr, wr, 1e-6, out=yr))}
+    res["rmsnorm_512x2048"] = ratio(lambda: xr / np.sqrt(np.mean(xr * xr, axis=-1, keepdims=True) + 1e-6) * wr,
+                                    lambda: kernels.rmsnorm(xr, wr, 1e-6, out=yr))
     g = rng.standard_normal((512, 2048), dtype=np.float32)
     u = rng.standard_normal((512, 2048), dtype=np.float32)
-    res["swiglu_512x2048"] = {"ratio": bench(lambda: g / (1 + np.exp(-g)) * u)
-                              / bench(lambda: kernels.swiglu(g, u, out=yr))}
+    res["swiglu_512x2048"] = ratio(lambda: g / (1 + np.exp(-g)) * u, lambda: kernels.swiglu(g, u, out=yr))
     c = np.float32(np.sqrt(2 / np.pi))
-    res["geglu_512x2048"] = {"ratio": bench(lambda: 0.5 * g * (1 + np.tanh(c * (g + np.float32(0.044715) * g * g * g))) * u)
-                             / bench(lambda: kernels.geglu(g, u, out=yr))}
+    res["geglu_512x2048"] = ratio(lambda: 0.5 * g * (1 + np.tanh(c * (g + np.float32(0.044715) * g * g * g))) * u,
+                                  lambda: kernels.geglu(g, u, out=yr))
 
     # attention, gemma3-270m-like heads: Hq=4, Hkv=1, D=256
     S, Hq, Hkv, D = 4096, 4, 1, 256
@@ -91,9 +101,9 @@ def child(nt, quick):
     for T, n_past in ((1, S - 1), (128, S - 128)):
         q = rng.standard_normal((T, Hq, D), dtype=np.float32)
         o = np.empty_like(q)
-        t32 = bench(lambda: kernels.attention(q, kf, vf, n_past=n_past, scale=0.0625, out=o), min_reps=3)
-        t8 = bench(lambda: kernels.attention(q, k8, v8, n_past=n_past, scale=0.0625, k_scale=ks, v_scale=vs,
-                                             out=o), min_reps=3)
+        t32, t8 = bench2(lambda: kernels.attention(q, kf, vf, n_past=n_past, scale=0.0625, out=o),
+                         lambda: kernels.attention(q, k8, v8, n_past=n_past, scale=0.0625, k_scale=ks,
+                                                   v_scale=vs, out=o), min_reps=3)
         res[f"attention_T{T}_S{S}"] = {"fp32_ms": t32 * 1e3, "fp8_ms": t8 * 1e3, "fp8_vs_fp32": t32 / t8}
     xq = rng.standard_normal((4096, 256), dtype=np.float32)
     res["fp8_quantize_rows_4096x256_ms"] = {"ms": bench(lambda: kernels.fp8_quantize_rows(xq)) * 1e3}
