@@ -225,3 +225,32 @@ def test_concurrent_requests_all_answered(server: ServerProcess) -> None:
     for t in threads:
         t.join()
     assert results == [200] * 4
+
+
+def test_completion_prompt_list_echo_and_streamed_n(server: ServerProcess) -> None:
+    c = client(server)
+    out = c.completions.create(model=MODEL, prompt=["One two", "Red green"], max_tokens=3, temperature=0, echo=True)
+    assert [ch.index for ch in out.choices] == [0, 1]
+    assert out.choices[0].text.startswith("One two") and out.choices[1].text.startswith("Red green")
+    chunks = list(c.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=3, temperature=0, n=2, stream=True))
+    finished = {ch.choices[0].index: ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason}
+    assert finished == {0: "length", 1: "length"}
+    texts = ["".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices and ch.choices[0].index == i) for i in (0, 1)]
+    assert texts[0] == texts[1] and texts[0]  # greedy: both choices agree
+
+
+def test_stream_default_per_role(server: ServerProcess) -> None:
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
+    std = httpx.post(server.url["standard"] + "/v1/completions", json=body, timeout=60)
+    assert std.headers["content-type"].startswith("application/json")
+    streaming = httpx.post(server.url["streaming"] + "/v1/completions", json=body, timeout=60)
+    assert streaming.headers["content-type"].startswith("text/event-stream")
+    assert streaming.text.endswith("data: [DONE]\n\n")
+    explicit = httpx.post(server.url["streaming"] + "/v1/completions", json={**body, "stream": False}, timeout=60)
+    assert explicit.json()["object"] == "text_completion"
+
+
+def test_unsupported_content_part_is_400(server: ServerProcess) -> None:
+    msg = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]
+    r = httpx.post(server.url["standard"] + "/v1/chat/completions", json={"model": MODEL, "messages": msg}, timeout=30)
+    assert _error(r, 400)["param"] == "messages"
