@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--role", choices=ROLES, default=None, help="serve one role only")
     serve.add_argument("--port", type=int, default=None, help="port for --role")
     _add_settings_flags(serve)
-    models = sub.add_parser("models", help="print the registry")
+    models = sub.add_parser("models", help="print the registry and, from a running server, each model's state")
     models.add_argument("--config", default=None)
+    models.add_argument("--url", default="http://127.0.0.1:8082", help="a running server to ask for states")
     from .bench.cli import add_arguments as add_bench_arguments
 
     add_bench_arguments(sub.add_parser("bench", help="serving benchmark of an OpenAI-compatible URL, or --compare results"))
@@ -101,22 +102,44 @@ async def run_servers(state: AppState, on_started: Any = None) -> None:
 
     # SIGTERM/SIGINT: 503 new requests, let running ones finish (grace), cancel the rest, then stop
     shutdown.install(asyncio.get_running_loop(), drain, s.shutdown_grace_s, stop)
-    state.ready.set()
     tasks = [asyncio.create_task(srv.serve()) for srv in servers]
     for role in s.roles:
         log.warning("capibara6 %s role on http://%s:%d", role, s.host, s.ports[role])
+    # listening (and /health 200) first; /ready only once the warmup models have generated
+    warm = asyncio.create_task(_warm_then_ready(state))
     try:
         await asyncio.gather(*tasks)
     finally:
+        warm.cancel()
+        await asyncio.gather(warm, return_exceptions=True)
         await state.pool.close()
 
 
-def print_models(registry: Registry, out: Any = sys.stdout) -> None:
-    print(f"{'id':28} {'backend':9} {'n_ctx':>6} {'threads':>7}  tags / source", file=out)
+async def _warm_then_ready(state: AppState) -> None:
+    await state.pool.warmup()
+    state.ready.set()
+
+
+def server_states(url: str, timeout: float = 2.0) -> dict[str, str] | None:
+    """Model id -> pool state from a running server's /v1/models; None when nothing answers."""
+    import httpx
+
+    try:
+        r = httpx.get(url.rstrip("/") + "/v1/models", timeout=timeout)
+        r.raise_for_status()
+        return {str(m["id"]): str(m.get("status", "?")) for m in r.json()["data"]}
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return None
+
+
+def print_models(registry: Registry, out: Any = sys.stdout, states: dict[str, str] | None = None) -> None:
+    """The registry; with `states` (from a running server) each model's pool state too."""
+    print(f"{'id':28} {'state':11} {'backend':9} {'n_ctx':>6} {'threads':>7}  tags / source", file=out)
     for mid, spec in registry.models.items():
         src = spec.source.path or spec.source.pypi or spec.source.url
         threads = resolve_threads(spec.n_threads)
-        print(f"{mid:28} {spec.backend:9} {spec.n_ctx:>6} {threads:>7}  [{', '.join(spec.tags)}] {src}", file=out)
+        state = "not running" if states is None else states.get(mid, "unknown")
+        print(f"{mid:28} {state:11} {spec.backend:9} {spec.n_ctx:>6} {threads:>7}  [{', '.join(spec.tags)}] {src}", file=out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -130,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config_path = Path(args.config or "models.yaml")
         registry = load_registry(config_path)
         if args.command == "models":
-            print_models(registry)
+            print_models(registry, states=server_states(args.url))
             return 0
         settings = settings_from_args(args, registry.server)
     except ConfigError as err:

@@ -16,8 +16,10 @@ from ..backends.base import SamplingParams
 from ..config import Registry, Role, ServerSettings
 from ..metrics import CONTENT_TYPE
 from ..errors import ApiError, BodyTooLarge, InvalidRequest, ModelNotFound, NotFound
+from ..orchestrator.routing import ensemble_cards
 from ..pool import ModelPool
 from ..serving import Generation, Plan, Service
+from . import admin
 from .framing import complete_json, stream_sse
 from .grammar import response_format_grammar
 from .protocol import ChatCompletionRequest, CompletionRequest
@@ -217,10 +219,17 @@ def create_app(state: AppState, role: Role) -> FastAPI:
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card(state, mid) for mid in state.registry.models]}
+        data = [model_card(state, mid) for mid in state.registry.models]
+        if role == "consensus":
+            data += ensemble_cards(state.registry)
+        return {"object": "list", "data": data}
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str) -> dict[str, Any]:
+        if role == "consensus" and model_id not in state.registry.models:
+            for card in ensemble_cards(state.registry):
+                if card["id"] == model_id:
+                    return card
         if model_id not in state.registry.models:
             raise ModelNotFound(model_id)
         return model_card(state, model_id)
@@ -259,6 +268,11 @@ def create_app(state: AppState, role: Role) -> FastAPI:
             raise
         return EventStream(stream_sse(gen, want_lp, include_usage), gen.aclose)
 
+    if role == "consensus":  # registered first, so these routes take precedence over the two below
+        from .consensus import add_consensus_routes
+
+        add_consensus_routes(app, state, respond)
+
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request) -> Response:
         plan, want_lp = chat_plan(req)
@@ -273,6 +287,7 @@ def create_app(state: AppState, role: Role) -> FastAPI:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return await respond(request, plan, want_lp, stream, include_usage)
 
+    app.include_router(admin.router)
     return app
 
 

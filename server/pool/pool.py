@@ -1,0 +1,433 @@
+"""The pool facade: leases, loads, eviction, idle unloads, warmup and shutdown.
+
+Concurrency model: all bookkeeping runs on the event loop; only blocking work (estimating a file,
+loading, closing, warmup generation) runs in worker threads. A request takes a free slot at once
+when nobody is queued ahead of it; otherwise it joins the model's FIFO and `_pump` hands out slots
+in order whenever one frees up, a load finishes or memory is released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import gc
+import logging
+import threading
+import time
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Callable, Coroutine
+
+from ..backends import backend_class, load_backend
+from ..backends.base import Backend, GenerationOutcome, SamplingParams
+from ..config import ModelSpec, Registry, resolve_model_path
+from ..errors import ApiError, ModelNotFound, QueueFull, ServiceUnavailable
+from ..metrics import Metrics
+from ..threads import resolve_threads
+from .budget import GIB, ZERO, Estimate, budget_bytes, choose_victims, estimate_file
+from .queue import Waiter
+from .slots import Instance, ModelSlot, instance_capacity
+
+log = logging.getLogger("capibara6.pool")
+
+Loader = Callable[[str, ModelSpec, int], Backend]
+Estimator = Callable[[str, ModelSpec], Estimate]
+Clock = Callable[[], float]
+
+SHUTDOWN_WAIT_S = 5.0  # close(): how long a still-running lease may keep its instance
+WARMUP_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
+
+
+class ModelBusy(ApiError):
+    """409: an admin unload of a model that has leases or a load in flight."""
+
+    status = 409
+    type = "invalid_request_error"
+
+    def __init__(self, model: str, why: str) -> None:
+        super().__init__(f"Model '{model}' is {why}; try again when it is idle.", param="model", code="model_busy")
+
+
+class ModelPool:
+    def __init__(
+        self,
+        registry: Registry,
+        loader: Loader | None = None,
+        metrics: Metrics | None = None,
+        *,
+        estimator: Estimator | None = None,
+        clock: Clock = time.monotonic,
+        memory_budget: int | None = None,
+    ) -> None:
+        self.registry = registry
+        self.metrics = metrics or Metrics()
+        self.metrics.watch_pool(self)
+        self._default_loader = loader is None
+        self._loader = loader or (lambda mid, spec, n: load_backend(mid, spec, registry.base_dir, n))
+        self._estimator = estimator or (lambda mid, spec: default_estimate(spec, registry))
+        self._clock = clock
+        self.max_loaded = registry.pool.max_loaded
+        self.memory_budget = memory_budget if memory_budget is not None else budget_bytes(registry.pool.memory_budget_gb)
+        self._slots = {mid: ModelSlot(mid, spec) for mid, spec in registry.models.items()}
+        self._closing = False
+        self._reaper: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- views -----------------------------------------------------------------------------
+
+    def status(self, model_id: str) -> str:
+        """unloaded | loading | ready | busy | unloading (never waits)."""
+        return self._slots[model_id].state
+
+    def loaded(self, model_id: str) -> Backend | None:
+        slot = self._slots[model_id]
+        return slot.instances[0].backend if slot.instances else None
+
+    def metric_snapshot(self) -> list[tuple[str, str, int]]:
+        out = []
+        for mid, slot in self._slots.items():
+            kv = 0
+            for inst in slot.instances:
+                fn = getattr(inst.backend, "kv_cache_bytes", None)
+                kv += int(fn()) if callable(fn) else 0
+            out.append((mid, slot.state, kv))
+        return out
+
+    def describe(self, model_id: str) -> dict[str, Any]:
+        """Lifecycle details for the admin API."""
+        slot = self._slot(model_id)
+        idle = None if slot.idle_since is None else round(self._clock() - slot.idle_since, 3)
+        return {
+            "id": model_id,
+            "status": slot.state,
+            "instances": len(slot.instances),
+            "leases": slot.leases,
+            "capacity": slot.capacity,
+            "waiting": len(slot.queue),
+            "memory_bytes": slot.held_bytes,
+            "idle_s": idle,
+            "idle_unload_s": slot.spec.idle_unload_s,
+        }
+
+    def memory_used(self) -> int:
+        return sum(s.held_bytes for s in self._slots.values())
+
+    # -- leases ----------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def lease(self, model_id: str) -> AsyncIterator[Backend]:
+        """One generation slot on a loaded instance; waits in the model's queue if needed."""
+        slot, inst = await self._acquire(model_id)
+        try:
+            yield inst.backend
+        finally:
+            self._release(slot, inst)
+
+    def _slot(self, model_id: str) -> ModelSlot:
+        slot = self._slots.get(model_id)
+        if slot is None:
+            raise ModelNotFound(model_id)
+        return slot
+
+    async def _acquire(self, model_id: str) -> tuple[ModelSlot, Instance]:
+        slot = self._slot(model_id)
+        if self._closing:
+            raise ServiceUnavailable("The server is shutting down.", code="shutting_down")
+        self._start_reaper()
+        inst = slot.free_instance() if not slot.queue else None
+        if inst is not None:
+            self._grant(slot, inst)
+            return slot, inst
+        # waiters that free or loading capacity will serve are not "queued"; the rest are
+        spare = max(0, slot.capacity - slot.leases)
+        if len(slot.queue) + 1 - spare > slot.spec.max_queue:
+            raise QueueFull(model_id, retry_after_s=1)
+        waiter = Waiter()
+        slot.queue.push(waiter)
+        slot.blocked = False  # a new request retries a load that found no room before
+        self._pump(slot)
+        try:
+            done, _ = await asyncio.wait({waiter.future}, timeout=slot.spec.queue_timeout_s)
+        except BaseException:  # cancelled: the client went away or the server stops
+            self._abandon(slot, waiter)
+            raise
+        if not done:
+            self._abandon(slot, waiter)
+            raise ServiceUnavailable(
+                f"Timed out after {slot.spec.queue_timeout_s:g} s waiting for model '{model_id}'.",
+                code="queue_timeout",
+                retry_after_s=1,
+            )
+        return slot, waiter.future.result()  # raises the load error, if that is what came
+
+    def _abandon(self, slot: ModelSlot, waiter: Waiter) -> None:
+        """A waiter gives up. A grant that raced with it goes straight back: no slot leaks."""
+        slot.queue.remove(waiter)
+        fut = waiter.future
+        if not fut.done():
+            fut.cancel()
+        elif not fut.cancelled():
+            if fut.exception() is None:
+                self._release(slot, fut.result())
+
+    def _grant(self, slot: ModelSlot, inst: Instance) -> None:
+        inst.leases += 1
+        slot.last_used = self._clock()
+        slot.idle_since = None
+        slot.idle_event.clear()
+
+    def _release(self, slot: ModelSlot, inst: Instance) -> None:
+        inst.leases -= 1
+        now = slot.last_used = self._clock()
+        if slot.leases == 0 and slot.instances:
+            slot.idle_since = now  # the idle clock starts when the last lease ends
+            slot.idle_event.set()
+        self._pump(slot)
+        if slot.evictable:
+            self._unblock_others(slot)
+
+    def _pump(self, slot: ModelSlot) -> None:
+        """Hand free slots to waiters in arrival order; start a load if they need one."""
+        if self._closing or slot.unloading:
+            return
+        while slot.queue:
+            inst = slot.free_instance()
+            if inst is None:
+                break
+            waiter = slot.queue.pop()
+            if waiter is None:
+                break
+            self._grant(slot, inst)
+            waiter.future.set_result(inst)
+        if slot.queue and slot.can_grow():
+            slot.loading = self._spawn(self._load(slot))
+
+    def _unblock_others(self, freed: ModelSlot) -> None:
+        """Something became evictable or was freed: loads waiting for room may retry."""
+        for slot in self._slots.values():
+            if slot is not freed and slot.queue:
+                slot.blocked = False
+                self._pump(slot)
+
+    # -- loading ---------------------------------------------------------------------------
+
+    async def _load(self, slot: ModelSlot) -> None:
+        mid, spec = slot.model_id, slot.spec
+        first = not slot.instances
+        try:
+            if slot.estimate is None:
+                slot.estimate = await asyncio.to_thread(self._estimator, mid, spec)
+            need = slot.estimate.first if first else slot.estimate.extra
+            evicted = self._make_room(slot, need, first)
+            if evicted is None:
+                return
+            slot.reserved = need
+            await asyncio.gather(*(self._close(v, insts, "evicted") for v, insts in evicted))
+            t0 = time.monotonic()
+            backend = await asyncio.to_thread(self._loader, mid, spec, self._threads(spec))
+        except Exception as err:  # any load failure: this model is unavailable, others serve
+            self._load_failed(slot, err, first)
+            return
+        finally:
+            slot.loading = None
+            slot.reserved = 0
+        charged = need
+        if first and callable(getattr(backend, "memory_bytes", None)):
+            charged = int(backend.memory_bytes()) or need
+        slot.instances.append(Instance(backend, instance_capacity(backend, spec.parallel), charged))
+        if first:
+            slot.idle_since = slot.last_used = self._clock()
+        self.metrics.loads.labels(mid).inc()
+        self.metrics.load_time.labels(mid).observe(time.monotonic() - t0)
+        log.info("loaded %s (instance %d, %.0f MB)", mid, len(slot.instances), charged / 1e6)
+        self._pump(slot)
+
+    def _make_room(self, slot: ModelSlot, need: int, first: bool) -> list[tuple[ModelSlot, list[Instance]]] | None:
+        """Take LRU idle victims' instances so `need` fits; None when the load must wait or fail."""
+        others = [s for s in self._slots.values() if s is not slot]
+        victims = choose_victims(
+            others,
+            models_held=1 + sum(s.holds_model for s in others),
+            max_loaded=self.max_loaded,
+            used=self.memory_used(),
+            need=need,
+            budget=self.memory_budget,
+        )
+        if victims is not None:  # taken now, before any await, so nobody leases them meanwhile
+            return [(v, v.take_instances()) for v in victims]  # type: ignore[attr-defined]
+        if slot.held_bytes + need > self.memory_budget:  # would not fit even in an empty pool
+            why = f"needs ~{need / GIB:.2f} GiB; the pool's memory budget is {self.memory_budget / GIB:.2f} GiB"
+            if first:
+                slot.queue.fail_all(ServiceUnavailable(f"Model '{slot.model_id}' cannot be loaded: {why}."))
+            else:
+                slot.instance_cap = len(slot.instances)
+            log.warning("%s: %s", slot.model_id, why)
+            return None
+        slot.blocked = True  # busy models hold the room; retried when one becomes idle
+        log.info("%s waits for room (max_loaded %d, budget %.2f GiB)", slot.model_id, self.max_loaded, self.memory_budget / GIB)
+        return None
+
+    def _load_failed(self, slot: ModelSlot, err: Exception, first: bool) -> None:
+        log.warning("loading %s failed: %s", slot.model_id, err)
+        if first:
+            slot.queue.fail_all(ServiceUnavailable(f"Model '{slot.model_id}' could not be loaded: {err}"))
+        else:
+            slot.instance_cap = len(slot.instances)  # serve with what loaded
+        self._unblock_others(slot)
+
+    def _threads(self, spec: ModelSpec) -> int:
+        """Threads per instance: concurrent generations split the CPUs (a batching instance runs one)."""
+        concurrent = spec.parallel
+        if self._default_loader:
+            try:
+                if int(getattr(backend_class(spec.backend), "max_concurrency", 1) or 1) > 1:
+                    concurrent = 1
+            except (ImportError, AttributeError, KeyError):
+                pass
+        return resolve_threads(spec.n_threads, concurrent=concurrent)
+
+    async def load(self, model_id: str) -> str:
+        """Make sure the model is loaded (admin, warmup); returns its state."""
+        slot = self._slot(model_id)
+        if not slot.instances or slot.unloading:
+            async with self.lease(model_id):
+                pass
+        return slot.state
+
+    # -- unloading -------------------------------------------------------------------------
+
+    async def unload(self, model_id: str, reason: str = "admin") -> bool:
+        """Unload now; ModelBusy while leases or a load are in flight. False if not loaded."""
+        slot = self._slot(model_id)
+        if slot.leases or slot.loading is not None:
+            raise ModelBusy(model_id, "busy" if slot.leases else "loading")
+        if slot.unloading:
+            raise ModelBusy(model_id, "unloading")
+        if not slot.instances:
+            return False
+        await self._close(slot, slot.take_instances(), reason)
+        return True
+
+    async def _close(self, slot: ModelSlot, insts: list[Instance], reason: str) -> None:
+        """Free taken instances for real: close the backends, drop them, collect, trim the heap."""
+        try:
+            for inst in insts:
+                try:
+                    await asyncio.to_thread(inst.backend.close)
+                except Exception as err:  # a failing close must not keep the slot unloading
+                    log.warning("closing %s failed: %s", slot.model_id, err)
+            insts.clear()
+            await asyncio.to_thread(release_memory)
+        finally:
+            slot.unloading = False
+            slot.freeing = 0
+            self.metrics.unloads.labels(slot.model_id, reason).inc()
+            log.info("unloaded %s (%s)", slot.model_id, reason)
+        self._pump(slot)  # requests that arrived while it was unloading load it again
+        self._unblock_others(slot)
+
+    async def reap(self) -> list[str]:
+        """Unload every model idle past its idle_unload_s; returns their ids."""
+        now = self._clock()
+        due = [s for s in self._slots.values() if s.idle_expired(now)]
+        await asyncio.gather(*(self._close(s, s.take_instances(), "idle") for s in due))
+        return [s.model_id for s in due]
+
+    def _reap_interval(self) -> float | None:
+        limits = [s.spec.idle_unload_s for s in self._slots.values() if s.spec.idle_unload_s > 0]
+        return min(5.0, max(0.05, min(limits) / 4)) if limits else None
+
+    def _start_reaper(self) -> None:
+        interval = self._reap_interval()
+        if self._reaper is None and interval is not None and not self._closing:
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_loop(interval))
+
+    async def _reap_loop(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.reap()
+            except Exception:  # the reaper must outlive one bad close
+                log.exception("idle unload failed")
+
+    # -- start-up and shutdown -------------------------------------------------------------
+
+    async def warmup(self, model_ids: list[str] | None = None) -> dict[str, str | None]:
+        """Load each model and run one short generation, so no user pays the cold start.
+
+        Returns model id -> None (warm) or the error; a failure is logged, not fatal.
+        """
+        results: dict[str, str | None] = {}
+        for mid in self.registry.pool.warmup if model_ids is None else model_ids:
+            t0 = time.monotonic()
+            try:
+                async with self.lease(mid) as backend:
+                    await _in_thread(warm_generate, backend)
+                results[mid] = None
+                log.info("warmed %s in %.2f s", mid, time.monotonic() - t0)
+            except Exception as err:
+                results[mid] = str(err)
+                log.warning("warmup of %s failed: %s", mid, err)
+        return results
+
+    async def close(self) -> None:
+        """Shutdown: refuse new leases, fail waiters, finish loads, unload everything idle."""
+        self._closing = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+            await asyncio.gather(self._reaper, return_exceptions=True)
+        for slot in self._slots.values():
+            slot.queue.fail_all(ServiceUnavailable("The server is shutting down.", code="shutting_down"))
+        await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        for slot in self._slots.values():
+            if slot.leases:
+                try:
+                    await asyncio.wait_for(slot.idle_event.wait(), SHUTDOWN_WAIT_S)
+                except asyncio.TimeoutError:
+                    log.warning("%s still busy at shutdown; left to the process exit", slot.model_id)
+                    continue
+            if slot.instances:
+                await self._close(slot, slot.take_instances(), "shutdown")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+
+async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run in a thread; if cancelled, still wait for the thread (it may be inside a backend)."""
+    fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        await asyncio.gather(fut, return_exceptions=True)
+        raise
+
+
+def warm_generate(backend: Backend) -> None:
+    """A few greedy tokens: faults the weights in and builds llama.cpp's compute graph."""
+    tokens = backend.tokenize(WARMUP_PROMPT)
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+    for _ in backend.generate(tokens, params, GenerationOutcome(), threading.Event()):
+        pass
+
+
+def default_estimate(spec: ModelSpec, registry: Registry) -> Estimate:
+    """From the GGUF file and the entry; 0 for remote models or files that do not resolve."""
+    if spec.backend == "remote":
+        return ZERO
+    try:
+        path = resolve_model_path(spec, registry.base_dir)
+    except (OSError, ImportError, ValueError):
+        return ZERO  # the load will fail and say why
+    return estimate_file(path, spec.n_ctx, spec.kv_cache)
+
+
+def release_memory() -> None:
+    """Collect cycles, then hand freed heap pages back to the OS (glibc keeps them otherwise)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
