@@ -1,0 +1,167 @@
+"""Which experts answer a request on the consensus port.
+
+Resolution, first match wins:
+1. `consensus.experts` in the body: exactly those models (other `consensus` fields override the
+   ensemble named by `model`, if any, else the defaults below);
+2. `model` names an ensemble from models.yaml (`ensembles:`), optionally overridden by `consensus`;
+3. `model: "auto"`: route by task tag (below) to every registry model carrying that tag, highest
+   priority first, at most AUTO_MAX_EXPERTS; no model with the tag -> the `general` models; none
+   of those -> the highest-priority model;
+4. a registry model id with a `consensus` field: that model alone (a one-expert consensus);
+5. a registry model id without one: not a consensus request (None) -> answered like port 8082.
+
+The `auto` classifier is deliberately simple and explainable (its reason travels in the response):
+- `code` when the text holds a code fence, a line that looks like code (def/class/import/#include/
+  function/SELECT ... FROM/braces with semicolons), or programming words (python, javascript,
+  function, compile, stack trace, regex, sql, bug, ...);
+- `multilingual` when at least 20% of the letters are outside Latin script (CJK, Cyrillic, Arabic,
+  Devanagari, ...), or Latin-script text has at least two stop words of another language
+  (es/fr/de/pt/it) and more of them than English stop words;
+- `general` otherwise.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+from typing import Literal
+
+from ..api.protocol import ConsensusOptions
+from ..config import EnsembleSpec, Registry
+from ..errors import InvalidRequest, ModelNotFound
+
+Strategy = Literal["fastest", "vote", "judge", "synthesize"]
+AUTO = "auto"
+AUTO_MAX_EXPERTS = 3
+DEFAULT_TIMEOUT_S = 60.0
+
+_FENCE = re.compile(r"```")
+_CODE_LINE = re.compile(
+    r"^\s*(def |class |import |from \S+ import |#include|function\b|fn |public |private |return\b|"
+    r"SELECT\b.+\bFROM\b|const |let |var )|[;{}]\s*$",
+    re.MULTILINE | re.IGNORECASE,
+)
+_CODE_WORDS = {
+    "python", "javascript", "typescript", "java", "rust", "golang", "c++", "sql", "regex", "function",
+    "compile", "compiler", "bug", "debug", "stacktrace", "traceback", "segfault", "refactor", "api",
+    "code", "script", "bash", "html", "css", "json", "yaml", "dockerfile",
+}
+_EN_STOP = {"the", "and", "is", "are", "of", "to", "in", "what", "how", "why", "a", "it", "this", "that", "with"}
+_OTHER_STOP = {
+    "el", "los", "las", "una", "que", "por", "para", "como", "está", "qué", "cómo", "es",  # es
+    "le", "les", "des", "une", "est", "pour", "avec", "dans", "qui", "quoi", "pourquoi",  # fr
+    "der", "die", "das", "und", "ist", "nicht", "mit", "ein", "eine", "wie", "warum",  # de
+    "não", "uma", "com", "são", "você", "porque",  # pt
+    "il", "della", "sono", "perché", "anche", "questo",  # it
+}
+
+
+@dataclass(frozen=True)
+class ConsensusPlan:
+    """Resolved experts and merge settings for one request."""
+
+    name: str  # the ensemble, "auto", the model id, or "custom"
+    experts: tuple[str, ...]
+    strategy: Strategy
+    judge: str | None
+    aggregator: str | None
+    timeout_s: float
+    min_responses: int
+    temperature: float | None = None
+    route: dict[str, str] | None = None  # auto routing: {"tag", "reason"}
+
+
+def classify(text: str) -> tuple[str, str]:
+    """(tag, reason) for `auto` routing: code, multilingual or general (see module docstring)."""
+    if _FENCE.search(text):
+        return "code", "code fence"
+    if _CODE_LINE.search(text):
+        return "code", "a line that looks like code"
+    words = re.findall(r"[\w+#']+", text.lower())
+    hits = sorted({w for w in words if w in _CODE_WORDS})
+    if hits:
+        return "code", f"programming words: {', '.join(hits[:3])}"
+    letters = [ch for ch in text if ch.isalpha()]
+    if letters:
+        foreign = sum(1 for ch in letters if "LATIN" not in unicodedata.name(ch, "LATIN"))
+        if foreign / len(letters) >= 0.2:
+            return "multilingual", f"{foreign / len(letters):.0%} non-Latin letters"
+    other = sum(w in _OTHER_STOP for w in words)
+    english = sum(w in _EN_STOP for w in words)
+    if other >= 2 and other > english:
+        return "multilingual", f"{other} non-English stop words"
+    return "general", "no code or non-English markers"
+
+
+def _by_priority(registry: Registry, ids: list[str]) -> list[str]:
+    return sorted(ids, key=lambda m: -registry.models[m].priority)  # stable: registry order on ties
+
+
+def _auto_experts(registry: Registry, tag: str) -> list[str]:
+    for want in (tag, "general"):
+        found = [m for m, spec in registry.models.items() if want in spec.tags]
+        if found:
+            return _by_priority(registry, found)[:AUTO_MAX_EXPERTS]
+    return _by_priority(registry, list(registry.models))[:1]
+
+
+def resolve(registry: Registry, model: str, options: ConsensusOptions | None, text: str) -> ConsensusPlan | None:
+    """The consensus plan for a request, or None for a plain single-model request."""
+    ensemble: EnsembleSpec | None = registry.ensembles.get(model)
+    route = None
+    if options is not None and options.experts:
+        name, experts = (model if ensemble else "custom"), list(options.experts)
+    elif ensemble is not None:
+        name, experts = model, list(ensemble.experts)
+    elif model == AUTO:
+        tag, reason = classify(text)
+        name, experts, route = AUTO, _auto_experts(registry, tag), {"tag": tag, "reason": reason}
+    elif model in registry.models:
+        if options is None:
+            return None
+        name, experts = model, [model]
+    else:
+        raise ModelNotFound(model)
+    for ref in experts:
+        if ref not in registry.models:
+            raise InvalidRequest(f"Unknown expert model '{ref}'.", param="consensus.experts", code="model_not_found")
+    opts = options or ConsensusOptions()
+    strategy: Strategy = opts.strategy or (ensemble.strategy if ensemble else "vote")
+    top = _by_priority(registry, experts)[0]
+    judge = opts.judge or (ensemble.judge if ensemble else None) or top
+    aggregator = opts.aggregator or (ensemble.aggregator if ensemble else None) or top
+    for param, ref in (("consensus.judge", judge), ("consensus.aggregator", aggregator)):
+        if ref not in registry.models:
+            raise InvalidRequest(f"Unknown model '{ref}'.", param=param, code="model_not_found")
+    min_responses = opts.min_responses or (ensemble.min_responses if ensemble else 1)
+    if min_responses > len(experts):
+        raise InvalidRequest(
+            f"min_responses is {min_responses} but only {len(experts)} experts were named.", param="consensus.min_responses"
+        )
+    timeout = opts.timeout_s or (ensemble.timeout_s if ensemble else DEFAULT_TIMEOUT_S)
+    return ConsensusPlan(
+        name=name,
+        experts=tuple(experts),
+        strategy=strategy,
+        judge=judge if strategy == "judge" else None,
+        aggregator=aggregator if strategy == "synthesize" else None,
+        timeout_s=timeout,
+        min_responses=min_responses,
+        temperature=ensemble.temperature if ensemble else None,
+        route=route,
+    )
+
+
+def ensemble_cards(registry: Registry) -> list[dict[str, object]]:
+    """/v1/models entries on the consensus port: each ensemble, and `auto`."""
+    cards: list[dict[str, object]] = []
+    for name, ens in registry.ensembles.items():
+        info = {"experts": ens.experts, "strategy": ens.strategy, "min_responses": ens.min_responses, "timeout_s": ens.timeout_s}
+        cards.append({"id": name, "object": "model", "created": 0, "owned_by": "capibara6",
+                      "description": ens.description, "ensemble": info})
+    tags = sorted({t for spec in registry.models.values() for t in spec.tags})
+    cards.append({"id": AUTO, "object": "model", "created": 0, "owned_by": "capibara6",
+                  "description": "Routes by task tag (code, multilingual, general) to the tagged models; strategy vote.",
+                  "ensemble": {"experts": "by tag", "tags": tags, "strategy": "vote", "max_experts": AUTO_MAX_EXPERTS}})
+    return cards
