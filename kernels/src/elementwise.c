@@ -67,11 +67,21 @@ void c6_softmax(const float *x, float *y, int64_t R, int64_t C) {
             part = vaddvq_f32(vaddq_f32(s0, s1));
             for (; k < n; k++) { yc[k] = exp_diff(xc[k], m); part += yc[k]; }
 #else
-            for (int64_t j = 0; j < n; j++) yc[j] = exp_diff(xc[j], m);
-            c6_vf s0 = {0}, s1 = {0};
-            for (; k + 2 * C6_VL <= n; k += 2 * C6_VL) { s0 += c6_ldu(yc + k); s1 += c6_ldu(yc + k + C6_VL); }
+            c6_vf vm = c6_splat(m), s0 = {0}, s1 = {0};
+            for (; k + 2 * C6_VL <= n; k += 2 * C6_VL) {
+                for (int h = 0; h < 2; h++) {
+                    c6_vf xv = c6_ldu(xc + k + h * C6_VL);
+                    c6_vf d = xv - vm;
+                    c6_vf bv = d - xv;
+                    c6_vf err = (xv - (d - bv)) + (-vm - bv);
+                    err = (c6_vf)((c6_vi)err & (d > c6_splat(-104.0f)));
+                    c6_vf e = c6_vexp2(d, err);
+                    *(c6_vfu *)(yc + k + h * C6_VL) = e;
+                    if (h) s1 += e; else s0 += e;
+                }
+            }
             part = c6_hsum(s0 + s1);
-            for (; k < n; k++) part += yc[k];
+            for (; k < n; k++) { yc[k] = exp_diff(xc[k], m); part += yc[k]; }
 #endif
             total += part;
         }
@@ -130,10 +140,21 @@ void c6_swiglu(const float *g, const float *u, float *y, int64_t n) {
         float32x4_t e = c6_vexpq(vnegq_f32(gv));
         vst1q_f32(y + i, vmulq_f32(vdivq_f32(gv, vaddq_f32(vdupq_n_f32(1.0f), e)), vld1q_f32(u + i)));
     }
+#else
+    for (; i + C6_VL <= n; i += C6_VL) {
+        c6_vf gv = c6_ldu(g + i);
+        *(c6_vfu *)(y + i) = gv / (1.0f + c6_vexp2(-gv, (c6_vf){0})) * c6_ldu(u + i);
+    }
 #endif
     for (; i < n; i++) y[i] = silu_mul(g[i], u[i]);
 }
 
+#if !C6_USE_NEON
+static inline c6_vf vgelu(c6_vf x) {
+    c6_vf z2 = (x + 0.044715f * x * x * x) * 1.5957691216057308f;
+    return x / (1.0f + c6_vexp2(-z2, (c6_vf){0}));
+}
+#endif
 #if C6_USE_NEON
 static inline float32x4_t vgelu(float32x4_t x) {
     float32x4_t x3 = vmulq_f32(vmulq_f32(x, x), x);
@@ -146,6 +167,8 @@ void c6_geglu(const float *g, const float *u, float *y, int64_t n) {
     int64_t i = 0;
 #if C6_USE_NEON
     for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vmulq_f32(vgelu(vld1q_f32(g + i)), vld1q_f32(u + i)));
+#else
+    for (; i + C6_VL <= n; i += C6_VL) *(c6_vfu *)(y + i) = vgelu(c6_ldu(g + i)) * c6_ldu(u + i);
 #endif
     for (; i < n; i++) y[i] = gelu1(g[i]) * u[i];
 }
@@ -154,6 +177,8 @@ void c6_gelu(const float *x, float *y, int64_t n) {
     int64_t i = 0;
 #if C6_USE_NEON
     for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vgelu(vld1q_f32(x + i)));
+#else
+    for (; i + C6_VL <= n; i += C6_VL) *(c6_vfu *)(y + i) = vgelu(c6_ldu(x + i));
 #endif
     for (; i < n; i++) y[i] = gelu1(x[i]);
 }
@@ -162,6 +187,8 @@ void c6_exp(const float *x, float *y, int64_t n) {
     int64_t i = 0;
 #if C6_USE_NEON
     for (; i + 4 <= n; i += 4) vst1q_f32(y + i, c6_vexpq(vld1q_f32(x + i)));
+#else
+    for (; i + C6_VL <= n; i += C6_VL) *(c6_vfu *)(y + i) = c6_vexp2(c6_ldu(x + i), (c6_vf){0});
 #endif
     for (; i < n; i++) y[i] = c6_expf(x[i]);
 }
