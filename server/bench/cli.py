@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence, TextIO
 from urllib.parse import urlsplit
 
-from .compare import plot_comparison, print_comparison, ratios
+from .compare import goal_check, plot_comparison, print_comparison, ratios
 from .report import build_result, headline, load_result, print_table, write_result
 from .runner import MAX_CONCURRENCY, MAX_REQUESTS_PER_LEVEL, MAX_WALL_S, BenchConfig, run_bench
 
@@ -89,7 +89,8 @@ def run_compare(paths: list[Path], plot: Path | None, out: TextIO) -> dict[str, 
     png = plot_comparison(results, plot or paths[0].with_name("compare.png"))
     print(f"\nplot: {png}", file=out)
     return {"baseline": results[0]["label"], "plot": str(png),
-            "ratios": {r["label"]: ratios(results[0], r) for r in results[1:]}}
+            "ratios": {r["label"]: ratios(results[0], r) for r in results[1:]},
+            "goals": {r["label"]: goal_check(results[0], r) for r in results[1:]}}
 
 
 def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:

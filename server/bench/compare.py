@@ -56,6 +56,24 @@ def ratios(base: dict[str, Any], other: dict[str, Any]) -> dict[str, dict[str, A
     return out
 
 
+def goal_check(base: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """The issue-8 goals of `other` against the anchor `base`: at the highest shared level,
+    tok/s >= 1.0x, p95 TTFT <= 0.5x and zero errors; at concurrency 1, tok/s >= 0.98x."""
+    r = ratios(base, other)
+    out: dict[str, Any] = {}
+    if "1" in r:
+        t = r["1"]["tok_s_ratio"]
+        out["c1_tok_s_ge_0.98x"] = t is not None and t >= 0.98
+    levels = sorted((int(c) for c in r), reverse=True)
+    if levels and levels[0] > 1:
+        top = r[str(levels[0])]
+        t, p = top["tok_s_ratio"], top["ttft_p95_ratio"]
+        out[f"c{levels[0]}_tok_s_ge_1.0x"] = t is not None and t >= 1.0
+        out[f"c{levels[0]}_ttft_p95_le_0.5x"] = p is not None and p <= 0.5
+        out[f"c{levels[0]}_zero_errors"] = top["errors"]["other"] == 0
+    return out
+
+
 def _fmt(x: float | None) -> str:
     if x is None:
         return "-"

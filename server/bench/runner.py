@@ -123,7 +123,7 @@ async def run_bench(cfg: BenchConfig, clock: Callable[[], float] = time.perf_cou
         bodies = _bodies(cfg, model)
         for i in range(cfg.warmup):
             warm = RequestResult(index=-1 - i)
-            await _timed(client, url, bodies[i % len(bodies)], warm, cfg.timeout_s, clock)
+            await _timed(client, url, bodies[i % len(bodies)], warm, max(min(cfg.timeout_s, deadline - clock()), 0.001), clock)
             log(f"warmup {i + 1}/{cfg.warmup}: {warm.status} in {warm.total:.2f} s")
         levels = []
         for c in cfg.concurrency:
