@@ -15,10 +15,11 @@ read plain attributes), while a thread pool hop could queue a scrape behind busy
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.platform_collector import PlatformCollector
 
@@ -76,6 +77,7 @@ class Metrics:
         )
         self._models: frozenset[str] | None = None  # registry ids, known once watch_pool ran
         self._guard()
+        r.register(_PrefixCacheCollector(PREFIX_CACHE, self.model_label))
 
     def _guard(self) -> None:
         """Swap each labelled metric for a view whose labels() keeps values in their vocabulary."""
@@ -151,6 +153,40 @@ class PoolCollector:
             n += current in ("ready", "busy")
         loaded.add_metric([], float(n))
         yield from (loaded, state, kv)
+
+
+class PrefixCacheTally:
+    """Prefix-cache hits and reused prompt tokens per model, counted by the batched llama.cpp
+    backend (which has no Metrics handle); process-wide like the process collector, read at scrape."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, tuple[int, int]] = {}
+
+    def hit(self, model: str, tokens: int) -> None:
+        with self._lock:
+            hits, reused = self._counts.get(model, (0, 0))
+            self._counts[model] = (hits + 1, reused + tokens)
+
+    def snapshot(self) -> dict[str, tuple[int, int]]:
+        with self._lock:
+            return dict(self._counts)
+
+
+PREFIX_CACHE = PrefixCacheTally()
+
+
+class _PrefixCacheCollector:
+    def __init__(self, tally: PrefixCacheTally, label: Callable[[str], str]) -> None:
+        self._tally, self._label = tally, label
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        hits = CounterMetricFamily("capibara6_prefix_cache_hits", "Requests that reused a cached prompt prefix.", labels=["model"])
+        tokens = CounterMetricFamily("capibara6_prefix_cache_tokens", "Prompt tokens reused from the prefix cache.", labels=["model"])
+        for model, (n, reused) in sorted(self._tally.snapshot().items()):
+            hits.add_metric([self._label(model)], float(n))
+            tokens.add_metric([self._label(model)], float(reused))
+        yield from (hits, tokens)
 
 
 class RequestTimer:
