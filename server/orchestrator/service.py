@@ -38,8 +38,10 @@ class ExpertGeneration(Generation):
         self._threads = threads
 
     def _launch(self, index: int, prompt: PromptSource) -> Any:
-        set_threads = getattr(self._backend, "set_threads", None)
-        own = _current_threads(self._backend)
+        backend = self._backend
+        set_threads = getattr(backend, "set_threads", None)
+        shared = int(getattr(backend, "max_concurrency", 1) or 1) > 1  # a batching instance: not ours alone
+        own = None if shared else _current_threads(backend)
         if self._threads and set_threads is not None and own is not None and self._threads != own:
             set_threads(self._threads)
             # pushed before the stream's aclose, so it runs after the worker has left the model
@@ -113,8 +115,7 @@ class ConsensusRun:
 
     def tasks(self) -> list[ExpertTask]:
         registry = self.service.registry
-        local = {m for m in self.plan.experts if registry.models[m].backend != "remote"}
-        split = auto_threads(len(local)) if self.split_threads and local else None
+        split = auto_threads(self.concurrency()) if self.split_threads and self.concurrency() else None
         out = []
         for i, model in enumerate(self.plan.experts):
             spec = registry.models[model]
@@ -123,6 +124,15 @@ class ConsensusRun:
                 threads = min(split, resolve_threads(spec.n_threads))
             out.append(ExpertTask(i, model, (self.seed + 7919 * i) & 0x7FFFFFFF, threads))
         return out
+
+    def concurrency(self) -> int:
+        """Local generations that can run at once: repeats of one model share its `parallel` slots."""
+        registry = self.service.registry
+        counts: dict[str, int] = {}
+        for m in self.plan.experts:
+            if registry.models[m].backend != "remote":
+                counts[m] = counts.get(m, 0) + 1
+        return sum(min(n, registry.models[m].parallel) for m, n in counts.items())
 
     async def _expert_call(self, task: ExpertTask) -> ExpertAnswer:
         return await run_model(self.service, task.model, self.prompt, self.base, task.seed, task.threads, self.plan.temperature)
