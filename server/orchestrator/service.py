@@ -50,6 +50,10 @@ class ExpertGeneration(Generation):
 
 
 def _current_threads(backend: Any) -> int | None:
+    """The backend's thread count now (None: unknown, so it is left alone)."""
+    own = getattr(backend, "current_threads", None)
+    if callable(own):
+        return int(own())
     llm = getattr(backend, "llm", None)
     if llm is None or getattr(llm, "ctx", None) is None:
         return None
