@@ -25,6 +25,7 @@ log = logging.getLogger("capibara6.shutdown")
 class Drain:
     def __init__(self) -> None:
         self.draining = False
+        self.cancelling = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -70,6 +71,7 @@ class Drain:
             idle.cancel()
             hurry.cancel()
         left = list(self._tasks)
+        self.cancelling = True  # DrainGate ends these responses cleanly instead of a traceback
         for task in left:
             task.cancel()
         if left:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -142,8 +143,39 @@ class DrainGate:
             return await send_error(err, scope, receive, send)
         if scope["path"] == "/ready":
             return await self.app(scope, receive, send)
+        started = complete = False
+        sse = False
+
+        async def watched(msg: Message) -> None:
+            nonlocal started, complete, sse
+            if msg["type"] == "http.response.start":
+                started = True
+                sse = any(k == b"content-type" and v.startswith(b"text/event-stream") for k, v in msg.get("headers", []))
+            elif msg["type"] == "http.response.body" and not msg.get("more_body", False):
+                complete = True
+            await send(msg)
+
         with self.drain.track():
-            await self.app(scope, receive, send)
+            try:
+                await self.app(scope, receive, watched)
+            except asyncio.CancelledError:
+                if not self.drain.cancelling:
+                    raise
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()  # we handled the drain's cancel: end the response cleanly
+                await self._end_cancelled(scope, receive, send, started, complete, sse)
+
+    @staticmethod
+    async def _end_cancelled(scope: Scope, receive: Receive, send: Send, started: bool, complete: bool, sse: bool) -> None:
+        """The grace period ran out: tell the client why, in the response's own format."""
+        err = ServiceUnavailable("The server shut down before the generation finished.", code="shutting_down")
+        if not started:
+            return await send_error(err, scope, receive, send)
+        if complete:
+            return
+        tail = b"data: " + json.dumps(err.body()).encode() + b"\n\n" if sse else b""
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
 
 
 __all__ = ["REJECTED", "DrainGate", "RequestContext", "request_id", "send_error"]
