@@ -93,8 +93,9 @@ def run_compare(paths: list[Path], plot: Path | None, out: TextIO) -> dict[str, 
             "goals": {r["label"]: goal_check(results[0], r) for r in results[1:]}}
 
 
-def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-    """Execute parsed `bench` arguments; the last stdout line is always one JSON object."""
+def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Execute parsed `bench` arguments; on success the last stdout line is one JSON object."""
+    out = out or sys.stdout  # looked up per call, so a replaced sys.stdout is honoured
     try:
         if args.compare:
             if len(args.compare) < 2:
