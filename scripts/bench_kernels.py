@@ -27,19 +27,22 @@ def bench(fn, min_reps=5, min_time=0.25, max_reps=200):
     return bench2(fn, None, min_reps, min_time, max_reps)[0]
 
 
-def bench2(fa, fb, min_reps=5, min_time=0.25, max_reps=200):
-    """Median times of fa and fb, measured interleaved (a, b, a, b, ...) so that load from other
-    processes on a shared machine hits both alike."""
+def bench2(fa, fb, min_reps=5, min_time=0.25, max_reps=200, rounds=3):
+    """Median times of fa and fb, measured in alternating blocks (a-block, b-block, x rounds) so
+    that load from other processes on a shared machine hits both alike. Blocks, not single calls:
+    OpenBLAS worker threads spin for a while after each call and would starve the other side."""
     fns = [f for f in (fa, fb) if f is not None]
-    for f in fns:
-        f()  # warm up
     ts = [[] for _ in fns]
-    t_end = time.perf_counter() + min_time * len(fns)
-    while len(ts[0]) < min_reps or (time.perf_counter() < t_end and len(ts[0]) < max_reps):
+    for _ in range(rounds):
         for f, t in zip(fns, ts):
-            t0 = time.perf_counter()
-            f()
-            t.append(time.perf_counter() - t0)
+            f()  # warm up / let the other side's threads settle
+            t_end = time.perf_counter() + min_time / rounds
+            n = 0
+            while n < max(1, min_reps // rounds + 1) or (time.perf_counter() < t_end and n < max_reps // rounds):
+                t0 = time.perf_counter()
+                f()
+                t.append(time.perf_counter() - t0)
+                n += 1
     return [sorted(t)[len(t) // 2] for t in ts] + [None] * (2 - len(fns))
 
 

@@ -1,6 +1,9 @@
 /* Small pthread pool: workers SLEEP on a condvar between jobs (no spinning), tasks are handed out
  * with an atomic counter, the caller participates. One job at a time: a caller that finds the pool
- * busy (another Python thread / model) runs its job inline on its own thread instead of waiting. */
+ * busy (another Python thread / model) runs its job inline on its own thread instead of waiting.
+ * A worker joins a job only while it is open; the caller closes the job once every task has been
+ * claimed and then waits only for the workers that joined (not for workers that were never
+ * scheduled: on a busy machine a late worker would otherwise stall every call). */
 #define _GNU_SOURCE
 #include "capibara6_kernels.h"
 #include <pthread.h>
@@ -18,7 +21,8 @@ static int n_workers = 0;          /* threads besides the caller */
 static int n_threads = 1;
 static uint64_t generation = 0;
 static int shutting_down = 0;
-static int pending = 0;
+static int inflight = 0;           /* workers that joined the open job and have not finished */
+static int job_open = 0;
 static c6_task_fn job_fn;
 static void *job_ctx;
 static int64_t job_n;
@@ -39,11 +43,13 @@ static void *worker_main(void *arg) {
         while (generation == seen && !shutting_down) pthread_cond_wait(&cv_work, &mu);
         if (shutting_down) break;
         seen = generation;
+        if (!job_open) continue;                 /* woke too late: the caller already finished */
         c6_task_fn fn = job_fn; void *ctx = job_ctx; int64_t n = job_n;
+        inflight++;
         pthread_mutex_unlock(&mu);
         run_tasks(fn, ctx, n);
         pthread_mutex_lock(&mu);
-        if (--pending == 0) pthread_cond_signal(&cv_done);
+        if (--inflight == 0 && !job_open) pthread_cond_signal(&cv_done);
     }
     pthread_mutex_unlock(&mu);
     return NULL;
@@ -87,13 +93,15 @@ void c6_parallel_for(int64_t ntasks, c6_task_fn fn, void *ctx) {
     pthread_mutex_lock(&mu);
     job_fn = fn; job_ctx = ctx; job_n = ntasks;
     atomic_store(&job_next, 0);
-    pending = n_workers;
+    job_open = 1;
     generation++;
-    pthread_cond_broadcast(&cv_work);
+    if (ntasks - 1 >= n_workers) pthread_cond_broadcast(&cv_work);
+    else for (int64_t i = 0; i < ntasks - 1; i++) pthread_cond_signal(&cv_work);
     pthread_mutex_unlock(&mu);
     run_tasks(fn, ctx, ntasks);
     pthread_mutex_lock(&mu);
-    while (pending > 0) pthread_cond_wait(&cv_done, &mu);
+    job_open = 0;                                /* every task is claimed: nobody else may join */
+    while (inflight > 0) pthread_cond_wait(&cv_done, &mu);
     pthread_mutex_unlock(&mu);
     pthread_mutex_unlock(&run_mu);
 }
