@@ -33,6 +33,17 @@ def _kv_kwargs(kv_cache: str | None) -> dict[str, Any]:
     return {"type_k": _KV_TYPES[kv_cache], "type_v": _KV_TYPES[kv_cache], "flash_attn": True}
 
 
+def token_logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """Log-softmax at `token` and the k most likely (id, logprob), best first. logits: (n_vocab,)."""
+    m = float(logits.max())
+    lse = m + float(np.log(np.exp(logits - m, dtype=np.float32).sum(dtype=np.float64)))
+    top: list[tuple[int, float]] = []
+    if k > 0:
+        ids = np.argpartition(logits, -k)[-k:]
+        top = [(int(i), float(logits[i]) - lse) for i in ids[np.argsort(-logits[ids])]]
+    return float(logits[token]) - lse, top
+
+
 class LlamaCppBackend:
     def __init__(self, model_id: str, llm: Any, formatter: Formatter, path: Path) -> None:
         self.model_id = model_id
@@ -155,16 +166,12 @@ class LlamaCppBackend:
         import llama_cpp
 
         ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
-        logits = np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
-        m = float(logits.max())
-        lse = m + float(np.log(np.exp(logits - m, dtype=np.float32).sum(dtype=np.float64)))
-        top: dict[str, float] = {}
-        if k > 0:
-            ids = np.argpartition(logits, -k)[-k:]
-            for i in ids[np.argsort(-logits[ids])]:
-                piece = self.llm.detokenize([int(i)], special=False).decode("utf-8", "replace")
-                top[piece] = float(logits[i]) - lse
-        return float(logits[token]) - lse, top
+        lp, ranked = token_logprobs(np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)), token, k)
+        return lp, self.top_pieces(ranked)
+
+    def top_pieces(self, ranked: list[tuple[int, float]]) -> dict[str, float]:
+        """[(token id, logprob)] -> {token text: logprob} (OpenAI top_logprobs shape)."""
+        return {self.llm.detokenize([i], special=False).decode("utf-8", "replace"): lp for i, lp in ranked}
 
     def memory_bytes(self) -> int:
         kv = self.n_ctx * 2 * self.llm._model.n_embd() * 2  # rough: K and V, f16, one layer-width

@@ -1,0 +1,245 @@
+"""llama.cpp with continuous batching: up to `parallel` generations share one context.
+
+`LlamaCppBatchedBackend` is a Backend whose `generate()` may be called from several threads at
+once (`max_concurrency = parallel`). Each call hands a `Sequence` to the model's `Scheduler`
+(server/scheduler.py), whose thread owns the llama context and decodes every running sequence in
+one `llama_decode` per step; the calling thread turns that sequence's token ids into text
+(StopText), so detokenising never delays the step loop.
+
+The native side (`LlamaDecoder`) is llama-cpp-python's low-level API: one context with
+`n_seq_max = parallel` and a unified KV cache (sequences share the cells, so `seq_cp` of a cached
+prefix shares cells instead of copying them), one reusable `llama_batch`, and one sampler chain
+per sequence with its own parameters and seed. Greedy sequences without penalties, grammar or
+logprobs skip the sampler chain: argmax of the logits row picks the same token (first maximum,
+as llama.cpp's greedy sampler) without copying 262k candidates per token.
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import threading
+from pathlib import Path
+from typing import Any, Iterator, Sequence as Seq
+
+import numpy as np
+
+from ..metrics import PREFIX_CACHE
+from ..scheduler import Scheduler, Sequence
+from .base import ContextLengthExceeded, GenerationOutcome, SamplingParams, TokenEvent
+from .llamacpp import LlamaCppBackend, _kv_kwargs, token_logprobs
+from .stops import StopText
+
+_POLL_S = 0.05  # how often a reader waiting for its next token re-checks `cancel`
+
+
+class LlamaDecoder:
+    """One llama context + batch for `n_seq` sequences (used by the scheduler thread only)."""
+
+    def __init__(self, llm: Any, spec: Any, n_threads: int) -> None:
+        import llama_cpp
+        from llama_cpp._internals import LlamaContext
+
+        self._lc = llama_cpp
+        self._model = llm._model
+        self._vocab = llm._model.vocab
+        self.n_vocab: int = llm.n_vocab()
+        n_seq = spec.parallel
+        self.n_batch = spec.prefill_chunk + n_seq  # one step: a decode token per sequence + the prefill budget
+        kv = _kv_kwargs(spec.kv_cache)
+        p = llama_cpp.llama_context_default_params()
+        p.n_ctx = spec.n_ctx
+        p.n_batch = p.n_ubatch = self.n_batch  # one ubatch per step: one graph computation
+        p.n_seq_max = n_seq
+        p.n_threads = p.n_threads_batch = n_threads
+        p.kv_unified = True  # all sequences share the n_ctx cells (and prefix cells via seq_cp)
+        p.swa_full = True  # SWA layers keep every position, so any cached prefix stays reusable
+        p.no_perf = True
+        p.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if kv.get("flash_attn") else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        if "type_k" in kv:
+            p.type_k, p.type_v = kv["type_k"], kv["type_v"]
+        self._context = LlamaContext(model=llm._model, params=p, verbose=False)
+        self.ctx = self._context.ctx
+        self._mem = llama_cpp.llama_get_memory(self.ctx)
+        self.n_cells: int = llama_cpp.llama_n_ctx(self.ctx)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._out_rows: list[int] = []  # batch index of each output row, in order
+
+    # -- samplers (built on the request thread, used on the scheduler thread) -----------------
+
+    def new_sampler(self, params: SamplingParams) -> Any:
+        """A sampler chain for one sequence, or None for plain greedy (argmax fast path)."""
+        lc = self._lc
+        penalties = (params.repeat_penalty, params.frequency_penalty, params.presence_penalty) != (1.0, 0.0, 0.0)
+        if params.temperature <= 0 and not penalties and not params.grammar:
+            return None
+        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        if penalties:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_penalties(
+                self.n_vocab, 64, params.repeat_penalty, params.frequency_penalty, params.presence_penalty))
+        if params.grammar:
+            grammar = lc.llama_sampler_init_grammar(self._vocab, params.grammar.encode("utf-8"), b"root")
+            if not grammar:
+                lc.llama_sampler_free(chain)
+                raise ValueError("the grammar (response_format) could not be parsed")
+            lc.llama_sampler_chain_add(chain, grammar)
+        if params.temperature <= 0:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
+            return chain
+        seed = params.seed if params.seed is not None else random.getrandbits(31)
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(params.top_k))
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(params.top_p, 1))
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_min_p(params.min_p, 1))
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(params.temperature))
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        return chain
+
+    def free_sampler(self, sampler: Any) -> None:
+        if sampler is not None:
+            self._lc.llama_sampler_free(sampler)
+
+    # -- Decoder protocol (scheduler thread) ------------------------------------------------
+
+    def decode(self, tokens: Seq[int], pos: Seq[int], seq_ids: Seq[int], logits: Seq[bool]) -> None:
+        b = self._batch
+        rows = []
+        for i, (t, p, s, want) in enumerate(zip(tokens, pos, seq_ids, logits)):
+            b.token[i], b.pos[i], b.n_seq_id[i] = t, p, 1
+            b.seq_id[i][0] = s
+            b.logits[i] = want
+            if want:
+                rows.append(i)
+        b.n_tokens = len(tokens)
+        self._out_rows = rows
+        rc = self._lc.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed ({rc}) on a batch of {len(tokens)} tokens")
+
+    def _row(self, index: int) -> np.ndarray:
+        ptr = self._lc.llama_get_logits_ith(self.ctx, self._out_rows[index])
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def sample(self, sampler: Any, index: int) -> int:
+        if sampler is None:
+            return int(np.argmax(self._row(index)))
+        return int(self._lc.llama_sampler_sample(sampler, self.ctx, self._out_rows[index]))
+
+    def logprobs(self, index: int, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+        return token_logprobs(self._row(index), token, k)
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._lc.llama_vocab_is_eog(self._vocab, token))
+
+    def seq_rm(self, seq_id: int, p0: int, p1: int) -> None:
+        self._lc.llama_memory_seq_rm(self._mem, seq_id, p0, p1)
+
+    def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
+        self._lc.llama_memory_seq_cp(self._mem, src, dst, p0, p1)
+
+    def set_threads(self, n_threads: int) -> None:
+        self._lc.llama_set_n_threads(self.ctx, n_threads, n_threads)
+
+    def close(self) -> None:
+        if self._batch is not None:
+            self._lc.llama_batch_free(self._batch)
+            self._batch = None
+        self._context.close()
+
+
+class LlamaCppBatchedBackend(LlamaCppBackend):
+    """Tokenizer, chat format and logprob pieces come from LlamaCppBackend; generation is batched."""
+
+    max_concurrency: int = 64  # class level: "this class batches" (ModelSpec.parallel's cap); instances: parallel
+
+    def __init__(self, model_id: str, llm: Any, formatter: Any, path: Path, spec: Any, n_threads: int) -> None:
+        super().__init__(model_id, llm, formatter, path)
+        self.decoder = LlamaDecoder(llm, spec, n_threads)
+        self.n_ctx = self.decoder.n_cells
+        self.max_concurrency: int = spec.parallel
+        self.scheduler = Scheduler(
+            self.decoder, spec.parallel, spec.prefill_chunk, on_prefix_hit=lambda n: PREFIX_CACHE.hit(model_id, n)
+        )
+
+    @classmethod
+    def load(cls, model_id: str, path: Path | None, spec: Any, n_threads: int) -> "LlamaCppBatchedBackend":
+        from llama_cpp import Llama
+
+        assert path is not None
+        # This Llama object serves the weights, tokenizer and metadata; its own context is kept
+        # minimal (llama.cpp's smallest) because generation runs in the decoder's context.
+        llm = Llama(model_path=str(path), n_ctx=256, n_batch=32, n_threads=1, logits_all=False, verbose=False)
+        try:
+            return cls(model_id, llm, cls._pick_formatter(llm, spec.chat_format), path, spec, n_threads)
+        except Exception:
+            llm.close()
+            raise
+
+    def set_threads(self, n_threads: int) -> None:
+        self.decoder.set_threads(n_threads)
+
+    def generate(
+        self,
+        prompt: str | Seq[int],
+        params: SamplingParams,
+        outcome: GenerationOutcome,
+        cancel: threading.Event,
+    ) -> Iterator[TokenEvent]:
+        tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        if not tokens:
+            raise ValueError("the prompt is empty")
+        if len(tokens) + params.max_tokens > self.n_ctx:
+            raise ContextLengthExceeded(len(tokens), params.max_tokens, self.n_ctx)
+        outcome.prompt_tokens = len(tokens)
+        seq = Sequence(tokens, params, sampler=self.decoder.new_sampler(params))
+        try:
+            self.scheduler.submit(seq)
+        except BaseException:
+            self.decoder.free_sampler(seq.sampler)
+            raise
+        return self._read(seq, params, outcome, cancel)
+
+    def _read(
+        self, seq: Sequence, params: SamplingParams, outcome: GenerationOutcome, cancel: threading.Event
+    ) -> Iterator[TokenEvent]:
+        text = StopText(params.stop)
+        try:
+            while True:
+                try:
+                    item = seq.events.get(timeout=_POLL_S)
+                except queue.Empty:
+                    if cancel.is_set():
+                        return
+                    continue
+                if cancel.is_set():
+                    return
+                if item[0] == "end":
+                    outcome.finish_reason = item[1]
+                    break
+                if item[0] == "error":
+                    raise item[1]
+                _, token, lp = item
+                outcome.completion_tokens += 1
+                outcome.extra["cached_tokens"] = seq.reused
+                raw = self.llm.detokenize([token], special=False)
+                if lp is None:
+                    yield TokenEvent(token, text.feed(raw))
+                else:
+                    yield TokenEvent(token, text.feed(raw), lp[0], self.top_pieces(lp[1]), raw.decode("utf-8", "replace"))
+                if text.stopped:
+                    outcome.finish_reason = "stop"
+                    break
+            tail = text.flush()
+            if tail:
+                yield TokenEvent(-1, tail)
+        finally:
+            # a stop string ends a healthy sequence (its KV stays cached); anything else cancels
+            self.scheduler.abort(seq, "stop" if outcome.finish_reason == "stop" else "cancel")
+
+    def close(self) -> None:
+        if self.llm is None:
+            return
+        self.scheduler.close()
+        self.decoder.close()
+        super().close()

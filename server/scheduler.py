@@ -1,0 +1,354 @@
+"""Continuous batching with chunked prefill: many sequences, one context, one decode per step.
+
+One scheduler thread per loaded model owns the native context. Request threads `submit` a
+`Sequence` and read its events from a queue; the scheduler thread runs steps while any sequence
+is admitted and sleeps on a condition variable otherwise (it never spins). Each step builds ONE
+batch: first one decode token for every running sequence (latency first), then prompt tokens of
+admitted-but-prefilling sequences, in arrival order, up to `prefill_chunk` tokens. So a long
+prompt costs the running streams at most one chunk per step, never a whole prefill.
+
+Admission is FIFO: the head joins at the next step when a slot (sequence id) is free and its
+worst case (prompt + max_tokens cells) fits the KV cells not reserved by running sequences;
+otherwise it waits (queued, never crashed). Finished sequences keep their KV in their slot as a
+prefix cache: a new prompt that starts with tokens held by any slot (finished or still running)
+reuses them (trim in place, or `seq_cp` in the unified KV cache, which shares cells, not copies).
+
+The native calls sit behind `Decoder`, so scheduling can be tested with a scripted decoder.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Protocol, Sequence as Seq
+
+from .backends.base import SamplingParams
+
+log = logging.getLogger("capibara6.scheduler")
+
+MIN_PREFIX_REUSE = 8  # shorter shared prefixes (BOS, chat header) are not worth a cache lookup
+
+
+class Decoder(Protocol):
+    """The native side the scheduler drives (implemented in backends/llamacpp_batched.py)."""
+
+    n_cells: int  # KV cells shared by all sequences
+
+    def decode(self, tokens: Seq[int], pos: Seq[int], seq_ids: Seq[int], logits: Seq[bool]) -> None:
+        """One llama_decode of the batch; raises on failure."""
+        ...
+
+    def sample(self, sampler: Any, index: int) -> int:
+        """Sample from the logits of batch output row `index` (the i-th token with logits)."""
+        ...
+
+    def logprobs(self, index: int, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+        ...
+
+    def is_eog(self, token: int) -> bool:
+        ...
+
+    def seq_rm(self, seq_id: int, p0: int, p1: int) -> None:
+        ...
+
+    def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
+        ...
+
+    def free_sampler(self, sampler: Any) -> None:
+        ...
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One generation. Mutated by the scheduler thread only, except `abort` (any thread)."""
+
+    prompt: list[int]
+    params: SamplingParams
+    sampler: Any = None
+    events: "queue.SimpleQueue[tuple[Any, ...]]" = field(default_factory=queue.SimpleQueue)
+    abort: str | None = None  # "cancel" (drop KV) | "stop" (keep KV as cache), set by the reader
+    slot: int = -1
+    n_past: int = 0  # tokens of this sequence whose KV is in the cache
+    pending: int | None = None  # last sampled token, fed at the next step
+    generated: int = 0
+    reused: int = 0  # prompt tokens taken from the prefix cache
+    done: bool = False
+
+    @property
+    def reserve(self) -> int:
+        """Worst-case KV cells: the whole prompt and every token it may generate."""
+        return len(self.prompt) + self.params.max_tokens
+
+
+@dataclass
+class StepStat:
+    """What one step did (kept for tests, benchmarks and debugging)."""
+
+    t0: float
+    t1: float
+    n_decode: int  # running sequences that got a token
+    n_prefill: int  # prompt tokens processed
+    decode_slots: tuple[int, ...]
+
+
+@dataclass
+class _Slot:
+    owner: Sequence | None = None
+    tokens: list[int] = field(default_factory=list)  # tokens whose KV this sequence id holds
+    last_used: float = 0.0
+
+
+class Scheduler:
+    def __init__(
+        self,
+        decoder: Decoder,
+        n_slots: int,
+        prefill_chunk: int,
+        *,
+        on_prefix_hit: Callable[[int], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        keep_stats: int = 4096,
+    ) -> None:
+        self.decoder = decoder
+        self.prefill_chunk = prefill_chunk
+        self._slots = [_Slot() for _ in range(n_slots)]
+        self._waiting: list[Sequence] = []  # FIFO, guarded by _cond
+        self._running: list[Sequence] = []  # admission order, scheduler thread only
+        self._cond = threading.Condition()
+        self._closed = False
+        self._held = 0
+        self._on_prefix_hit = on_prefix_hit
+        self._clock = clock
+        self._keep_stats = keep_stats
+        self.stats: list[StepStat] = []
+        self.peak_running = 0
+        self._thread = threading.Thread(target=self._loop, name="capibara6-sched", daemon=True)
+        self._thread.start()
+
+    # -- request threads ---------------------------------------------------------------------
+
+    def submit(self, seq: Sequence) -> None:
+        if seq.reserve > self.decoder.n_cells:
+            raise ValueError(f"sequence needs {seq.reserve} KV cells; the cache has {self.decoder.n_cells}")
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the scheduler is closed")
+            self._waiting.append(seq)
+            self._cond.notify()
+
+    def abort(self, seq: Sequence, reason: str) -> None:
+        """Stop a sequence before its next step ("cancel" drops its KV, "stop" keeps it cached)."""
+        with self._cond:
+            if not seq.done and seq.abort is None:
+                seq.abort = reason
+                self._cond.notify()
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        """Admit nothing while held, then everything that fits at one step (tests, benchmarks)."""
+        with self._cond:
+            self._held += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._held -= 1
+                self._cond.notify()
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+        for seq in [*self._waiting, *self._running]:
+            self._finish(seq, ("error", RuntimeError("the model was unloaded")))
+
+    # -- scheduler thread --------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self._work_ready():
+                    self._cond.wait()
+                if self._closed:
+                    return
+                self._reap_aborted()
+                self._admit()
+            if self._running:
+                try:
+                    self._step()
+                except Exception as err:  # a failed decode ends every sequence in it, not the thread
+                    log.exception("scheduler step failed")
+                    for seq in list(self._running):
+                        self._finish(seq, ("error", err), drop_kv=True)
+
+    def _work_ready(self) -> bool:
+        return bool(self._running) or any(s.abort for s in self._waiting) or self._can_admit_head()
+
+    def _reap_aborted(self) -> None:
+        for seq in [s for s in self._waiting if s.abort]:
+            self._waiting.remove(seq)
+            self._finish(seq, None)
+        for seq in [s for s in self._running if s.abort]:
+            self._finish(seq, None, drop_kv=seq.abort == "cancel")
+
+    def _reserved(self) -> int:
+        held = sum(s.reserve for s in self._running)
+        cached = sum(len(sl.tokens) for sl in self._slots if sl.owner is None)
+        return held + cached
+
+    def _can_admit_head(self) -> bool:
+        if self._held or not self._waiting or all(sl.owner is not None for sl in self._slots):
+            return False
+        running = sum(s.reserve for s in self._running)
+        return running + self._waiting[0].reserve <= self.decoder.n_cells  # cached KV can be evicted
+
+    def _admit(self) -> None:
+        while self._can_admit_head():
+            seq = self._waiting.pop(0)
+            src, k = self._best_prefix(seq.prompt)
+            self._make_room(seq.reserve, keep=src)
+            self._place(seq, src, k)
+            self._running.append(seq)
+            self.peak_running = max(self.peak_running, len(self._running))
+
+    def _best_prefix(self, prompt: list[int]) -> tuple[int, int]:
+        """(slot, tokens) of the longest cached prefix of `prompt`; ties prefer finished slots."""
+        limit = len(prompt) - 1  # the last prompt token is always decoded (we need its logits)
+        best, key = (-1, 0), (0, False)
+        for i, sl in enumerate(self._slots):
+            k = _common_prefix(sl.tokens, prompt, limit)
+            if (k, sl.owner is None) > key:
+                best, key = (i, k), (k, sl.owner is None)
+        return best if best[1] >= MIN_PREFIX_REUSE else (-1, 0)
+
+    def _make_room(self, need: int, keep: int) -> None:
+        """Evict cached (finished) sequences' KV, least recently used first, until `need` fits."""
+        free = [sl for i, sl in enumerate(self._slots) if sl.owner is None and sl.tokens and i != keep]
+        free.sort(key=lambda sl: sl.last_used)
+        if keep >= 0 and self._slots[keep].owner is None:
+            free.append(self._slots[keep])  # the prefix source goes last
+        while self._reserved() + need > self.decoder.n_cells and free:
+            sl = free.pop(0)
+            self.decoder.seq_rm(self._slots.index(sl), 0, -1)
+            sl.tokens = []
+
+    def _place(self, seq: Sequence, src: int, k: int) -> None:
+        """Give `seq` a free slot holding the first `k` prompt tokens of slot `src` (if k > 0)."""
+        if src >= 0 and k > len(self._slots[src].tokens):
+            src, k = -1, 0  # the source was evicted to make room
+        if src >= 0 and self._slots[src].owner is None:
+            dst = src  # trim the cached sequence in place
+        else:
+            dst = min(
+                (i for i, sl in enumerate(self._slots) if sl.owner is None),
+                key=lambda i: (len(self._slots[i].tokens) > 0, self._slots[i].last_used),
+            )
+        if dst == src:
+            self.decoder.seq_rm(dst, k, -1)
+        else:
+            self.decoder.seq_rm(dst, 0, -1)
+            if src >= 0:
+                self.decoder.seq_cp(src, dst, 0, k)
+        sl = self._slots[dst]
+        sl.owner, sl.tokens = seq, seq.prompt[:k]
+        seq.slot, seq.n_past, seq.reused = dst, k, k
+        if k and self._on_prefix_hit is not None:
+            self._on_prefix_hit(k)
+
+    def _step(self) -> None:
+        tokens: list[int] = []
+        pos: list[int] = []
+        ids: list[int] = []
+        logits: list[bool] = []
+        outputs: list[Sequence] = []  # one per token with logits, in batch order
+        decoding = [s for s in self._running if s.pending is not None]
+        for seq in decoding:
+            tokens.append(seq.pending)  # type: ignore[arg-type]
+            pos.append(seq.n_past)
+            ids.append(seq.slot)
+            logits.append(True)
+            outputs.append(seq)
+        budget = self.prefill_chunk
+        fed: list[tuple[Sequence, int]] = []
+        for seq in self._running:
+            if budget == 0:
+                break
+            if seq.pending is not None:
+                continue
+            take = min(budget, len(seq.prompt) - seq.n_past)
+            last = seq.n_past + take == len(seq.prompt)
+            for j in range(take):
+                tokens.append(seq.prompt[seq.n_past + j])
+                pos.append(seq.n_past + j)
+                ids.append(seq.slot)
+                logits.append(last and j == take - 1)
+            if last:
+                outputs.append(seq)
+            fed.append((seq, take))
+            budget -= take
+        t0 = self._clock()
+        self.decoder.decode(tokens, pos, ids, logits)
+        for seq in decoding:
+            self._slots[seq.slot].tokens.append(seq.pending)  # type: ignore[arg-type]
+            seq.n_past += 1
+        for seq, take in fed:
+            self._slots[seq.slot].tokens.extend(seq.prompt[seq.n_past : seq.n_past + take])
+            seq.n_past += take
+        for index, seq in enumerate(outputs):
+            self._sampled(seq, index)
+        self._record(StepStat(t0, self._clock(), len(decoding), sum(t for _, t in fed), tuple(s.slot for s in decoding)))
+
+    def _sampled(self, seq: Sequence, index: int) -> None:
+        token = self.decoder.sample(seq.sampler, index)
+        if self.decoder.is_eog(token):
+            self._finish(seq, ("end", "stop"))
+            return
+        lp = self.decoder.logprobs(index, token, seq.params.logprobs) if seq.params.logprobs is not None else None
+        seq.generated += 1
+        seq.events.put(("token", token, lp))
+        if seq.generated >= seq.params.max_tokens:
+            self._finish(seq, ("end", "length"))
+        else:
+            seq.pending = token
+
+    def _finish(self, seq: Sequence, event: tuple[Any, ...] | None, *, drop_kv: bool = False) -> None:
+        if seq in self._running:
+            self._running.remove(seq)
+        if 0 <= seq.slot < len(self._slots) and self._slots[seq.slot].owner is seq:
+            sl = self._slots[seq.slot]
+            sl.owner, sl.last_used = None, self._clock()
+            if drop_kv:
+                self.decoder.seq_rm(seq.slot, 0, -1)
+                sl.tokens = []
+        if seq.sampler is not None:
+            self.decoder.free_sampler(seq.sampler)
+            seq.sampler = None
+        seq.done = True
+        if event is not None:
+            seq.events.put(event)
+
+    def _record(self, stat: StepStat) -> None:
+        self.stats.append(stat)
+        if len(self.stats) > self._keep_stats:
+            del self.stats[: len(self.stats) // 2]
+
+
+def _common_prefix(a: Seq[int], b: Seq[int], limit: int) -> int:
+    n = min(len(a), len(b), limit)
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
