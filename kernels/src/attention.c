@@ -2,9 +2,10 @@
  * h / (Hq/Hkv)); q [T,Hq,D] f32; k,v [S,Hkv,D] f32 or FP8 e4m3fn + scales [S,Hkv]. Query t sits at
  * position p = n_past + t and sees keys j <= p (and p - j < window if window > 0).
  * Online softmax over KV tiles of C6_AT_TILE keys: scratch is O(g*(D + tile)), independent of S.
- * One task = (query row, kv head) handling its g query heads together so each K/V row is loaded
- * (and FP8-decoded) once per group; when T*Hkv is smaller than the thread count (decode), the key
- * range is split across tasks and the partial (max, sum, acc) results are merged (flash-decoding). */
+ * One task = (block of 16 query rows, kv head) handling its 16*g query vectors together so each
+ * K/V row is loaded (and FP8-decoded) once per block; when there are fewer such tasks than threads
+ * (decode), the key range is split across tasks and the partial (max, sum, acc) results are merged
+ * (flash-decoding). */
 #include "capibara6_kernels.h"
 #include <math.h>
 #include <stdlib.h>
@@ -55,87 +56,108 @@ static inline void scal(float *restrict y, float a, int64_t D) {
     for (int64_t i = 0; i < D; i++) y[i] *= a;
 }
 
-/* s[i] = exp(s[i] - m); returns the sum */
+/* s[i] = exp(s[i] - m) (0 where s[i] == -inf: masked); returns the sum. m is finite. */
 static inline double exp_sub(float *restrict s, int64_t n, float m) {
     int64_t i = 0;
     float part = 0.0f;
 #if C6_USE_NEON
-    float32x4_t vm = vdupq_n_f32(m), acc = vdupq_n_f32(0);
+    float32x4_t vm = vdupq_n_f32(m), acc = vdupq_n_f32(0), ninf = vdupq_n_f32(-INFINITY);
     for (; i + 4 <= n; i += 4) {
-        float32x4_t e = c6_vexpq(vsubq_f32(vld1q_f32(s + i), vm));
+        float32x4_t sv = vld1q_f32(s + i);
+        float32x4_t e = c6_vexpq(vsubq_f32(sv, vm));
+        e = vbslq_f32(vceqq_f32(sv, ninf), vdupq_n_f32(0), e);
         vst1q_f32(s + i, e);
         acc = vaddq_f32(acc, e);
     }
     part = vaddvq_f32(acc);
 #endif
-    for (int64_t j = i; j < n; j++) s[j] = c6_expf(s[j] - m);
+    for (int64_t j = i; j < n; j++) {
+        float e = c6_expf(s[j] - m);
+        s[j] = s[j] == -INFINITY ? 0.0f : e;
+    }
     for (; i < n; i++) part += s[i];
     return part;
 }
 
+/* one task = (block of up to C6_AT_QB query rows, kv head, key split): every K/V row of a tile is
+ * loaded (FP8: decoded) once and used by QB*g query vectors */
+#define C6_AT_QB 16
 static void att_task(void *vctx, int64_t task) {
     const at_ctx *c = vctx;
     int64_t D = c->D, Hq = c->Hq, Hkv = c->Hkv, g = Hq / Hkv;
     int64_t sp = task % c->nsplit, rest = task / c->nsplit;
-    int64_t hk = rest % Hkv, t = rest / Hkv;
-    int64_t p = c->n_past + t;
-    int64_t lo = 0, hi = p + 1;
-    if (c->window > 0 && p - c->window + 1 > 0) lo = p - c->window + 1;
+    int64_t hk = rest % Hkv, tb = rest / Hkv;
+    int64_t t0 = tb * C6_AT_QB, t1 = t0 + C6_AT_QB < c->T ? t0 + C6_AT_QB : c->T;
+    int64_t nq = (t1 - t0) * g;                      /* query vectors in this task */
+    int64_t p0 = c->n_past + t0, p1 = c->n_past + t1 - 1;
+    int64_t lo = 0, hi = p1 + 1;
+    if (c->window > 0 && p0 - c->window + 1 > 0) lo = p0 - c->window + 1;
     int64_t len = hi - lo;
     int64_t a = lo + len * sp / c->nsplit, b = lo + len * (sp + 1) / c->nsplit;
 
-    float *buf = c6_scratch(3, (size_t)(g * D + g * C6_AT_TILE + 2 * D + 2 * g + 64));
-    if (!buf) abort();
-    float *acc = buf, *sc = acc + g * D, *kb = sc + g * C6_AT_TILE, *vb = kb + D, *mx = vb + D;
-    double lsum[64];
-    double *l = g <= 64 ? lsum : malloc(sizeof(double) * (size_t)g);
-    if (!l) abort();
-    const float *qr = c->q + (t * Hq + hk * g) * D;   /* the g query heads are adjacent */
-    for (int64_t gi = 0; gi < g; gi++) { mx[gi] = -INFINITY; l[gi] = 0.0; }
-    memset(acc, 0, sizeof(float) * (size_t)(g * D));
+    float *buf = c6_scratch(3, (size_t)(nq * D + nq * C6_AT_TILE + 2 * D + nq + 64));
+    double *l = malloc(sizeof(double) * (size_t)nq);
+    if (!buf || !l) abort();
+    float *acc = buf, *sc = acc + nq * D, *kb = sc + nq * C6_AT_TILE, *vb = kb + D, *mx = vb + D;
+    for (int64_t qi = 0; qi < nq; qi++) { mx[qi] = -INFINITY; l[qi] = 0.0; }
+    memset(acc, 0, sizeof(float) * (size_t)(nq * D));
 
     for (int64_t j0 = a; j0 < b; j0 += C6_AT_TILE) {
         int64_t jn = b - j0 < C6_AT_TILE ? b - j0 : C6_AT_TILE;
         for (int64_t jj = 0; jj < jn; jj++) {
-            int64_t row = (j0 + jj) * Hkv + hk;
+            int64_t j = j0 + jj, row = j * Hkv + hk;
             const float *kr;
             if (c->k8) { c6_fp8_decode_row(c->k8 + row * D, c->ks[row], kb, D); kr = kb; }
             else kr = c->kf + row * D;
-            for (int64_t gi = 0; gi < g; gi++) sc[gi * C6_AT_TILE + jj] = dotf(qr + gi * D, kr, D) * c->scale;
-        }
-        for (int64_t gi = 0; gi < g; gi++) {
-            float *s = sc + gi * C6_AT_TILE;
-            float mt = mx[gi];
-            for (int64_t jj = 0; jj < jn; jj++) mt = s[jj] > mt ? s[jj] : mt;
-            if (mt > mx[gi]) {
-                float corr = c6_expf(mx[gi] - mt);   /* exp(-inf) = 0 on the first tile */
-                l[gi] *= corr;
-                scal(acc + gi * D, corr, D);
-                mx[gi] = mt;
+            for (int64_t t = t0; t < t1; t++) {
+                int64_t p = c->n_past + t;
+                int vis = j <= p && (c->window <= 0 || p - j < c->window);
+                const float *qv = c->q + (t * Hq + hk * g) * D;
+                float *s = sc + (t - t0) * g * C6_AT_TILE + jj;
+                for (int64_t gi = 0; gi < g; gi++)
+                    s[gi * C6_AT_TILE] = vis ? dotf(qv + gi * D, kr, D) * c->scale : -INFINITY;
             }
-            l[gi] += exp_sub(s, jn, mx[gi]);
+        }
+        for (int64_t qi = 0; qi < nq; qi++) {
+            float *s = sc + qi * C6_AT_TILE;
+            float mt = mx[qi];
+            for (int64_t jj = 0; jj < jn; jj++) mt = s[jj] > mt ? s[jj] : mt;
+            if (mt == -INFINITY) {                   /* nothing visible yet for this row */
+                memset(s, 0, sizeof(float) * (size_t)jn);
+                continue;
+            }
+            if (mt > mx[qi]) {
+                float corr = mx[qi] == -INFINITY ? 0.0f : c6_expf(mx[qi] - mt);
+                l[qi] *= corr;
+                scal(acc + qi * D, corr, D);
+                mx[qi] = mt;
+            }
+            l[qi] += exp_sub(s, jn, mx[qi]);
         }
         for (int64_t jj = 0; jj < jn; jj++) {
             int64_t row = (j0 + jj) * Hkv + hk;
             const float *vr;
             if (c->v8) { c6_fp8_decode_row(c->v8 + row * D, c->vs[row], vb, D); vr = vb; }
             else vr = c->vf + row * D;
-            for (int64_t gi = 0; gi < g; gi++) axpy(acc + gi * D, sc[gi * C6_AT_TILE + jj], vr, D);
+            for (int64_t qi = 0; qi < nq; qi++) {
+                float w = sc[qi * C6_AT_TILE + jj];
+                if (w != 0.0f) axpy(acc + qi * D, w, vr, D);
+            }
         }
     }
-    for (int64_t gi = 0; gi < g; gi++) {
-        int64_t h = hk * g + gi;
+    for (int64_t qi = 0; qi < nq; qi++) {
+        int64_t t = t0 + qi / g, h = hk * g + qi % g;
         if (c->nsplit == 1) {
-            float inv = (float)(1.0 / l[gi]);
+            float inv = (float)(1.0 / l[qi]);
             float *o = c->out + (t * Hq + h) * D;
-            for (int64_t d = 0; d < D; d++) o[d] = acc[gi * D + d] * inv;
+            for (int64_t d = 0; d < D; d++) o[d] = acc[qi * D + d] * inv;
         } else {
             float *pp = c->part + ((t * Hq + h) * c->nsplit + sp) * (D + 2);
-            pp[0] = mx[gi]; pp[1] = (float)l[gi];
-            memcpy(pp + 2, acc + gi * D, sizeof(float) * (size_t)D);
+            pp[0] = mx[qi]; pp[1] = (float)l[qi];
+            memcpy(pp + 2, acc + qi * D, sizeof(float) * (size_t)D);
         }
     }
-    if (l != lsum) free(l);
+    free(l);
 }
 
 int c6_attention(const float *q, const void *k, const void *v, const float *k_scale,
@@ -151,12 +173,13 @@ int c6_attention(const float *q, const void *k, const void *v, const float *k_sc
     int nt = c6_get_num_threads();
     int64_t keys = n_past + T;
     if (window > 0 && window < keys) keys = window;
-    if (T * Hkv < nt && keys >= 256) c.nsplit = nt;
+    int64_t ntb = (T + C6_AT_QB - 1) / C6_AT_QB;
+    if (ntb * Hkv < nt && keys >= 256) c.nsplit = nt;
     if (c.nsplit > 1) {
         c.part = malloc(sizeof(float) * (size_t)(T * Hq * c.nsplit * (D + 2)));
         if (!c.part) return -1;
     }
-    c6_parallel_for(T * Hkv * c.nsplit, att_task, &c);
+    c6_parallel_for(ntb * Hkv * c.nsplit, att_task, &c);
     if (c.nsplit > 1) {
         for (int64_t r = 0; r < T * Hq; r++) {
             const float *pp = c.part + r * c.nsplit * (D + 2);
