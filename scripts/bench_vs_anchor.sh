@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # capibara6 against what users would run instead, on the same GGUF with the same threads:
-#   anchor        llama-cpp-python's own server (python -m llama_cpp.server), the baseline
+#   anchor        llama-cpp-python's own server (python -m llama_cpp.server), the baseline, with its
+#                 defaults: one lock, and a running stream is cut when another request arrives
+#   anchor-no-interrupt   the same with --interrupt_requests False (only with --anchor-no-interrupt):
+#                 shows what the cutting does to its numbers
 #   capibara6     this server
 #   llama-server  llama.cpp's server with 8 parallel slots (continuous batching), when a binary exists
 #                 ($LLAMA_SERVER_BIN, else /work/llama-server-build/bin/llama-server)
@@ -10,6 +13,7 @@
 #
 # usage: scripts/bench_vs_anchor.sh [--out DIR] [--threads T] [--gguf PATH] [--concurrency 1,2,4,8]
 #          [--requests N] [--max-tokens N] [--endpoint completions|chat] [--n-ctx N] [--no-llama-server]
+#          [--anchor-no-interrupt]
 #          [-- extra flags for `capibara6 bench`]
 set -euo pipefail
 
@@ -18,7 +22,7 @@ PY="${PYTHON:-$ROOT/.venv/bin/python}"
 [ -x "$PY" ] || PY="$(command -v python3)"
 
 OUT="bench-out"; THREADS=1; GGUF=""; CONC="1,2,4,8"; REQUESTS=16; MAX_TOKENS=64
-ENDPOINT="completions"; NCTX=2048; USE_LLAMA_SERVER=1; NP=8; EXTRA=()
+ENDPOINT="completions"; NCTX=2048; USE_LLAMA_SERVER=1; NO_INTERRUPT=0; NP=8; EXTRA=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) OUT="$2"; shift 2 ;;
@@ -30,8 +34,9 @@ while [ $# -gt 0 ]; do
         --endpoint) ENDPOINT="$2"; shift 2 ;;
         --n-ctx) NCTX="$2"; shift 2 ;;
         --no-llama-server) USE_LLAMA_SERVER=0; shift ;;
+        --anchor-no-interrupt) NO_INTERRUPT=1; shift ;;
         --) shift; EXTRA=("$@"); break ;;
-        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
         *) echo "bench_vs_anchor: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -89,15 +94,20 @@ CHAT_FORMAT=()
 [ "$ENDPOINT" = chat ] && CHAT_FORMAT=(--chat_format gemma)
 log "model $GGUF, threads $THREADS, n_ctx $NCTX, concurrency $CONC, $REQUESTS requests/level, max_tokens $MAX_TOKENS"
 
-# 1. anchor: llama-cpp-python's server (one lock; interrupts a running stream when another arrives)
-PORT="$(free_port)"
-"$PY" -m llama_cpp.server --model "$GGUF" --model_alias gemma3-270m --n_threads "$THREADS" \
-    --n_threads_batch "$THREADS" --n_ctx "$NCTX" ${CHAT_FORMAT[@]+"${CHAT_FORMAT[@]}"} --verbose False \
-    --host 127.0.0.1 --port "$PORT" >"$OUT/anchor.log" 2>&1 &
-CURRENT_PID=$!
-wait_up "http://127.0.0.1:$PORT/v1/models"
-run_bench anchor "$PORT"
-stop_current
+# run_anchor LABEL INTERRUPT: llama-cpp-python's server (one lock for every request)
+run_anchor() {
+    PORT="$(free_port)"
+    "$PY" -m llama_cpp.server --model "$GGUF" --model_alias gemma3-270m --n_threads "$THREADS" \
+        --n_threads_batch "$THREADS" --n_ctx "$NCTX" ${CHAT_FORMAT[@]+"${CHAT_FORMAT[@]}"} --verbose False \
+        --interrupt_requests "$2" --host 127.0.0.1 --port "$PORT" >"$OUT/$1.log" 2>&1 &
+    CURRENT_PID=$!
+    wait_up "http://127.0.0.1:$PORT/v1/models"
+    run_bench "$1" "$PORT"
+    stop_current
+}
+
+# 1. the anchor as users get it (interrupts a running stream when another request arrives)
+run_anchor anchor True
 
 # 2. capibara6 on a registry written for this run (same file, threads and context)
 PORT="$(free_port)"
@@ -113,8 +123,13 @@ wait_up "http://127.0.0.1:$PORT/v1/models"
 run_bench capibara6 "$PORT"
 stop_current
 
-# 3. llama.cpp's llama-server, when built: -np slots share -c, so give each slot n_ctx
 RESULTS=("$OUT/anchor.json" "$OUT/capibara6.json")
+if [ "$NO_INTERRUPT" = 1 ]; then
+    run_anchor anchor-no-interrupt False
+    RESULTS+=("$OUT/anchor-no-interrupt.json")
+fi
+
+# 3. llama.cpp's llama-server, when built: -np slots share -c, so give each slot n_ctx
 LLAMA_SERVER_BIN="${LLAMA_SERVER_BIN:-/work/llama-server-build/bin/llama-server}"
 if [ "$USE_LLAMA_SERVER" = 1 ] && [ -x "$LLAMA_SERVER_BIN" ]; then
     PORT="$(free_port)"

@@ -131,6 +131,10 @@ def plot_comparison(results: list[dict[str, Any]], path: Path) -> Path:
             ax.plot([], [], color=colour, label=res["label"], linewidth=6, alpha=0.6)
         xs = [c for c in concs if c in lv]
         axes[1][0].plot(xs, [lv[c]["aggregate_tok_s"] or 0 for c in xs], marker="o", color=colour, label=res["label"])
+        for c in xs:  # errors beside the throughput they cost, so a fast but failing server shows it
+            if lv[c]["errors"]:
+                axes[1][0].annotate(f"{lv[c]['errors']} err", (c, lv[c]["aggregate_tok_s"] or 0), color=colour,
+                                    textcoords="offset points", xytext=(4, 4), fontsize=8)
         axes[1][1].plot(xs, [(lv[c]["ttft_s"]["p95"] or 0) * 1000 for c in xs], marker="o", color=colour, label=res["label"])
     for ax, title in ((axes[0][0], "TTFT per request (ms)"), (axes[0][1], "end-to-end latency, completed (ms)")):
         ax.set_xticks(range(len(concs)), [str(c) for c in concs])

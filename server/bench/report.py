@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import platform
 from collections import Counter
 from pathlib import Path
 from typing import Any, TextIO
@@ -56,6 +58,7 @@ def build_result(cfg: BenchConfig, model: str, levels: list[LevelRun]) -> dict[s
         "label": cfg.label or cfg.base_url,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "config": config,
+        "client_host": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "levels": [{**summarize_level(lv), "requests": [r.to_json() for r in lv.results]} for lv in levels],
     }
 
