@@ -262,6 +262,9 @@ def test_only_loopback_without_allow_remote(capsys: Any) -> None:
     assert main(["--url", "http://192.168.0.9:8082", "--quiet"]) == 2
     assert "--allow-remote" in capsys.readouterr().err
     assert main(["--url", "http://127.0.0.1:1", "--requests", "100000"]) == 2  # bounded count
+    capsys.readouterr()
+    assert main(["--url", f"http://127.0.0.1:{free_port()}", "--quiet"]) == 2  # nobody listening
+    assert "cannot list models" in capsys.readouterr().err
 
 
 # --- compare --------------------------------------------------------------------------------------

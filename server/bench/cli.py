@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, Sequence, TextIO
 from urllib.parse import urlsplit
 
+import httpx
+
 from .compare import goal_check, plot_comparison, print_comparison, ratios
 from .report import build_result, headline, load_result, print_table, write_result
 from .runner import MAX_CONCURRENCY, MAX_REQUESTS_PER_LEVEL, MAX_WALL_S, BenchConfig, run_bench
@@ -110,7 +112,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
                 write_result(result, args.out)
             print_table(result, out)
             summary = {"label": result["label"], "result": str(args.out) if args.out else None, "levels": headline(result)}
-    except (ValueError, OSError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError, httpx.HTTPError) as err:  # a clear line, not a traceback
         print(f"capibara6 bench: {err}", file=sys.stderr)
         return 2
     print(json.dumps(summary), file=out)

@@ -101,8 +101,11 @@ async def run_level(client: httpx.AsyncClient, url: str, bodies: list[dict[str, 
 
 
 async def discover_model(client: httpx.AsyncClient, base_url: str) -> str:
-    resp = await client.get(base_url + "/v1/models")
-    resp.raise_for_status()
+    try:
+        resp = await client.get(base_url + "/v1/models")
+        resp.raise_for_status()
+    except httpx.HTTPError as err:
+        raise RuntimeError(f"cannot list models at {base_url}/v1/models: {err}") from err
     data = resp.json().get("data") or []
     if not data:
         raise RuntimeError(f"{base_url}/v1/models lists no model")
