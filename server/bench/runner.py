@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import httpx
 
-from .client import TIMEOUT, RequestResult, endpoint_path, request_body, stream_request
+from .client import ABORTED, TIMEOUT, RequestResult, endpoint_path, request_body, stream_request
 from .prompts import make_completion_prompts, make_prompts
 
 MAX_REQUESTS_PER_LEVEL = 1000
@@ -95,7 +95,7 @@ async def run_level(client: httpx.AsyncClient, url: str, bodies: list[dict[str, 
     for res in results:
         if res.total is None:  # cancelled before its stream began
             res.total = clock() - t0 - res.start
-        if res.status == "aborted" and res.error is None:
+        if res.status == ABORTED and res.error is None:
             res.error = "wall-time budget of the run exhausted"
     return LevelRun(concurrency, len(bodies), clock() - t0, results)
 
