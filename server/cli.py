@@ -132,8 +132,9 @@ def server_states(url: str, timeout: float = 2.0) -> dict[str, str] | None:
         return None
 
 
-def print_models(registry: Registry, out: Any = sys.stdout, states: dict[str, str] | None = None) -> None:
+def print_models(registry: Registry, out: Any = None, states: dict[str, str] | None = None) -> None:
     """The registry; with `states` (from a running server) each model's pool state too."""
+    out = out or sys.stdout  # looked up per call, so a redirected stdout is honoured
     print(f"{'id':28} {'state':11} {'backend':9} {'n_ctx':>6} {'threads':>7}  tags / source", file=out)
     for mid, spec in registry.models.items():
         src = spec.source.path or spec.source.pypi or spec.source.url

@@ -146,7 +146,7 @@ class ModelPool:
         slot.blocked = False  # a new request retries a load that found no room before
         self._pump(slot)
         try:
-            done, _ = await asyncio.wait({waiter.future}, timeout=slot.spec.queue_timeout_s)
+            done = await self._wait(slot, waiter)
         except BaseException:  # cancelled: the client went away or the server stops
             self._abandon(slot, waiter)
             raise
@@ -158,6 +158,22 @@ class ModelPool:
                 retry_after_s=1,
             )
         return slot, waiter.future.result()  # raises the load error, if that is what came
+
+    async def _wait(self, slot: ModelSlot, waiter: Waiter) -> bool:
+        """Wait up to queue_timeout_s for a grant. The clock stops while the model's first
+        instance loads: a big model may take longer to load than anyone should queue."""
+        left = slot.spec.queue_timeout_s
+        while left > 0:
+            cold = slot.loading if not slot.instances else None
+            if cold is not None:
+                await asyncio.wait({waiter.future, cold}, return_when=asyncio.FIRST_COMPLETED)
+            else:
+                t0 = time.monotonic()
+                await asyncio.wait({waiter.future}, timeout=left)
+                left -= time.monotonic() - t0
+            if waiter.future.done():
+                return True
+        return False
 
     def _abandon(self, slot: ModelSlot, waiter: Waiter) -> None:
         """A waiter gives up. A grant that raced with it goes straight back: no slot leaks."""
@@ -268,6 +284,7 @@ class ModelPool:
 
     def _load_failed(self, slot: ModelSlot, err: Exception, first: bool) -> None:
         log.warning("loading %s failed: %s", slot.model_id, err)
+        slot.estimate = None  # the file may be replaced before the next try
         if first:
             slot.queue.fail_all(ServiceUnavailable(f"Model '{slot.model_id}' could not be loaded: {err}"))
         else:
