@@ -19,6 +19,7 @@ from ..errors import ApiError, BodyTooLarge, InvalidRequest, ModelNotFound, NotF
 from ..orchestrator.routing import ensemble_cards
 from ..pool import ModelPool
 from ..serving import Generation, Plan, Service
+from . import admin
 from .framing import complete_json, stream_sse
 from .grammar import response_format_grammar
 from .protocol import ChatCompletionRequest, CompletionRequest
@@ -286,6 +287,7 @@ def create_app(state: AppState, role: Role) -> FastAPI:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return await respond(request, plan, want_lp, stream, include_usage)
 
+    app.include_router(admin.router)
     return app
 
 
