@@ -188,3 +188,10 @@ def test_registry_rejects_bad_ensembles() -> None:
         parse_registry({"models": {"m": {"source": src}}, "ensembles": {"m": {"experts": ["m"]}}})
     with pytest.raises(ConfigError, match="unknown model"):
         parse_registry({"models": {"m": {"source": src}}, "ensembles": {"e": {"experts": ["zz"]}}})
+
+
+def test_resolve_refuses_unknown_model_even_with_explicit_experts() -> None:
+    with pytest.raises(ModelNotFound):
+        resolve(_registry(), "nope", ConsensusOptions(experts=["small"]), "x")  # type: ignore[arg-type]
+    one = resolve(_registry(), "small", ConsensusOptions(strategy="fastest"), "x")  # type: ignore[arg-type]
+    assert one and one.experts == ("small",) and one.strategy == "fastest"

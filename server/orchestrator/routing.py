@@ -110,6 +110,8 @@ def resolve(registry: Registry, model: str, options: ConsensusOptions | None, te
     """The consensus plan for a request, or None for a plain single-model request."""
     ensemble: EnsembleSpec | None = registry.ensembles.get(model)
     route = None
+    if ensemble is None and model != AUTO and model not in registry.models:
+        raise ModelNotFound(model)  # even with explicit experts: `model` must name something real
     if options is not None and options.experts:
         name, experts = (model if ensemble else "custom"), list(options.experts)
     elif ensemble is not None:
@@ -117,12 +119,10 @@ def resolve(registry: Registry, model: str, options: ConsensusOptions | None, te
     elif model == AUTO:
         tag, reason = classify(text)
         name, experts, route = AUTO, _auto_experts(registry, tag), {"tag": tag, "reason": reason}
-    elif model in registry.models:
-        if options is None:
-            return None
-        name, experts = model, [model]
+    elif options is None:
+        return None
     else:
-        raise ModelNotFound(model)
+        name, experts = model, [model]
     for ref in experts:
         if ref not in registry.models:
             raise InvalidRequest(f"Unknown expert model '{ref}'.", param="consensus.experts", code="model_not_found")
