@@ -57,7 +57,7 @@ class ConsensusOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    experts: list[str] | None = None
+    experts: list[str] | None = Field(None, min_length=1, max_length=16, description="Registry ids; one may repeat.")
     strategy: Literal["fastest", "vote", "judge", "synthesize"] | None = None
     judge: str | None = None
     aggregator: str | None = None
