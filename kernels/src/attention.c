@@ -52,6 +52,77 @@ static inline void axpy(float *restrict y, float a, const float *restrict x, int
     for (; i < D; i++) y[i] += a * x[i];
 }
 
+/* out[i] = q . k_i for 4 keys (q loaded once per chunk) */
+static inline void dot1x4(const float *restrict q, const float *k0, const float *k1, const float *k2,
+                          const float *k3, int64_t D, float *out) {
+    int64_t i = 0;
+    float s0, s1, s2, s3;
+#if C6_USE_NEON
+    float32x4_t a0 = vdupq_n_f32(0), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    for (; i + 8 <= D; i += 8) {
+        float32x4_t x0 = vld1q_f32(q + i), x1 = vld1q_f32(q + i + 4);
+        a0 = vfmaq_f32(a0, x0, vld1q_f32(k0 + i)); b0 = vfmaq_f32(b0, x1, vld1q_f32(k0 + i + 4));
+        a1 = vfmaq_f32(a1, x0, vld1q_f32(k1 + i)); b1 = vfmaq_f32(b1, x1, vld1q_f32(k1 + i + 4));
+        a2 = vfmaq_f32(a2, x0, vld1q_f32(k2 + i)); b2 = vfmaq_f32(b2, x1, vld1q_f32(k2 + i + 4));
+        a3 = vfmaq_f32(a3, x0, vld1q_f32(k3 + i)); b3 = vfmaq_f32(b3, x1, vld1q_f32(k3 + i + 4));
+    }
+    s0 = vaddvq_f32(vaddq_f32(a0, b0)); s1 = vaddvq_f32(vaddq_f32(a1, b1));
+    s2 = vaddvq_f32(vaddq_f32(a2, b2)); s3 = vaddvq_f32(vaddq_f32(a3, b3));
+#else
+    c6_vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    for (; i + C6_VL <= D; i += C6_VL) {
+        c6_vf x = c6_ldu(q + i);
+        a0 += x * c6_ldu(k0 + i); a1 += x * c6_ldu(k1 + i);
+        a2 += x * c6_ldu(k2 + i); a3 += x * c6_ldu(k3 + i);
+    }
+    s0 = c6_hsum(a0); s1 = c6_hsum(a1); s2 = c6_hsum(a2); s3 = c6_hsum(a3);
+#endif
+    for (; i < D; i++) { s0 += q[i] * k0[i]; s1 += q[i] * k1[i]; s2 += q[i] * k2[i]; s3 += q[i] * k3[i]; }
+    out[0] = s0; out[1] = s1; out[2] = s2; out[3] = s3;
+}
+
+/* acc[D] += sum_j w[j] * v_j[D] over n keys, accumulating a chunk of acc in registers */
+static inline void pv_row(float *restrict acc, const float *restrict w, const float *const *vr, int64_t n,
+                          int64_t D) {
+    int64_t d = 0;
+#if C6_USE_NEON
+    for (; d + 16 <= D; d += 16) {
+        float32x4_t a0 = vld1q_f32(acc + d), a1 = vld1q_f32(acc + d + 4);
+        float32x4_t a2 = vld1q_f32(acc + d + 8), a3 = vld1q_f32(acc + d + 12);
+        for (int64_t j = 0; j < n; j++) {
+            const float *v = vr[j] + d;
+            float32x4_t wj = vdupq_n_f32(w[j]);
+            a0 = vfmaq_f32(a0, wj, vld1q_f32(v)); a1 = vfmaq_f32(a1, wj, vld1q_f32(v + 4));
+            a2 = vfmaq_f32(a2, wj, vld1q_f32(v + 8)); a3 = vfmaq_f32(a3, wj, vld1q_f32(v + 12));
+        }
+        vst1q_f32(acc + d, a0); vst1q_f32(acc + d + 4, a1); vst1q_f32(acc + d + 8, a2); vst1q_f32(acc + d + 12, a3);
+    }
+#else
+    for (; d + 4 * C6_VL <= D; d += 4 * C6_VL) {
+        c6_vf a0 = c6_ldu(acc + d), a1 = c6_ldu(acc + d + C6_VL);
+        c6_vf a2 = c6_ldu(acc + d + 2 * C6_VL), a3 = c6_ldu(acc + d + 3 * C6_VL);
+        for (int64_t j = 0; j < n; j++) {
+            const float *v = vr[j] + d;
+            float wj = w[j];
+            a0 += wj * c6_ldu(v); a1 += wj * c6_ldu(v + C6_VL);
+            a2 += wj * c6_ldu(v + 2 * C6_VL); a3 += wj * c6_ldu(v + 3 * C6_VL);
+        }
+        *(c6_vfu *)(acc + d) = a0; *(c6_vfu *)(acc + d + C6_VL) = a1;
+        *(c6_vfu *)(acc + d + 2 * C6_VL) = a2; *(c6_vfu *)(acc + d + 3 * C6_VL) = a3;
+    }
+    for (; d + C6_VL <= D; d += C6_VL) {
+        c6_vf a0 = c6_ldu(acc + d);
+        for (int64_t j = 0; j < n; j++) a0 += w[j] * c6_ldu(vr[j] + d);
+        *(c6_vfu *)(acc + d) = a0;
+    }
+#endif
+    for (; d < D; d++) {
+        float a = acc[d];
+        for (int64_t j = 0; j < n; j++) a += w[j] * vr[j][d];
+        acc[d] = a;
+    }
+}
+
 static inline void scal(float *restrict y, float a, int64_t D) {
     for (int64_t i = 0; i < D; i++) y[i] *= a;
 }
@@ -95,37 +166,49 @@ static void att_task(void *vctx, int64_t task) {
     int64_t len = hi - lo;
     int64_t a = lo + len * sp / c->nsplit, b = lo + len * (sp + 1) / c->nsplit;
 
-    float *buf = c6_scratch(3, (size_t)(nq * D + nq * C6_AT_TILE + 2 * D + nq + 64));
+    int fp8 = c->k8 != NULL;
+    size_t tilebuf = fp8 ? (size_t)(2 * C6_AT_TILE * D) : 0;
+    float *buf = c6_scratch(3, (size_t)(nq * D + nq * C6_AT_TILE + nq + 64) + tilebuf);
     double *l = malloc(sizeof(double) * (size_t)nq);
     if (!buf || !l) abort();
-    float *acc = buf, *sc = acc + nq * D, *kb = sc + nq * C6_AT_TILE, *vb = kb + D, *mx = vb + D;
+    float *acc = buf, *sc = acc + nq * D, *mx = sc + nq * C6_AT_TILE, *kt = mx + nq + 16, *vt = kt + C6_AT_TILE * D;
+    const float *kp[C6_AT_TILE], *vp[C6_AT_TILE];
     for (int64_t qi = 0; qi < nq; qi++) { mx[qi] = -INFINITY; l[qi] = 0.0; }
     memset(acc, 0, sizeof(float) * (size_t)(nq * D));
 
     for (int64_t j0 = a; j0 < b; j0 += C6_AT_TILE) {
         int64_t jn = b - j0 < C6_AT_TILE ? b - j0 : C6_AT_TILE;
-        for (int64_t jj = 0; jj < jn; jj++) {
-            int64_t j = j0 + jj, row = j * Hkv + hk;
-            const float *kr;
-            if (c->k8) { c6_fp8_decode_row(c->k8 + row * D, c->ks[row], kb, D); kr = kb; }
-            else kr = c->kf + row * D;
-            for (int64_t t = t0; t < t1; t++) {
-                int64_t p = c->n_past + t;
-                int vis = j <= p && (c->window <= 0 || p - j < c->window);
-                const float *qv = c->q + (t * Hq + hk * g) * D;
-                float *s = sc + (t - t0) * g * C6_AT_TILE + jj;
-                for (int64_t gi = 0; gi < g; gi++)
-                    s[gi * C6_AT_TILE] = vis ? dotf(qv + gi * D, kr, D) * c->scale : -INFINITY;
+        for (int64_t jj = 0; jj < jn; jj++) {      /* K/V rows of the tile (FP8: decoded once) */
+            int64_t row = (j0 + jj) * Hkv + hk;
+            if (fp8) {
+                c6_fp8_decode_row(c->k8 + row * D, c->ks[row], kt + jj * D, D);
+                c6_fp8_decode_row(c->v8 + row * D, c->vs[row], vt + jj * D, D);
+                kp[jj] = kt + jj * D; vp[jj] = vt + jj * D;
+            } else {
+                kp[jj] = c->kf + row * D; vp[jj] = c->vf + row * D;
+            }
+        }
+        for (int64_t t = t0; t < t1; t++) {
+            int64_t p = c->n_past + t;
+            const float *qv = c->q + (t * Hq + hk * g) * D;
+            for (int64_t gi = 0; gi < g; gi++) {
+                float *s = sc + ((t - t0) * g + gi) * C6_AT_TILE;
+                const float *qq = qv + gi * D;
+                int64_t jj = 0;
+                for (; jj + 4 <= jn; jj += 4) dot1x4(qq, kp[jj], kp[jj + 1], kp[jj + 2], kp[jj + 3], D, s + jj);
+                for (; jj < jn; jj++) s[jj] = dotf(qq, kp[jj], D);
+                for (jj = 0; jj < jn; jj++) {
+                    int64_t j = j0 + jj;
+                    int vis = j <= p && (c->window <= 0 || p - j < c->window);
+                    s[jj] = vis ? s[jj] * c->scale : -INFINITY;
+                }
             }
         }
         for (int64_t qi = 0; qi < nq; qi++) {
             float *s = sc + qi * C6_AT_TILE;
             float mt = mx[qi];
             for (int64_t jj = 0; jj < jn; jj++) mt = s[jj] > mt ? s[jj] : mt;
-            if (mt == -INFINITY) {                   /* nothing visible yet for this row */
-                memset(s, 0, sizeof(float) * (size_t)jn);
-                continue;
-            }
+            if (mt == -INFINITY) continue;          /* nothing visible yet for this row */
             if (mt > mx[qi]) {
                 float corr = mx[qi] == -INFINITY ? 0.0f : c6_expf(mx[qi] - mt);
                 l[qi] *= corr;
@@ -133,16 +216,7 @@ static void att_task(void *vctx, int64_t task) {
                 mx[qi] = mt;
             }
             l[qi] += exp_sub(s, jn, mx[qi]);
-        }
-        for (int64_t jj = 0; jj < jn; jj++) {
-            int64_t row = (j0 + jj) * Hkv + hk;
-            const float *vr;
-            if (c->v8) { c6_fp8_decode_row(c->v8 + row * D, c->vs[row], vb, D); vr = vb; }
-            else vr = c->vf + row * D;
-            for (int64_t qi = 0; qi < nq; qi++) {
-                float w = sc[qi * C6_AT_TILE + jj];
-                if (w != 0.0f) axpy(acc + qi * D, w, vr, D);
-            }
+            pv_row(acc + qi * D, s, vp, jn, D);
         }
     }
     for (int64_t qi = 0; qi < nq; qi++) {
