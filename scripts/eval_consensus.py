@@ -112,6 +112,8 @@ async def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     tallies: dict[str, Tally] = {k: Tally() for k in [*EXPERTS, "greedy", "fastest", *STRATEGIES]}
     agreement = 0.0
     data = items(args.arith, args.choice, args.seed)
+    warm = Plan("eval", False, ["1 + 1 ="], 1, 2, SamplingParams(temperature=0.0))
+    await asyncio.gather(*(run_model(service, m, "1 + 1 =", warm, 0, None) for m in EXPERTS))  # loads out of the timings
     for i, (kind, prompt, gold) in enumerate(data):
         base = Plan("eval", False, [prompt], 1, 6, SamplingParams(temperature=args.temperature, seed=args.seed * 1000 + i, stop=("\n",)))
         t0 = time.perf_counter()
