@@ -414,3 +414,18 @@ def test_close_fails_waiters_and_unloads() -> None:
             await pool.load("a")
 
     run(main())
+
+
+def test_probe_lease_keeps_the_idle_clock() -> None:
+    async def main() -> None:
+        pool, _ = make_pool(("a",), clock=clock, idle_unload_s=10)
+        await pool.load("a")
+        clock.now += 8
+        async with pool.lease("a", touch=False):  # a /ready probe
+            pass
+        clock.now += 3
+        assert await pool.reap() == ["a"]  # 11 s since real use, though probed 3 s ago
+        await pool.close()
+
+    clock = Clock()
+    run(main())

@@ -114,13 +114,21 @@ class ModelPool:
     # -- leases ----------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def lease(self, model_id: str) -> AsyncIterator[Backend]:
-        """One generation slot on a loaded instance; waits in the model's queue if needed."""
+    async def lease(self, model_id: str, *, touch: bool = True) -> AsyncIterator[Backend]:
+        """One generation slot on a loaded instance; waits in the model's queue if needed.
+
+        touch=False (health probes): an idle model's idle clock and LRU place are kept, so a
+        load balancer polling /ready does not keep a model loaded forever.
+        """
+        slot = self._slot(model_id)
+        kept = (slot.last_used, slot.idle_since) if slot.instances and not slot.leases else None
         slot, inst = await self._acquire(model_id)
         try:
             yield inst.backend
         finally:
             self._release(slot, inst)
+            if not touch and kept is not None and slot.instances and not slot.leases:
+                slot.last_used, slot.idle_since = kept
 
     def _slot(self, model_id: str) -> ModelSlot:
         slot = self._slots.get(model_id)
