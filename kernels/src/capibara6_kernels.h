@@ -28,7 +28,14 @@
 typedef float c6_vf __attribute__((vector_size(C6_VB)));
 typedef float c6_vfu __attribute__((vector_size(C6_VB), aligned(4)));
 static inline c6_vf c6_ldu(const float *p) { return *(const c6_vfu *)p; }
-static inline float c6_hsum(c6_vf v) { float s = 0; for (int i = 0; i < C6_VL; i++) s += v[i]; return s; }
+/* horizontal sum as a halving tree (log2(VL) dependent adds, not VL) */
+static inline float c6_hsum(c6_vf v) {
+    float t[C6_VL];
+    memcpy(t, &v, sizeof t);
+    for (int w = C6_VL / 2; w >= 1; w /= 2)
+        for (int i = 0; i < w; i++) t[i] += t[i + w];
+    return t[0];
+}
 typedef int32_t c6_vi __attribute__((vector_size(C6_VB)));
 /* a > b ? a : b per lane (NaN in a -> b), i.e. x86 maxps semantics */
 static inline c6_vf c6_vmax(c6_vf a, c6_vf b) {

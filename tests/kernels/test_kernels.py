@@ -474,3 +474,46 @@ def test_portable_build_passes_suite(tmp_path):
                         "--rootdir", str(tmp_path), "-c", os.devnull],
                        env=env, cwd=str(tmp_path), capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+
+
+def test_concurrent_callers(rng, threads):
+    """Several Python threads (the server runs several models in one process) calling kernels at
+    once: the GIL is released, the pool runs one job at a time and other callers run inline."""
+    import threading
+    kernels.set_num_threads(2)
+    x = rng.standard_normal((33, 300)).astype(np.float32)
+    w = rng.standard_normal((257, 300)).astype(np.float32)
+    q = rng.standard_normal((3, 4, 64)).astype(np.float32)
+    k = rng.standard_normal((400, 2, 64)).astype(np.float32)
+    ref_mm = kernels.matmul(x, w)
+    ref_at = kernels.attention(q, k, k, n_past=397, scale=0.125)
+    errors = []
+
+    def work():
+        try:
+            for _ in range(5 if SMALL else 20):
+                np.testing.assert_array_equal(kernels.matmul(x, w), ref_mm)
+                a = kernels.attention(q, k, k, n_past=397, scale=0.125)
+                assert np.max(np.abs(a - ref_at)) <= 1e-6 * np.max(np.abs(ref_at))
+        except Exception as e:  # pragma: no cover
+            errors.append(e)
+
+    ts = [threading.Thread(target=work) for _ in range(3)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors, errors
+
+
+def test_empty_arrays():
+    z = np.zeros((0, 8), np.float32)
+    assert kernels.matmul(z, np.ones((3, 8), np.float32)).shape == (0, 3)
+    np.testing.assert_array_equal(kernels.matmul(np.ones((2, 0), np.float32), np.ones((3, 0), np.float32)),
+                                  np.zeros((2, 3), np.float32))
+    assert kernels.softmax(z).shape == (0, 8)
+    assert kernels.rmsnorm(z, np.ones(8, np.float32), 1e-6).shape == (0, 8)
+    assert kernels.fp8_quantize_rows(z)[1].shape == (0,)
+    q0 = np.zeros((0, 2, 8), np.float32)
+    kv = np.zeros((4, 1, 8), np.float32)
+    assert kernels.attention(q0, kv, kv, n_past=0, scale=1.0).shape == (0, 2, 8)
