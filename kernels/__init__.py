@@ -41,12 +41,12 @@ def _arr(name, a, dtype=_F32, ndims=None):
     return a
 
 
-def _ptr(a, ctype="float *"):
-    return _ffi.cast(ctype, _ffi.from_buffer(a, require_writable=False))
+def _ptr(a, ctype="float[]"):
+    return _ffi.from_buffer(ctype, a)
 
 
-def _wptr(a, ctype="float *"):
-    return _ffi.cast(ctype, _ffi.from_buffer(a, require_writable=True))
+def _wptr(a, ctype="float[]"):
+    return _ffi.from_buffer(ctype, a, require_writable=True)
 
 
 def _out(out, shape, dtype=_F32, inputs=(), inplace_ok=(), name="out"):
@@ -60,9 +60,12 @@ def _out(out, shape, dtype=_F32, inputs=(), inplace_ok=(), name="out"):
     if not out.flags.writeable:
         raise ValueError(f"{name}: array is read-only")
     for a in inputs:
-        if a is None or not np.may_share_memory(out, a):
+        if a is None or (a is out and any(a is b for b in inplace_ok)):
             continue
-        exact = any(a is b for b in inplace_ok) and a.ctypes.data == out.ctypes.data and \
+        if not np.may_share_memory(out, a):
+            continue
+        exact = any(a is b for b in inplace_ok) and \
+            a.__array_interface__["data"][0] == out.__array_interface__["data"][0] and \
             a.shape == out.shape and a.dtype == out.dtype
         if not exact:
             raise ValueError(f"{name}: must not overlap the inputs"
@@ -151,7 +154,7 @@ def rope(x, positions, base, mode="normal", rot_dim=None, freq_scale=1.0, out=No
     if rot <= 0 or rot > D or rot % 2:
         raise ValueError(f"rot_dim: expected an even value in [2, {D}], got {rot_dim}")
     out = _out(out, x.shape, inputs=(x, positions), inplace_ok=(x,))
-    _lib.c6_rope(_ptr(x), _ptr(positions, "int32_t *"), _wptr(out), T, H, D, rot,
+    _lib.c6_rope(_ptr(x), _ptr(positions, "int32_t[]"), _wptr(out), T, H, D, rot,
                  1 if mode == "neox" else 0, float(base), float(freq_scale))
     return out
 
@@ -217,7 +220,7 @@ def fp8_encode(x, scale, out=None):
         raise ValueError("x: expected at least 1-D, got a 0-d array")
     s, stride = _scale_arg(scale, x.shape)
     out = _out(out, x.shape, _U8)
-    _lib.c6_fp8_encode(_ptr(x), _ptr(s), stride, _wptr(out, "uint8_t *"), _rows(x.shape), x.shape[-1])
+    _lib.c6_fp8_encode(_ptr(x), _ptr(s), stride, _wptr(out, "uint8_t[]"), _rows(x.shape), x.shape[-1])
     return out
 
 
@@ -228,7 +231,7 @@ def fp8_decode(q, scale, out=None):
         raise ValueError("q: expected at least 1-D, got a 0-d array")
     s, stride = _scale_arg(scale, q.shape)
     out = _out(out, q.shape)
-    _lib.c6_fp8_decode(_ptr(q, "uint8_t *"), _ptr(s), stride, _wptr(out), _rows(q.shape), q.shape[-1])
+    _lib.c6_fp8_decode(_ptr(q, "uint8_t[]"), _ptr(s), stride, _wptr(out), _rows(q.shape), q.shape[-1])
     return out
 
 
@@ -240,7 +243,7 @@ def fp8_quantize_rows(x, out_q=None, out_scale=None):
         raise ValueError("x: expected at least 1-D, got a 0-d array")
     out_q = _out(out_q, x.shape, _U8, name="out_q")
     out_scale = _out(out_scale, x.shape[:-1], name="out_scale")
-    _lib.c6_fp8_quantize_rows(_ptr(x), _wptr(out_q, "uint8_t *"), _wptr(out_scale),
+    _lib.c6_fp8_quantize_rows(_ptr(x), _wptr(out_q, "uint8_t[]"), _wptr(out_scale),
                               _rows(x.shape), x.shape[-1])
     return out_q, out_scale
 
@@ -289,7 +292,8 @@ def attention(q, k, v, *, n_past, scale, window=0, k_scale=None, v_scale=None, o
         return out
     ks = _ptr(k_scale) if fp8 else _ffi.NULL
     vs = _ptr(v_scale) if fp8 else _ffi.NULL
-    rc = _lib.c6_attention(_ptr(q), _ptr(k, "void *"), _ptr(v, "void *"), ks, vs, 1 if fp8 else 0,
+    kt = "uint8_t[]" if fp8 else "float[]"
+    rc = _lib.c6_attention(_ptr(q), _ptr(k, kt), _ptr(v, kt), ks, vs, 1 if fp8 else 0,
                            _wptr(out), T, Hq, Hkv, D, int(n_past), float(scale), int(window))
     if rc != 0:
         raise MemoryError("attention: scratch allocation failed")
