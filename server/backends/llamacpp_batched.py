@@ -26,6 +26,7 @@ import numpy as np
 
 from ..metrics import PREFIX_CACHE
 from ..scheduler import Scheduler, Sequence
+from ..threads import resolve_threads
 from .base import ContextLengthExceeded, GenerationOutcome, SamplingParams, TokenEvent
 from .llamacpp import LlamaCppBackend, _kv_kwargs, token_logprobs
 from .stops import StopText
@@ -167,6 +168,8 @@ class LlamaCppBatchedBackend(LlamaCppBackend):
         from llama_cpp import Llama
 
         assert path is not None
+        if spec.n_threads == "auto":  # one decode runs at a time, for all sequences: it gets every inference CPU
+            n_threads = max(n_threads, resolve_threads("auto"))
         # This Llama object serves the weights, tokenizer and metadata; its own context is kept
         # minimal (llama.cpp's smallest) because generation runs in the decoder's context.
         llm = Llama(model_path=str(path), n_ctx=256, n_batch=32, n_threads=1, logits_all=False, verbose=False)
