@@ -517,3 +517,16 @@ def test_empty_arrays():
     q0 = np.zeros((0, 2, 8), np.float32)
     kv = np.zeros((4, 1, 8), np.float32)
     assert kernels.attention(q0, kv, kv, n_past=0, scale=1.0).shape == (0, 2, 8)
+
+
+def test_idle_workers_sleep(rng, threads):
+    """Idle pool workers must sleep (condvar), not spin: ~no CPU used while idle."""
+    import time
+    kernels.set_num_threads(2)
+    x = rng.standard_normal((64, 256)).astype(np.float32)
+    w = rng.standard_normal((512, 256)).astype(np.float32)
+    for _ in range(3):
+        kernels.matmul(x, w)               # wake the workers up
+    t0 = time.process_time()
+    time.sleep(0.3)
+    assert time.process_time() - t0 < 0.05
