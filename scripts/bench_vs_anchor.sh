@@ -79,6 +79,12 @@ run_bench() {
         --concurrency "$CONC" --requests "$REQUESTS" --max-tokens "$MAX_TOKENS" \
         --out "$OUT/$1.json" ${EXTRA[@]+"${EXTRA[@]}"} >"$OUT/$1.txt"
     cat "$OUT/$1.txt" >&2
+    if ! kill -0 "$CURRENT_PID" 2>/dev/null; then  # died under load: say how, since its log may not
+        local rc=0
+        wait "$CURRENT_PID" 2>/dev/null || rc=$?
+        log "WARNING: $1 exited during the bench with status $rc$([ "$rc" -gt 128 ] && echo " (signal $((rc - 128)))")"
+        CURRENT_PID=""
+    fi
 }
 
 mkdir -p "$OUT"
