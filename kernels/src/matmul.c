@@ -89,6 +89,71 @@ static void ukernel(int64_t kc, const float *restrict A, const float *restrict B
 }
 #endif
 
+/* dst[k][NR] = src[j][k] for j < nr (rows of w, stride K), zero for j >= nr: a transpose,
+ * done with 8x8 (portable, GNU vector shuffles) / 4x4 (NEON trn) register transposes */
+static void pack_b_panel(float *restrict dst, const float *restrict src, int64_t K, int64_t kc, int nr) {
+    int64_t k0 = 0;
+#if C6_USE_NEON
+    if (nr == NR) {
+        for (; k0 + 4 <= kc; k0 += 4)
+            for (int jb = 0; jb < NR; jb += 4) {
+                const float *s0 = src + (int64_t)jb * K + k0;
+                float32x4_t r0 = vld1q_f32(s0), r1 = vld1q_f32(s0 + K);
+                float32x4_t r2 = vld1q_f32(s0 + 2 * K), r3 = vld1q_f32(s0 + 3 * K);
+                float64x2_t t0 = vreinterpretq_f64_f32(vtrn1q_f32(r0, r1));
+                float64x2_t t1 = vreinterpretq_f64_f32(vtrn2q_f32(r0, r1));
+                float64x2_t t2 = vreinterpretq_f64_f32(vtrn1q_f32(r2, r3));
+                float64x2_t t3 = vreinterpretq_f64_f32(vtrn2q_f32(r2, r3));
+                float *d = dst + k0 * NR + jb;
+                vst1q_f32(d, vreinterpretq_f32_f64(vtrn1q_f64(t0, t2)));
+                vst1q_f32(d + NR, vreinterpretq_f32_f64(vtrn1q_f64(t1, t3)));
+                vst1q_f32(d + 2 * NR, vreinterpretq_f32_f64(vtrn2q_f64(t0, t2)));
+                vst1q_f32(d + 3 * NR, vreinterpretq_f32_f64(vtrn2q_f64(t1, t3)));
+            }
+    }
+#else
+    typedef float v8 __attribute__((vector_size(32)));
+    typedef float v8u __attribute__((vector_size(32), aligned(4)));
+    typedef int32_t v8i __attribute__((vector_size(32)));
+    if (nr == NR && NR % 8 == 0) {
+        const v8i lo1 = {0, 8, 1, 9, 4, 12, 5, 13}, hi1 = {2, 10, 3, 11, 6, 14, 7, 15};
+        const v8i lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
+        const v8i lo4 = {0, 1, 2, 3, 8, 9, 10, 11}, hi4 = {4, 5, 6, 7, 12, 13, 14, 15};
+        for (; k0 + 8 <= kc; k0 += 8)
+            for (int jb = 0; jb < NR; jb += 8) {
+                const float *s0 = src + (int64_t)jb * K + k0;
+                v8 r0 = *(const v8u *)s0, r1 = *(const v8u *)(s0 + K);
+                v8 r2 = *(const v8u *)(s0 + 2 * K), r3 = *(const v8u *)(s0 + 3 * K);
+                v8 r4 = *(const v8u *)(s0 + 4 * K), r5 = *(const v8u *)(s0 + 5 * K);
+                v8 r6 = *(const v8u *)(s0 + 6 * K), r7 = *(const v8u *)(s0 + 7 * K);
+                v8 t0 = __builtin_shuffle(r0, r1, lo1), t1 = __builtin_shuffle(r0, r1, hi1);
+                v8 t2 = __builtin_shuffle(r2, r3, lo1), t3 = __builtin_shuffle(r2, r3, hi1);
+                v8 t4 = __builtin_shuffle(r4, r5, lo1), t5 = __builtin_shuffle(r4, r5, hi1);
+                v8 t6 = __builtin_shuffle(r6, r7, lo1), t7 = __builtin_shuffle(r6, r7, hi1);
+                v8 u0 = __builtin_shuffle(t0, t2, lo2), u1 = __builtin_shuffle(t0, t2, hi2);
+                v8 u2 = __builtin_shuffle(t1, t3, lo2), u3 = __builtin_shuffle(t1, t3, hi2);
+                v8 u4 = __builtin_shuffle(t4, t6, lo2), u5 = __builtin_shuffle(t4, t6, hi2);
+                v8 u6 = __builtin_shuffle(t5, t7, lo2), u7 = __builtin_shuffle(t5, t7, hi2);
+                float *d = dst + k0 * NR + jb;
+                *(v8u *)(d + 0 * NR) = __builtin_shuffle(u0, u4, lo4);
+                *(v8u *)(d + 1 * NR) = __builtin_shuffle(u1, u5, lo4);
+                *(v8u *)(d + 2 * NR) = __builtin_shuffle(u2, u6, lo4);
+                *(v8u *)(d + 3 * NR) = __builtin_shuffle(u3, u7, lo4);
+                *(v8u *)(d + 4 * NR) = __builtin_shuffle(u0, u4, hi4);
+                *(v8u *)(d + 5 * NR) = __builtin_shuffle(u1, u5, hi4);
+                *(v8u *)(d + 6 * NR) = __builtin_shuffle(u2, u6, hi4);
+                *(v8u *)(d + 7 * NR) = __builtin_shuffle(u3, u7, hi4);
+            }
+    }
+#endif
+    for (int j = 0; j < nr; j++) {
+        const float *sj = src + (int64_t)j * K;
+        for (int64_t k = k0; k < kc; k++) dst[k * NR + j] = sj[k];
+    }
+    for (int j = nr; j < NR; j++)
+        for (int64_t k = 0; k < kc; k++) dst[k * NR + j] = 0.0f;
+}
+
 typedef struct {
     const float *x, *w; float *y;
     int64_t M, N, K;
@@ -109,14 +174,8 @@ static void gemm_task(void *vctx, int64_t task) {
         int64_t kc = imin(KC, K - pc);
         /* pack w[n0:n1, pc:pc+kc] into panels Bp[p][k][NR] (zero padded) */
         for (int64_t p = 0; p < npan; p++) {
-            float *dst = Bp + p * kc * NR;
-            int64_t nb = n0 + p * NR, nr = imin(NR, n1 - nb);
-            for (int64_t j = 0; j < nr; j++) {
-                const float *src = c->w + (nb + j) * K + pc;
-                for (int64_t k = 0; k < kc; k++) dst[k * NR + j] = src[k];
-            }
-            for (int64_t j = nr; j < NR; j++)
-                for (int64_t k = 0; k < kc; k++) dst[k * NR + j] = 0.0f;
+            int64_t nb = n0 + p * NR;
+            pack_b_panel(Bp + p * kc * NR, c->w + nb * K + pc, K, kc, (int)imin(NR, n1 - nb));
         }
         for (int64_t ic = m0; ic < m1; ic += MC) {
             int64_t mc = imin(MC, m1 - ic);
