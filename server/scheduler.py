@@ -8,8 +8,12 @@ admitted-but-prefilling sequences, in arrival order, up to `prefill_chunk` token
 prompt costs the running streams at most one chunk per step, never a whole prefill.
 
 Admission is FIFO: the head joins at the next step when a slot (sequence id) is free and its
-worst case (prompt + max_tokens cells) fits the KV cells not reserved by running sequences;
-otherwise it waits (queued, never crashed). Finished sequences keep their KV in their slot as a
+first KV budget fits the cells not budgeted to running sequences; otherwise it waits (queued,
+never crashed). A budget is the prompt plus min(max_tokens, a fair share of the cache) and grows
+by GROW cells as the sequence generates, so a request that omits max_tokens does not hold the
+whole cache. When the cache is truly full the youngest running sequence is preempted: its KV is
+dropped and it goes back to the head of the queue with its generated tokens appended to its
+prompt, to be recomputed later (vLLM's "recompute" preemption); its stream just pauses. Finished sequences keep their KV in their slot as a
 prefix cache: a new prompt that starts with tokens held by any slot (finished or still running)
 reuses them (trim in place, or `seq_cp` in the unified KV cache, which shares cells, not copies).
 
@@ -30,6 +34,7 @@ from .backends.base import SamplingParams
 
 log = logging.getLogger("capibara6.scheduler")
 
+GROW = 32  # KV cells a generating sequence's budget grows by
 MIN_PREFIX_REUSE = 8  # shorter shared prefixes (BOS, chat header) are not worth a cache lookup
 
 
@@ -78,10 +83,11 @@ class Sequence:
     reused: int = 0  # prompt tokens taken from the prefix cache
     done: bool = False
 
-    @property
-    def reserve(self) -> int:
-        """Worst-case KV cells: the whole prompt and every token it may generate."""
-        return len(self.prompt) + self.params.max_tokens
+    budget: int = 0  # KV cells set aside for this sequence now (grows while it generates)
+    max_cells: int = 0  # worst case: the original prompt and every token it may generate
+
+    def __post_init__(self) -> None:
+        self.max_cells = len(self.prompt) + self.params.max_tokens
 
 
 @dataclass
@@ -126,14 +132,15 @@ class Scheduler:
         self._keep_stats = keep_stats
         self.stats: list[StepStat] = []
         self.peak_running = 0
+        self.preemptions = 0
         self._thread = threading.Thread(target=self._loop, name="capibara6-sched", daemon=True)
         self._thread.start()
 
     # -- request threads ---------------------------------------------------------------------
 
     def submit(self, seq: Sequence) -> None:
-        if seq.reserve > self.decoder.n_cells:
-            raise ValueError(f"sequence needs {seq.reserve} KV cells; the cache has {self.decoder.n_cells}")
+        if seq.max_cells > self.decoder.n_cells:
+            raise ValueError(f"sequence needs {seq.max_cells} KV cells; the cache has {self.decoder.n_cells}")
         with self._cond:
             if self._closed:
                 raise RuntimeError("the scheduler is closed")
@@ -205,21 +212,26 @@ class Scheduler:
             self._finish(seq, None, drop_kv=seq.abort == "cancel")
 
     def _reserved(self) -> int:
-        held = sum(s.reserve for s in self._running)
+        held = sum(s.budget for s in self._running)
         cached = sum(len(sl.tokens) for sl in self._slots if sl.owner is None)
         return held + cached
 
     def _can_admit_head(self) -> bool:
         if self._held or not self._waiting or all(sl.owner is not None for sl in self._slots):
             return False
-        running = sum(s.reserve for s in self._running)
-        return running + self._waiting[0].reserve <= self.decoder.n_cells  # cached KV can be evicted
+        running = sum(s.budget for s in self._running)
+        return running + self._first_budget(self._waiting[0]) <= self.decoder.n_cells  # cached KV can be evicted
+
+    def _first_budget(self, seq: Sequence) -> int:
+        fair = self.decoder.n_cells // len(self._slots)
+        return min(seq.max_cells, max(len(seq.prompt) + GROW, fair))
 
     def _admit(self) -> None:
         while self._can_admit_head():
             seq = self._waiting.pop(0)
             src, k = self._best_prefix(seq.prompt)
-            self._make_room(seq.reserve, keep=src)
+            seq.budget = self._first_budget(seq)
+            self._make_room(seq.budget, keep=src)
             self._place(seq, src, k)
             self._running.append(seq)
             self.peak_running = max(self.peak_running, len(self._running))
@@ -234,7 +246,7 @@ class Scheduler:
                 best, key = (i, k), (k, sl.owner is None)
         return best if best[1] >= MIN_PREFIX_REUSE else (-1, 0)
 
-    def _make_room(self, need: int, keep: int) -> None:
+    def _make_room(self, need: int, keep: int = -1) -> bool:
         """Evict cached (finished) sequences' KV, least recently used first, until `need` fits."""
         free = [sl for i, sl in enumerate(self._slots) if sl.owner is None and sl.tokens and i != keep]
         free.sort(key=lambda sl: sl.last_used)
@@ -244,6 +256,33 @@ class Scheduler:
             sl = free.pop(0)
             self.decoder.seq_rm(self._slots.index(sl), 0, -1)
             sl.tokens = []
+        return self._reserved() + need <= self.decoder.n_cells
+
+    def _grow_budgets(self) -> None:
+        """Before a step: every decoding sequence needs a cell for its next token."""
+        for seq in list(self._running):  # oldest first: the oldest always progresses
+            if seq not in self._running or seq.pending is None or seq.n_past < seq.budget:
+                continue
+            grow = max(1, min(GROW, seq.max_cells - seq.budget))
+            while not self._make_room(grow):
+                victim = self._running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                seq.budget += grow
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Drop `seq`'s KV and queue it first again, its generated tokens now part of its prompt."""
+        sl = self._slots[seq.slot]
+        tokens = sl.tokens + ([seq.pending] if seq.pending is not None else [])
+        self.decoder.seq_rm(seq.slot, 0, -1)
+        sl.owner, sl.tokens = None, []
+        self._running.remove(seq)
+        seq.prompt, seq.pending, seq.n_past, seq.budget, seq.slot = tokens, None, 0, 0, -1
+        self.preemptions += 1
+        with self._cond:
+            self._waiting.insert(0, seq)
 
     def _place(self, seq: Sequence, src: int, k: int) -> None:
         """Give `seq` a free slot holding the first `k` prompt tokens of slot `src` (if k > 0)."""
@@ -269,6 +308,9 @@ class Scheduler:
             self._on_prefix_hit(k)
 
     def _step(self) -> None:
+        self._grow_budgets()
+        if not self._running:
+            return
         tokens: list[int] = []
         pos: list[int] = []
         ids: list[int] = []

@@ -234,6 +234,29 @@ def test_kv_full_queues_instead_of_failing(gemma_path: Path) -> None:
         b.close()
 
 
+def test_full_cache_preempts_the_youngest_and_both_finish(gemma_path: Path) -> None:
+    """Budgets start at a fair share and grow; when the cache is full the youngest sequence is
+    recomputed later instead of failing, and its stream continues where it paused."""
+    b = load(gemma_path, parallel=2, n_ctx=256)
+    try:
+        cells = b.decoder.n_cells
+        story = b.tokenize("Tell me a long story about the sea and the ships. " * 20)
+        prompts = [story[: cells // 2 - 40], [story[0], *story[7 : cells // 2 - 33]]]  # distinct, no shared prefix
+        max_tokens = 60  # both start (fair share each); both finishing needs more than the cache
+        assert sum(len(p) + max_tokens for p in prompts) > cells
+        ref = Run(b, prompts[1], max_tokens=max_tokens, logprobs=2).join()
+        with b.scheduler.hold():
+            old = Run(b, prompts[0], max_tokens=max_tokens)
+            young = Run(b, prompts[1], max_tokens=max_tokens, logprobs=2)
+        old.join(), young.join()
+        assert b.scheduler.peak_running == 2 and b.scheduler.preemptions >= 1
+        for r in (old, young):
+            assert r.outcome.finish_reason == "length" and len(r.tokens) == max_tokens
+        assert_same_until_near_tie(ref, young)
+    finally:
+        b.close()
+
+
 def test_shared_prefix_reuses_cached_kv(batched: LlamaCppBatchedBackend, gemma_path: Path) -> None:
     system = "You are a careful assistant who answers in one short sentence about geography and history. "
     first = Run(batched, system + "Question: what is the capital of Spain?", logprobs=2).join()
