@@ -161,6 +161,24 @@ def test_stop_strings_and_max_tokens_per_sequence(batched: LlamaCppBatchedBacken
     assert runs[0].tokens == runs[1].tokens  # two identical prompts in one batch agree
 
 
+def test_per_sequence_seeds_and_grammar(batched: LlamaCppBatchedBackend) -> None:
+    def batch() -> list[Run]:
+        with batched.scheduler.hold():
+            runs = [
+                Run(batched, PROMPTS[1], temperature=1.0, seed=1, max_tokens=10),
+                Run(batched, PROMPTS[1], temperature=1.0, seed=2, max_tokens=10),
+                Run(batched, "Is water wet? Answer:", temperature=1.0, seed=3, max_tokens=4, grammar='root ::= " yes" | " no"'),
+            ]
+        return [r.join() for r in runs]
+
+    first, second = batch(), batch()
+    assert [r.tokens for r in first] == [r.tokens for r in second]  # each sequence's own seed
+    assert first[0].tokens != first[1].tokens  # seeds differ -> samples differ
+    assert first[2].text in (" yes", " no") and first[2].outcome.finish_reason == "stop"
+    with pytest.raises(ValueError):
+        batched.generate(PROMPTS[0], SamplingParams(grammar="root ::= ("), GenerationOutcome(), threading.Event())
+
+
 def test_cancel_frees_the_slot_at_once(gemma_path: Path) -> None:
     b = load(gemma_path, parallel=2, n_ctx=512)
     try:
