@@ -275,7 +275,8 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         """Drop `seq`'s KV and queue it first again, its generated tokens now part of its prompt."""
         sl = self._slots[seq.slot]
-        tokens = sl.tokens + ([seq.pending] if seq.pending is not None else [])
+        # a decoding sequence: its KV tokens + the sampled one; a prefilling one: its whole prompt
+        tokens = [*sl.tokens, seq.pending] if seq.pending is not None else seq.prompt
         self.decoder.seq_rm(seq.slot, 0, -1)
         sl.owner, sl.tokens = None, []
         self._running.remove(seq)
