@@ -113,7 +113,8 @@ async def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     agreement = 0.0
     data = items(args.arith, args.choice, args.seed)
     warm = Plan("eval", False, ["1 + 1 ="], 1, 2, SamplingParams(temperature=0.0))
-    await asyncio.gather(*(run_model(service, m, "1 + 1 =", warm, 0, None) for m in EXPERTS))  # loads out of the timings
+    for m in EXPERTS:  # loads out of the timings, one at a time: llama-cpp-python's load-time
+        await run_model(service, m, "1 + 1 =", warm, 0, None)  # stdout/stderr redirect is not thread-safe
     for i, (kind, prompt, gold) in enumerate(data):
         base = Plan("eval", False, [prompt], 1, 6, SamplingParams(temperature=args.temperature, seed=args.seed * 1000 + i, stop=("\n",)))
         t0 = time.perf_counter()
