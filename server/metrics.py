@@ -6,7 +6,7 @@ request text, so a client cannot blow up cardinality. Pool gauges are read at sc
 the pool itself (`PoolCollector`), so they can never drift from the truth.
 
 Cardinality is enforced, not just promised: once `watch_pool` has seen the registry, a model (or
-expert) label that is not a registry id is recorded as `_unknown`, and vocabulary labels (unload
+expert) label that is not a registry model/ensemble id is recorded as `_unknown`, and vocabulary labels (unload
 reason, rejection reason, role, endpoint) outside their fixed sets as `_other`.
 
 `render()` runs on the event loop on purpose: it takes no lock shared with inference (pool gauges
@@ -31,6 +31,7 @@ ENDPOINTS = frozenset({"chat", "completions", "consensus", "embeddings"})
 UNLOAD_REASONS = frozenset({"idle", "evicted", "memory", "shutdown", "error", "admin"})
 REJECT_REASONS = frozenset({"unauthorized", "too_large", "shutting_down"})
 UNKNOWN = "_unknown"
+CUSTOM = "_custom"  # consensus over an explicit expert list rather than a named ensemble
 OTHER = "_other"
 
 _LATENCY = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
@@ -94,15 +95,18 @@ class Metrics:
         self.rejected = _Vocab(self.rejected, role=_within(ROLES), reason=_within(REJECT_REASONS))
 
     def model_label(self, model: str) -> str:
-        """A registry id as is; anything else (an unknown id from a request) as `_unknown`."""
+        """A registry model or ensemble id (or `_custom`, an ad-hoc expert list) as is; anything
+        else (an unknown id from a request) as `_unknown`."""
         if self._models is None:
             return model if isinstance(model, str) and len(model) <= 128 else UNKNOWN
         return model if model in self._models else UNKNOWN
 
     def watch_pool(self, pool: PoolView) -> None:
-        models = getattr(getattr(pool, "registry", None), "models", None)
+        registry = getattr(pool, "registry", None)
+        models = getattr(registry, "models", None)
         if isinstance(models, Mapping):
-            self._models = frozenset(models)
+            ensembles = getattr(registry, "ensembles", None) or {}
+            self._models = frozenset(models) | frozenset(ensembles) | {CUSTOM}
         self.registry.register(PoolCollector(pool))
 
     def render(self) -> bytes:

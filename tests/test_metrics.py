@@ -198,3 +198,24 @@ def test_scrapes_in_parallel_with_load(msrv: ServerProcess) -> None:
         for t in threads:
             t.join()
     assert not errors and len(values) > 3
+
+
+def test_label_guard_keeps_values_in_their_vocabulary(gemma_path: Path) -> None:
+    from server.config import parse_registry
+    from server.pool import ModelPool
+
+    raw = gemma_registry(gemma_path)
+    raw["ensembles"] = {"duo": {"experts": [MODEL, MODEL]}}
+    m = ModelPool(parse_registry(raw)).metrics
+    m.requests.labels("duo", "consensus", "chat", "200").inc()  # an ensemble id is a registry id
+    m.requests.labels("/etc/passwd", "standard", "chat", "404").inc()
+    m.requests.labels(MODEL, "evil-role", "chat", "200 OK; x").inc()
+    m.unloads.labels(MODEL, "because I said so").inc()
+    m.expert_latency.labels("not-an-expert").observe(1.0)
+    fams = {f.name: f for f in text_string_to_metric_families(m.render().decode())}
+    req = {tuple(sorted(s.labels.items())) for s in fams["capibara6_requests"].samples if s.name.endswith("_total")}
+    assert (("endpoint", "chat"), ("model", "duo"), ("role", "consensus"), ("status", "200")) in req
+    assert (("endpoint", "chat"), ("model", "_unknown"), ("role", "standard"), ("status", "404")) in req
+    assert (("endpoint", "chat"), ("model", MODEL), ("role", "_other"), ("status", "_other")) in req
+    assert {s.labels["reason"] for s in fams["capibara6_model_unloads"].samples} == {"_other"}
+    assert {s.labels["expert"] for s in fams["capibara6_consensus_expert_latency_seconds"].samples} == {"_unknown"}
