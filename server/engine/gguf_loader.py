@@ -125,6 +125,7 @@ class GGUFModel:
     tensors: dict[str, np.ndarray]
     owned_bytes: int  # dequantized copies (anonymous memory)
     mapped_bytes: int  # F32 tensors left as views of the memory-mapped file
+    file_types: dict[str, str] = field(default_factory=dict)  # tensor name -> GGUF type as stored
 
     def get(self, name: str) -> np.ndarray | None:
         return self.tensors.get(name)
@@ -142,6 +143,7 @@ def load_gguf(path: str | pathlib.Path) -> GGUFModel:
     reader = GGUFReader(str(path), "r")
     config = read_config(reader)
     tensors: dict[str, np.ndarray] = {}
+    types: dict[str, str] = {}
     owned = mapped = 0
     for t in reader.tensors:
         arr = dequantize(t.data, t.tensor_type)
@@ -150,4 +152,5 @@ def load_gguf(path: str | pathlib.Path) -> GGUFModel:
         else:
             owned += arr.nbytes
         tensors[t.name] = arr
-    return GGUFModel(path=path, config=config, tensors=tensors, owned_bytes=owned, mapped_bytes=mapped)
+        types[t.name] = t.tensor_type.name
+    return GGUFModel(path=path, config=config, tensors=tensors, owned_bytes=owned, mapped_bytes=mapped, file_types=types)

@@ -1,5 +1,10 @@
 """Per-layer K/V cache in fp32, fp16 or FP8 E4M3 (one fp32 scale per token and KV head).
 
+FP8 keys are stored minus a per-layer, per-head constant vector (the mean key of the first
+chunk). That is exact: it shifts every score of a query by the same q.shift, which softmax
+ignores; and it shrinks what E4M3's 3-bit mantissa has to represent (Gemma's keys share a large
+common component), cutting the FP8 error in the attention scores.
+
 Storage grows in chunks of `grow_tokens` up to n_ctx (never allocated for n_ctx up front), so a
 short conversation on a long-context model holds only what it uses; `nbytes()` reports exactly
 the arrays held. Sliding-window layers keep the full history too (simple and exact; a ring of
@@ -22,6 +27,7 @@ class _Layer:
     v: np.ndarray  # [cap, Hkv, Dv]
     k_scale: np.ndarray | None = None  # [cap, Hkv] float32 (fp8 only)
     v_scale: np.ndarray | None = None
+    k_shift: np.ndarray | None = None  # [Hkv, Dk] subtracted from keys before FP8 (fp8 only)
 
 
 class KVCache:
@@ -71,6 +77,7 @@ class KVCache:
         cap = min(self.n_ctx, -(-n_tokens // self.grow_tokens) * self.grow_tokens)
         for i, old in enumerate(self.layers):
             new = self._alloc(cap)
+            new.k_shift = old.k_shift
             n = self.capacity
             new.k[:n], new.v[:n] = old.k[:n], old.v[:n]
             if old.k_scale is not None:
@@ -83,7 +90,11 @@ class KVCache:
         t = k.shape[0]
         lay = self.layers[il]
         if self.dtype == "fp8":
-            qk, sk = self.ops.fp8_quantize_rows(np.ascontiguousarray(k))
+            if pos == 0 or lay.k_shift is None:
+                # Mean of the first chunk without position 0 (BOS is an outlier attention sink).
+                has_rows = pos == 0 and t > 1
+                lay.k_shift = k[1:].mean(axis=0, dtype=np.float32) if has_rows else np.zeros_like(k[0])
+            qk, sk = self.ops.fp8_quantize_rows(np.ascontiguousarray(k - lay.k_shift))
             qv, sv = self.ops.fp8_quantize_rows(np.ascontiguousarray(v))
             lay.k[pos : pos + t], lay.k_scale[pos : pos + t] = qk, sk
             lay.v[pos : pos + t], lay.v_scale[pos : pos + t] = qv, sv
@@ -106,6 +117,8 @@ class KVCache:
             total += lay.k.nbytes + lay.v.nbytes
             if lay.k_scale is not None:
                 total += lay.k_scale.nbytes + lay.v_scale.nbytes
+            if lay.k_shift is not None:
+                total += lay.k_shift.nbytes
         return total
 
     def bytes_per_token(self) -> int:

