@@ -165,6 +165,7 @@ def test_level_summary_from_known_results() -> None:
     assert s["error_kinds"] == {"cut": 1, "http_error": 1, "not_started": 1}
     assert s["output_tokens"] == 8 and s["aggregate_tok_s"] == pytest.approx(4.0)
     assert s["ttft_s"]["n"] == 3 and s["ttft_s"]["p50"] == pytest.approx(0.2)  # the cut stream's TTFT counts
+    assert s["ttft_completed_s"]["n"] == 2 and s["ttft_completed_s"]["max"] == pytest.approx(0.3)
     assert s["itl_s"]["n"] == 7 and s["itl_s"]["p50"] == pytest.approx(0.04)
     assert s["e2e_s"]["n"] == 2 and s["e2e_s"]["std"] == pytest.approx(math.sqrt(0.5))
     assert s["request_tok_s"]["p50"] == pytest.approx((4 / 1.0 + 4 / 2.0) / 2)

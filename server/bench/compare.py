@@ -16,6 +16,7 @@ METRICS: list[tuple[str, tuple[str, ...], float, str]] = [
     ("TTFT p50 ms", ("ttft_s", "p50"), 1000.0, "lower"),
     ("TTFT p95 ms", ("ttft_s", "p95"), 1000.0, "lower"),
     ("TTFT p99 ms", ("ttft_s", "p99"), 1000.0, "lower"),
+    ("TTFT p95 ok ms", ("ttft_completed_s", "p95"), 1000.0, "lower"),
     ("ITL p50 ms", ("itl_s", "p50"), 1000.0, "lower"),
     ("ITL p95 ms", ("itl_s", "p95"), 1000.0, "lower"),
     ("e2e p50 ms", ("e2e_s", "p50"), 1000.0, "lower"),
@@ -91,13 +92,14 @@ def print_comparison(results: list[dict[str, Any]], out: TextIO) -> None:
     width = max(12, *(len(c) + 1 for c in cols))
     for c in shared:
         print(f"\n## concurrency {c}", file=out)
-        print(f"{'metric':<15}" + "".join(f"{col:>{width}}" for col in cols) + "  better", file=out)
+        print(f"{'metric':<16}" + "".join(f"{col:>{width}}" for col in cols) + "  better", file=out)
         levels = [_levels(r)[c] for r in results]
         for name, path, scale, better in METRICS:
             vals = [_get(lv, path) for lv in levels]
             shown = [None if v is None else v * scale for v in vals]
             rs = [_ratio(vals[0], v) for v in vals[1:]] if name != "errors" else [None] * (len(vals) - 1)
-            print(f"{name:<15}" + "".join(f"{_fmt(v):>{width}}" for v in shown + rs) + f"  {better}", file=out)
+            cells = [str(int(v)) if name == "errors" and v is not None else _fmt(v) for v in shown] + [_fmt(v) for v in rs]
+            print(f"{name:<16}" + "".join(f"{c:>{width}}" for c in cells) + f"  {better}", file=out)
     missing = sorted(set.union(*(set(_levels(r)) for r in results)) - set(shared))
     if missing:
         print(f"\n(levels not in every result, not compared: {missing})", file=out)

@@ -2,7 +2,8 @@
 
 Which requests feed which statistic (so numbers mean the same for every contestant):
 - TTFT and ITL: every request that received a token, whatever its ending (a stream the server cut
-  short still showed its first-token latency);
+  short still showed its first-token latency); `ttft_completed_s` is TTFT over completed requests
+  only, for servers (llama-cpp-python's) that cut a running stream to start the next one;
 - end-to-end latency, per-request tok/s and aggregate tok/s: completed (`ok`) requests only, since
   a cut stream's tokens are not a usable answer;
 - errors: every request that did not end with [DONE] and a finish_reason, plus any never started.
@@ -44,6 +45,7 @@ def summarize_level(level: LevelRun) -> dict[str, Any]:
         "aggregate_tok_s": tokens / level.wall_s if level.wall_s > 0 else None,
         "tokens_from_usage": bool(ok) and all(r.usage_tokens is not None for r in ok),
         "ttft_s": summarize([r.ttft for r in answered if r.ttft is not None]),
+        "ttft_completed_s": summarize([r.ttft for r in ok if r.ttft is not None]),  # a cut stream's quick start left out
         "itl_s": summarize([x for r in answered for x in r.itl]),
         "e2e_s": summarize([r.total for r in ok if r.total is not None]),
         "request_tok_s": summarize([r.tok_s for r in ok if r.tok_s is not None]),
