@@ -159,6 +159,8 @@ class LlamaCppBatchedBackend(LlamaCppBackend):
         self.decoder = LlamaDecoder(llm, spec, n_threads)
         self.n_ctx = self.decoder.n_cells
         self.max_concurrency: int = spec.parallel
+        self._kv_type: str | None = spec.kv_cache
+        self._kv_bytes: int | None = None
         self.scheduler = Scheduler(
             self.decoder, spec.parallel, spec.prefill_chunk, on_prefix_hit=lambda n: PREFIX_CACHE.hit(model_id, n)
         )
@@ -181,6 +183,20 @@ class LlamaCppBatchedBackend(LlamaCppBackend):
 
     def set_threads(self, n_threads: int) -> None:
         self.decoder.set_threads(n_threads)
+
+    def kv_cache_bytes(self) -> int:
+        """KV cells of the shared cache (every layer holds all of them: swa_full)."""
+        if self._kv_bytes is None:
+            from ..pool.budget import gguf_scalars, kv_cache_bytes
+
+            try:
+                self._kv_bytes = kv_cache_bytes(gguf_scalars(self._path), self.n_ctx, self._kv_type)
+            except (ValueError, OSError):
+                self._kv_bytes = 0
+        return self._kv_bytes
+
+    def memory_bytes(self) -> int:
+        return self._path.stat().st_size + self.kv_cache_bytes()
 
     def generate(
         self,
