@@ -44,8 +44,10 @@ def gguf_path() -> Path:
 
     try:
         return Path(g.assemble())
-    except FileExistsError:
-        return Path(g.assemble(overwrite=True))
+    except FileExistsError:  # another process is rewriting the shared copy: never truncate a file
+        import tempfile  # others may have mmapped (SIGBUS); build a private one instead
+
+        return Path(g.assemble(Path(tempfile.mkdtemp(prefix="capibara6-")) / "gemma3-270m.gguf"))
 
 
 async def timed(fn: Callable[[], Awaitable[Any]]) -> tuple[float, float]:
