@@ -1,0 +1,161 @@
+"""The `native` backend adapter (server/backends/native.py) on Gemma 3 270M, plus sampler,
+tokenizer streaming and prefix-reuse checks."""
+
+from __future__ import annotations
+
+import pathlib
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from server.backends.base import ContextLengthExceeded, GenerationOutcome, SamplingParams
+from server.backends.native import NativeBackend, _split_stop
+from server.engine.gguf_loader import GGUFModel
+from server.engine.runner import Runner
+from server.engine.sampler import Sampler
+
+PROMPT = "The three primary colors are"
+
+
+@pytest.fixture(scope="module")
+def backend(gemma_model: GGUFModel, gemma_tokenizer) -> NativeBackend:  # type: ignore[no-untyped-def]
+    runner = Runner(gemma_model, n_ctx=96, kv_cache="fp8", ops="kernels")
+    return NativeBackend("gemma3-270m-native", runner, gemma_tokenizer, "gemma")
+
+
+def run(b: NativeBackend, prompt: str, cancel: threading.Event | None = None, **kw: object):  # type: ignore[no-untyped-def]
+    out = GenerationOutcome()
+    events = list(b.generate(prompt, SamplingParams(**kw), out, cancel or threading.Event()))  # type: ignore[arg-type]
+    return events, out
+
+
+def test_greedy_equals_runner(backend: NativeBackend) -> None:
+    events, out = run(backend, PROMPT, max_tokens=10, temperature=0.0)
+    ids = backend.tokenize(PROMPT)
+    backend.runner.reset()
+    direct = [s.sample.token for s in backend.runner.generate(ids, Sampler(temperature=0.0), 10)]
+    assert [e.token_id for e in events] == direct
+    assert "".join(e.text for e in events) == backend.tokenizer.detokenize(direct)
+    assert out.finish_reason == "length" and out.completion_tokens == 10 and out.prompt_tokens == len(ids)
+
+
+def test_stop_string_cut_and_finish_reason(backend: NativeBackend) -> None:
+    full, _ = run(backend, PROMPT, max_tokens=10, temperature=0.0)
+    text = "".join(e.text for e in full)
+    assert "yellow" in text, text  # " red, blue, and yellow." on this model
+    events, out = run(backend, PROMPT, max_tokens=10, temperature=0.0, stop=("yellow",))
+    got = "".join(e.text for e in events)
+    assert got == text[: text.index("yellow")]
+    assert out.finish_reason == "stop" and out.completion_tokens == len(events)
+
+
+def test_split_stop_holds_back_partial_match() -> None:
+    assert _split_stop("abc<end", ("<end_of_turn>",), final=False) == ("abc", "<end", False)
+    assert _split_stop("abc<end_of_turn>x", ("<end_of_turn>",), final=False) == ("abc", "", True)
+    assert _split_stop("abc<e", ("<end_of_turn>",), final=True) == ("abc<e", "", False)
+    assert _split_stop("a\n", ("\n\n",), final=False) == ("a", "\n", False)
+
+
+def test_context_length_exceeded(backend: NativeBackend) -> None:
+    with pytest.raises(ContextLengthExceeded):
+        backend.generate(PROMPT, SamplingParams(max_tokens=95), GenerationOutcome(), threading.Event())
+
+
+def test_cancel_stops_within_a_token(backend: NativeBackend) -> None:
+    cancel = threading.Event()
+    out = GenerationOutcome()
+    it = backend.generate(PROMPT, SamplingParams(max_tokens=50, temperature=0.0), out, cancel)
+    first = next(it)
+    assert first.token_id >= 0
+    cancel.set()
+    assert list(it) == []
+    assert out.finish_reason is None and out.completion_tokens == 1
+
+
+def test_logprobs(backend: NativeBackend) -> None:
+    events, _ = run(backend, PROMPT, max_tokens=3, temperature=0.0, logprobs=3)
+    for e in events:
+        assert e.logprob is not None and e.logprob <= 0.0
+        assert e.top_logprobs is not None and 1 <= len(e.top_logprobs) <= 3
+        assert max(e.top_logprobs.values()) == pytest.approx(e.logprob)  # greedy picks the best
+
+
+def test_seed_reproducible(backend: NativeBackend) -> None:
+    kw = dict(max_tokens=8, temperature=0.9, top_k=40, top_p=0.95, min_p=0.05, seed=1234)
+    a, _ = run(backend, PROMPT, **kw)
+    b, _ = run(backend, PROMPT, **kw)
+    assert [e.token_id for e in a] == [e.token_id for e in b]
+
+
+def test_chat_prompt_gemma(backend: NativeBackend) -> None:
+    prompt, stops = backend.chat_prompt([{"role": "user", "content": "Hi"}])
+    assert prompt == "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    assert stops == ("<end_of_turn>",)
+    prompt, _ = backend.chat_prompt(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+         {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]
+    )
+    assert prompt == (
+        "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
+        "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"
+    )
+    ids = backend.tokenize(prompt)
+    assert ids[0] == backend.tokenizer.bos_id and 105 in ids  # <start_of_turn> parsed as a special token
+
+
+def test_stream_decoder_multibyte(gemma_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    text = "naïve café 日本語 🎉 ok"
+    ids = gemma_tokenizer.tokenize(text, add_bos=False)
+    dec = gemma_tokenizer.stream()
+    parts = [dec.add(t) for t in ids] + [dec.flush()]
+    assert "".join(parts) == text and "\ufffd" not in "".join(parts)
+
+
+def test_eog_ids(gemma_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    assert gemma_tokenizer.eos_id in gemma_tokenizer.eog_ids
+    assert gemma_tokenizer.tokenize("<end_of_turn>", add_bos=False)[0] in gemma_tokenizer.eog_ids
+
+
+def test_memory_bytes(backend: NativeBackend) -> None:
+    run(backend, PROMPT, max_tokens=2, temperature=0.0)
+    assert backend.memory_bytes() == backend.runner.model.weight_bytes + backend.runner.kv.nbytes()
+    assert backend.runner.kv.nbytes() > 0
+
+
+def test_prefix_reuse_matches_fresh(tiny_llama_gguf: pathlib.Path) -> None:
+    r = Runner.load(tiny_llama_gguf, n_ctx=128, ops="auto")
+    a = [1, 260, 261, 262, 263, 264]
+    r.prefill(a)
+    got = r.prefill(a + [265, 266])  # reuses the 6 cached tokens
+    fresh = Runner.load(tiny_llama_gguf, n_ctx=128, ops="auto").prefill(a + [265, 266])
+    np.testing.assert_allclose(got, fresh, atol=1e-4)
+    again = r.prefill(a[:3] + [268])  # diverges: truncates to the common prefix
+    np.testing.assert_allclose(again, Runner.load(tiny_llama_gguf, n_ctx=128).prefill(a[:3] + [268]), atol=1e-4)
+
+
+def test_load_from_spec(tiny_llama_gguf: pathlib.Path) -> None:
+    spec = SimpleNamespace(n_ctx=64, kv_cache="fp8", chat_format="chatml", prefill_chunk=16)
+    b = NativeBackend.load("tiny", tiny_llama_gguf, spec, n_threads=1)
+    try:
+        assert b.n_ctx == 64 and b.runner.kv.dtype == "fp8" and b.runner.ops_name == "kernels"
+        events, out = run(b, "the cat sat", max_tokens=5, temperature=0.0)
+        assert out.finish_reason in ("length", "stop") and len(events) >= 1
+    finally:
+        b.close()
+
+
+def test_sampler_basics() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal(262_144).astype(np.float32)
+    best = int(np.argmax(logits))
+    assert Sampler(temperature=0.0).sample(logits, []).token == best
+    assert Sampler(temperature=1.0, top_k=1, seed=1).sample(logits, []).token == best
+    assert Sampler(temperature=1.0, top_p=1e-9, seed=1).sample(logits, []).token == best
+    assert Sampler(temperature=1.0, min_p=1.0, seed=1).sample(logits, []).token == best
+    # A strong repetition penalty moves greedy off a token already in the history.
+    assert Sampler(temperature=0.0, repeat_penalty=1e6).sample(np.abs(logits), [best]).token != best
+    assert Sampler(temperature=0.0, presence_penalty=100.0).sample(logits, [best]).token != best
+    draws = [Sampler(temperature=1.0, seed=s).sample(logits, []).token for s in range(5)]
+    assert draws == [Sampler(temperature=1.0, seed=s).sample(logits, []).token for s in range(5)]
