@@ -248,7 +248,27 @@ static inline float dot1(const float *restrict x, const float *restrict w, int64
 }
 #else
 static inline vf ldu(const float *p) { return *(const vfu *)p; }
-static inline float hsum(vf v) { float s = 0; for (int i = 0; i < VL; i++) s += v[i]; return s; }
+static inline float hsum(vf v) { return c6_hsum(v); }
+/* out[i] = horizontal sum of a_i: transposing shuffle-adds (fewer ops than 4 separate trees) */
+static inline void hsum4(vf a0, vf a1, vf a2, vf a3, float *out) {
+#if VL == 16
+    typedef int32_t vi __attribute__((vector_size(VB)));
+    const vi l8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+    const vi h8 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+    const vi l4 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
+    const vi h4 = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
+    const vi p2 = {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13};
+    const vi p1 = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
+    vf s01 = __builtin_shuffle(a0, a1, l8) + __builtin_shuffle(a0, a1, h8);
+    vf s23 = __builtin_shuffle(a2, a3, l8) + __builtin_shuffle(a2, a3, h8);
+    vf t = __builtin_shuffle(s01, s23, l4) + __builtin_shuffle(s01, s23, h4);
+    t = t + __builtin_shuffle(t, p2);
+    t = t + __builtin_shuffle(t, p1);
+    out[0] = t[0]; out[1] = t[4]; out[2] = t[8]; out[3] = t[12];
+#else
+    out[0] = hsum(a0); out[1] = hsum(a1); out[2] = hsum(a2); out[3] = hsum(a3);
+#endif
+}
 static inline void dot4(const float *restrict x, const float *restrict w, int64_t K, float *out) {
     const float *w0 = w, *w1 = w + K, *w2 = w + 2 * K, *w3 = w + 3 * K;
     vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
@@ -264,7 +284,8 @@ static inline void dot4(const float *restrict x, const float *restrict w, int64_
         vf x0 = ldu(x + k);
         a0 += x0 * ldu(w0 + k); a1 += x0 * ldu(w1 + k); a2 += x0 * ldu(w2 + k); a3 += x0 * ldu(w3 + k);
     }
-    float s[4] = {hsum(a0 + b0), hsum(a1 + b1), hsum(a2 + b2), hsum(a3 + b3)};
+    float s[4];
+    hsum4(a0 + b0, a1 + b1, a2 + b2, a3 + b3, s);
     for (int r = 0; r < 4; r++) {
         const float *wr = w + r * K;
         for (int64_t kk = k; kk < K; kk++) s[r] += x[kk] * wr[kk];
