@@ -101,7 +101,14 @@ def main(argv):
         shutil.copy2(os.path.join(HERE, "__init__.py"), dest_dir)
     for old in glob.glob(os.path.join(dest_dir, "_kernels.*.so")):
         os.remove(old)
-    dst = os.path.join(dest_dir, os.path.basename(so))
+    name = os.path.basename(so)
+    import importlib.machinery
+    if sys.implementation.name == "cpython" and ".abi3.so" in importlib.machinery.EXTENSION_SUFFIXES \
+            and not hasattr(sys, "gettotalrefcount"):
+        # cffi's C defines Py_LIMITED_API: use the same file name as the setuptools/pip build so
+        # a direct build and `pip install -e .` never leave two competing modules behind
+        name = "_kernels.abi3.so"
+    dst = os.path.join(dest_dir, name)
     shutil.copy2(so, dst)
     print(dst)
     return 0
