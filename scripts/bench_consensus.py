@@ -110,6 +110,8 @@ async def bench(tokens: int, threads: int, repeat: int) -> dict[str, Any]:
         "alone_wall_s": [round(x, 3) for x in alone_wall], "alone_cpu_s": [round(x, 3) for x in alone_cpu],
         "floor_s": round(floor, 3), "sequential_s": round(seq, 3),
         "consensus_split_s": round(split, 3), "consensus_nosplit_s": round(nosplit, 3),
+        "sequential_cpu_s": round(med("seq", 1), 3), "consensus_split_cpu_s": round(med("split", 1), 3),
+        "consensus_nosplit_cpu_s": round(med("nosplit", 1), 3),
         "split_vs_floor": round(split / floor, 3), "nosplit_vs_floor": round(nosplit / floor, 3),
         "split_vs_slowest_alone": round(split / max(alone_wall), 3), "split_vs_sequential": round(split / seq, 3),
         "goal_split_le_1.2x_floor": split <= 1.2 * floor,
