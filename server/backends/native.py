@@ -36,8 +36,11 @@ class NativeBackend:
         self.chat_format = chat_format
 
     @classmethod
-    def load(cls, model_id: str, path: pathlib.Path, spec: object, n_threads: int, ops: str = "auto") -> "NativeBackend":
-        """`spec`: any object with n_ctx, kv_cache ("fp32"|"fp16"|"fp8"|None), chat_format, prefill_chunk."""
+    def load(cls, model_id: str, path: pathlib.Path, spec: object, n_threads: int, ops: str = "kernels") -> "NativeBackend":
+        """`spec`: any object with n_ctx, kv_cache ("fp32"|"fp16"|"fp8"|None), chat_format, prefill_chunk.
+
+        ops="kernels" fails loudly when the C kernels are not built rather than serving through
+        the ~10x slower numpy reference ("auto" would fall back)."""
         runner = Runner.load(
             path,
             n_ctx=int(getattr(spec, "n_ctx", 2048) or 2048),

@@ -107,6 +107,8 @@ class Runner:
     def prefill(self, prompt: Sequence[int]) -> np.ndarray:
         """Make the cache hold exactly `prompt`, reusing the common prefix; logits [vocab] of its last token."""
         prompt = list(prompt)
+        if not prompt:
+            raise ValueError("prefill needs at least one token")
         n = 0
         for a, b in zip(self.tokens, prompt):
             if a != b:
