@@ -27,8 +27,9 @@ def run(coro: Awaitable[T]) -> T:
 
 
 class FakeBackend:
-    def __init__(self, model_id: str, n_threads: int, max_concurrency: int = 1) -> None:
+    def __init__(self, model_id: str, n_threads: int, max_concurrency: int = 1, close_delay: float = 0.0) -> None:
         self.model_id = model_id
+        self.close_delay = close_delay
         self.n_ctx = 512
         self.n_threads = n_threads
         self.max_concurrency = max_concurrency
@@ -52,13 +53,18 @@ class FakeBackend:
         return 100
 
     def close(self) -> None:
+        time.sleep(self.close_delay)
         self.closed = True
 
 
 class FakeLoader:
     """Records loads; `delay` seconds per load; ids in `fail` raise (once each if `fail_once`)."""
 
-    def __init__(self, delay: float = 0.0, fail: set[str] | None = None, fail_once: bool = False, max_concurrency: int = 1) -> None:
+    def __init__(
+        self, delay: float = 0.0, fail: set[str] | None = None, fail_once: bool = False, max_concurrency: int = 1,
+        close_delay: float = 0.0,
+    ) -> None:
+        self.close_delay = close_delay
         self.calls: list[tuple[str, int]] = []
         self.backends: list[FakeBackend] = []
         self.delay = delay
@@ -73,7 +79,7 @@ class FakeLoader:
             if self.fail_once:
                 self.fail.discard(model_id)
             raise ValueError(f"corrupt file for {model_id}")
-        b = FakeBackend(model_id, n_threads, self.max_concurrency)
+        b = FakeBackend(model_id, n_threads, self.max_concurrency, self.close_delay)
         self.backends.append(b)
         return b
 
@@ -257,7 +263,8 @@ def test_lru_eviction_with_max_loaded() -> None:
 
 def test_busy_model_is_never_evicted() -> None:
     async def main() -> None:
-        pool, _ = make_pool(max_loaded=1, queue_timeout_s=0.3)
+        # closing a takes longer than the queue timeout: the eviction and the load must not count
+        pool, _ = make_pool(max_loaded=1, queue_timeout_s=0.3, loader=FakeLoader(close_delay=0.5))
         release, got = asyncio.Event(), asyncio.Event()
         holder = asyncio.create_task(hold(pool, "a", release, got))
         await got.wait()

@@ -175,9 +175,9 @@ class ModelPool:
             cold = slot.loading if not slot.instances else None
             if cold is not None:
                 await asyncio.wait({waiter.future, cold}, return_when=asyncio.FIRST_COMPLETED)
-            else:
+            else:  # also wakes when a load starts (e.g. a busy model went idle and is evicted)
                 t0 = time.monotonic()
-                await asyncio.wait({waiter.future}, timeout=left)
+                await asyncio.wait({waiter.future, slot.load_started()}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
                 left -= time.monotonic() - t0
             if waiter.future.done():
                 return True
@@ -224,6 +224,7 @@ class ModelPool:
             waiter.future.set_result(inst)
         if slot.queue and slot.can_grow():
             slot.loading = self._spawn(self._load(slot))
+            slot.signal_load_started()
 
     def _unblock_others(self, freed: ModelSlot) -> None:
         """Something became evictable or was freed: loads waiting for room may retry."""

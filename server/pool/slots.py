@@ -51,6 +51,17 @@ class ModelSlot:
     instance_cap: int | None = None  # lowered when an extra instance failed to load
     estimate: Estimate | None = None  # cached: the file does not change under us
     idle_event: asyncio.Event = field(default_factory=asyncio.Event)
+    _load_started: asyncio.Future[None] | None = None
+
+    def load_started(self) -> asyncio.Future[None]:
+        """A future resolved when the next load of this model starts (waiters pause their clock)."""
+        if self._load_started is None or self._load_started.done():
+            self._load_started = asyncio.get_running_loop().create_future()
+        return self._load_started
+
+    def signal_load_started(self) -> None:
+        if self._load_started is not None and not self._load_started.done():
+            self._load_started.set_result(None)
 
     @property
     def leases(self) -> int:
