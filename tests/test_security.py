@@ -207,3 +207,17 @@ def test_api_key_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     with pytest.raises(ConfigError, match="api_key_file"):
         build_settings({}, {"api_key_file": str(tmp_path / "missing")})
     assert build_settings({}, {}).api_key is None and os.environ.get("CAPIBARA6_API_KEY") is None
+
+
+def test_open_health_off_protects_probes_too() -> None:
+    from server.api.security import ApiKeyAuth
+
+    async def call(open_health: bool, path: str, headers: dict[str, str]) -> int:
+        app = ApiKeyAuth(_echo_app, KEY, open_health=open_health)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return (await c.get(path, headers=headers)).status_code
+
+    for path in ("/health", "/ready", "/metrics"):
+        assert asyncio.run(call(True, path, {})) == 200
+        assert asyncio.run(call(False, path, {})) == 401
+        assert asyncio.run(call(False, path, AUTH)) == 200

@@ -107,3 +107,36 @@ def test_idle_server_exits_0_promptly(gemma_path: Path, tmp_path: Path, sig: sig
     srv.proc.send_signal(sig)
     assert srv.proc.wait(30) == 0 and time.monotonic() - t0 < 10
     srv.stop()
+
+
+def test_second_signal_skips_the_rest_of_the_grace() -> None:
+    import asyncio
+
+    from server.shutdown import Drain
+
+    async def main() -> tuple[float, int, bool]:
+        drain = Drain()
+        cancelled = False
+
+        async def request() -> None:
+            nonlocal cancelled
+            with drain.track():
+                try:
+                    await asyncio.sleep(60)
+                except asyncio.CancelledError:
+                    cancelled = True
+                    raise
+
+        task = asyncio.create_task(request())
+        await asyncio.sleep(0)
+        assert drain.begin() and drain.in_flight == 1
+        t0 = time.monotonic()
+        runner = asyncio.create_task(drain.run(grace_s=30))
+        await asyncio.sleep(0.1)
+        assert not drain.begin()  # the second signal
+        n = await runner
+        await asyncio.gather(task, return_exceptions=True)
+        return time.monotonic() - t0, n, cancelled
+
+    elapsed, n, cancelled = asyncio.run(main())
+    assert elapsed < 5 and n == 1 and cancelled
