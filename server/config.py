@@ -187,8 +187,18 @@ def _assemble_pypi(package: str) -> Path:
             try:
                 _pypi_paths[package] = Path(mod.assemble())
             except FileExistsError:  # a half-written file from an interrupted run
-                _pypi_paths[package] = Path(mod.assemble(overwrite=True))
+                _pypi_paths[package] = _reassemble(mod)
         return _pypi_paths[package]
+
+
+def _reassemble(mod: Any) -> Path:
+    """Write a fresh copy beside the bad one and rename it into place. Never rewrite in place:
+    other processes may have the old file memory-mapped (rewriting it under them is SIGBUS)."""
+    target = Path(mod.default_output_path())
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    mod.assemble(output_path=tmp, overwrite=True)
+    os.replace(tmp, target)
+    return target
 
 
 def resolve_model_path(spec: ModelSpec, base_dir: Path) -> Path:

