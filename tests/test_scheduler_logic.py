@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import queue
-import time
+import threading
 from typing import Any, Sequence as Seq
 
 import pytest
@@ -32,9 +32,11 @@ def reference(prompt: list[int], max_tokens: int) -> list[int]:
 
 
 class ScriptedDecoder:
-    def __init__(self, n_cells: int, delay: float = 0.0) -> None:
+    def __init__(self, n_cells: int) -> None:
         self.n_cells = n_cells
-        self.delay = delay  # seconds per decode, so a test can act between steps
+        self.pause_at: int | None = None  # decode number at which the scheduler thread waits ...
+        self.paused = threading.Event()
+        self.resume = threading.Event()  # ... until the test lets it go on
         self.kv: dict[int, list[tuple[int, int]]] = {}  # seq id -> [(cell id, token)] by position
         self._ids = itertools.count()
         self._out: list[int] = []
@@ -46,7 +48,9 @@ class ScriptedDecoder:
 
     def decode(self, tokens: Seq[int], pos: Seq[int], seq_ids: Seq[int], logits: Seq[bool]) -> None:
         self.batches.append(list(zip(tokens, pos, seq_ids, logits)))
-        time.sleep(self.delay)
+        if len(self.batches) == self.pause_at:
+            self.paused.set()
+            assert self.resume.wait(10)
         self._out = []
         for t, p, s, want in zip(tokens, pos, seq_ids, logits):
             cells = self.kv.setdefault(s, [])
@@ -97,8 +101,8 @@ def make(prompt_len: int, max_tokens: int, base: int) -> Sequence:
 def sched() -> Any:
     made: list[Scheduler] = []
 
-    def build(n_cells: int, slots: int, chunk: int, delay: float = 0.0) -> tuple[Scheduler, ScriptedDecoder]:
-        d = ScriptedDecoder(n_cells, delay)
+    def build(n_cells: int, slots: int, chunk: int) -> tuple[Scheduler, ScriptedDecoder]:
+        d = ScriptedDecoder(n_cells)
         s = Scheduler(d, slots, chunk)
         made.append(s)
         return s, d
@@ -139,15 +143,17 @@ def test_preemption_keeps_every_history_exact(sched: Any) -> None:
 
 
 def test_preempting_a_prefilling_sequence_keeps_its_prompt(sched: Any) -> None:
-    s, d = sched(n_cells=100, slots=2, chunk=4, delay=0.002)
-    a = make(10, 80, 100)  # budget 50 (fair share): needs to grow after 40 tokens
+    s, d = sched(n_cells=100, slots=2, chunk=4)
+    d.pause_at = 36  # `a` has 46 of its 50 budgeted cells filled
+    a = make(10, 80, 100)  # budget 50 (fair share): must grow 4 steps after the pause
     s.submit(a)
-    got = [a.events.get(timeout=5)[1] for _ in range(36)]
-    b = make(40, 10, 300)  # budget 50; prefills 4 tokens a step, still prefilling when `a` must grow
+    assert d.paused.wait(10)
+    b = make(40, 10, 300)  # budget 50; prefills 4 tokens a step: still prefilling when `a` must grow
     prompt_b = list(b.prompt)
     s.submit(b)
+    d.resume.set()
     tokens, reason = collect(a)
-    assert reason == "length" and got + tokens == reference(a.prompt, 80)
+    assert reason == "length" and tokens == reference(a.prompt, 80)
     assert collect(b) == (reference(prompt_b, 10), "length")
     assert s.preemptions >= 1
 
