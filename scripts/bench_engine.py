@@ -133,13 +133,12 @@ def main() -> None:
     med = {e: {k: statistics.median(x[k] for x in rs) for k in ("prefill_tps", "decode_tps", "peak_rss", "rss")}
            for e, rs in res.items()}
 
-    from gguf import GGUFReader
-
+    from server.engine.gguf_file import GGUFFile
     from server.engine.gguf_loader import read_config
     from server.engine.kv_cache import KVCache
 
-    reader = GGUFReader(model, "r")
-    cfg = read_config(reader)
+    reader = GGUFFile(model)
+    cfg = read_config(reader.metadata)
     file_weight_bytes = sum(int(t.n_bytes) for t in reader.tensors)
     kv_per_tok = {
         dt: KVCache(None, n_layer=cfg.n_layer, n_ctx=1, n_head_kv=cfg.n_head_kv, head_dim_k=cfg.head_dim_k,

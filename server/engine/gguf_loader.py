@@ -11,9 +11,8 @@ import pathlib
 from dataclasses import dataclass, field
 
 import numpy as np
-from gguf import GGUFReader
-
 from .dequant import dequantize
+from .gguf_file import GGUFFile
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "gemma3")
 
@@ -45,20 +44,19 @@ class ModelConfig:
     extra_eos: tuple[int, ...] = field(default_factory=tuple)
 
 
-def _field(reader: GGUFReader, key: str, default: object = None) -> object:
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    return f.contents()
+def read_config(meta: dict[str, object]) -> ModelConfig:
+    """Hyper-parameters from GGUF metadata (keys as llama.cpp names them)."""
 
+    def _field(key: str, default: object = None) -> object:
+        v = meta.get(key, default)
+        return default if v is None else v
 
-def read_config(reader: GGUFReader) -> ModelConfig:
-    arch = str(_field(reader, "general.architecture"))
+    arch = str(_field("general.architecture"))
     if arch not in SUPPORTED_ARCHS:
         raise NotImplementedError(f"architecture {arch!r} is not supported (have {SUPPORTED_ARCHS})")
 
     def a(key: str, default: object = None) -> object:
-        return _field(reader, f"{arch}.{key}", default)
+        return _field(f"{arch}.{key}", default)
 
     n_embd = int(a("embedding_length"))
     n_head = int(a("attention.head_count"))
@@ -66,8 +64,7 @@ def read_config(reader: GGUFReader) -> ModelConfig:
     head_dim_k = int(a("attention.key_length", n_embd // n_head))
     head_dim_v = int(a("attention.value_length", head_dim_k))
     n_layer = int(a("block_count"))
-    tokens = reader.fields["tokenizer.ggml.tokens"]
-    n_vocab = int(a("vocab_size", len(tokens.data)))
+    n_vocab = int(a("vocab_size", len(meta["tokenizer.ggml.tokens"])))  # type: ignore[arg-type]
     scaling_type = a("rope.scaling.type", "none")
     scale_factor = float(a("rope.scaling.factor", 1.0) or 1.0)
     freq_scale = 1.0 / scale_factor if scaling_type == "linear" else 1.0
@@ -88,9 +85,9 @@ def read_config(reader: GGUFReader) -> ModelConfig:
             attn_scale = 1.0 / math.sqrt(n_embd / n_head)
         softcap = float(a("final_logit_softcapping", 0.0) or 0.0)
 
-    eos = _field(reader, "tokenizer.ggml.eos_token_id")
-    eot = _field(reader, "tokenizer.ggml.eot_token_id")
-    bos = _field(reader, "tokenizer.ggml.bos_token_id")
+    eos = _field("tokenizer.ggml.eos_token_id")
+    eot = _field("tokenizer.ggml.eot_token_id")
+    bos = _field("tokenizer.ggml.bos_token_id")
     return ModelConfig(
         arch=arch,
         n_vocab=n_vocab,
@@ -139,18 +136,28 @@ class GGUFModel:
 
 
 def load_gguf(path: str | pathlib.Path) -> GGUFModel:
+    """F32 tensors stay views of the memory-mapped file when they are most of it (an F32 model);
+    when the file is mostly quantized, they are copied too so the mapping (whose pages were all
+    touched by dequantization and would stay resident) is released once loading ends."""
     path = pathlib.Path(path)
-    reader = GGUFReader(str(path), "r")
-    config = read_config(reader)
+    reader = GGUFFile(path)
+    config = read_config(reader.metadata)
+    f32_bytes = sum(int(t.n_bytes) for t in reader.tensors if t.tensor_type.name == "F32")
+    keep_mapped = f32_bytes * 2 >= sum(int(t.n_bytes) for t in reader.tensors)
     tensors: dict[str, np.ndarray] = {}
     types: dict[str, str] = {}
     owned = mapped = 0
     for t in reader.tensors:
         arr = dequantize(t.data, t.tensor_type)
         if np.shares_memory(arr, t.data):
-            mapped += arr.nbytes
+            if keep_mapped:
+                mapped += arr.nbytes
+            else:
+                arr = arr.copy()
+                owned += arr.nbytes
         else:
             owned += arr.nbytes
         tensors[t.name] = arr
         types[t.name] = t.tensor_type.name
+    del reader, t  # with nothing mapped left, this closes the file mapping
     return GGUFModel(path=path, config=config, tensors=tensors, owned_bytes=owned, mapped_bytes=mapped, file_types=types)
