@@ -1,4 +1,9 @@
-"""`native` backend: GGUF models on the project's own kernels (server/engine), FP8 KV cache option."""
+"""`native` backend: GGUF models on the project's own kernels (server/engine), FP8 KV cache option.
+
+Events: one TokenEvent per generated token. An end-of-generation token (EOS, <end_of_turn>, ...)
+is not a completion token and yields an event only when text held back for a possible stop
+string must still be flushed. One backend instance runs one generation at a time.
+"""
 
 from __future__ import annotations
 
