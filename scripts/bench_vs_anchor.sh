@@ -4,7 +4,8 @@
 #                 defaults: one lock, and a running stream is cut when another request arrives
 #   anchor-no-interrupt   the same with --interrupt_requests False (only with --anchor-no-interrupt):
 #                 shows what the cutting does to its numbers
-#   capibara6     this server
+#   capibara6     this server; `parallel: P` in its registry (default 8, like llama-server's -np 8)
+#                 turns on continuous batching; --parallel 1 measures one-generation-at-a-time
 #   llama-server  llama.cpp's server with 8 parallel slots (continuous batching), when a binary exists
 #                 ($LLAMA_SERVER_BIN, else /work/llama-server-build/bin/llama-server)
 # Contestants run one after another (start, bench, stop), so none competes with another for CPU.
@@ -13,7 +14,7 @@
 #
 # usage: scripts/bench_vs_anchor.sh [--out DIR] [--threads T] [--gguf PATH] [--concurrency 1,2,4,8]
 #          [--requests N] [--max-tokens N] [--endpoint completions|chat] [--n-ctx N] [--no-llama-server]
-#          [--anchor-no-interrupt]
+#          [--anchor-no-interrupt] [--parallel P]
 #          [-- extra flags for `capibara6 bench`]
 set -euo pipefail
 
@@ -22,7 +23,7 @@ PY="${PYTHON:-$ROOT/.venv/bin/python}"
 [ -x "$PY" ] || PY="$(command -v python3)"
 
 OUT="bench-out"; THREADS=1; GGUF=""; CONC="1,2,4,8"; REQUESTS=16; MAX_TOKENS=64
-ENDPOINT="completions"; NCTX=2048; USE_LLAMA_SERVER=1; NO_INTERRUPT=0; NP=8; EXTRA=()
+ENDPOINT="completions"; NCTX=2048; USE_LLAMA_SERVER=1; NO_INTERRUPT=0; NP=8; PARALLEL=8; EXTRA=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) OUT="$2"; shift 2 ;;
@@ -35,8 +36,9 @@ while [ $# -gt 0 ]; do
         --n-ctx) NCTX="$2"; shift 2 ;;
         --no-llama-server) USE_LLAMA_SERVER=0; shift ;;
         --anchor-no-interrupt) NO_INTERRUPT=1; shift ;;
+        --parallel) PARALLEL="$2"; shift 2 ;;
         --) shift; EXTRA=("$@"); break ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
         *) echo "bench_vs_anchor: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -111,7 +113,7 @@ fi
 [ -f "$GGUF" ] || { log "no GGUF at $GGUF"; exit 2; }
 CHAT_FORMAT=()
 [ "$ENDPOINT" = chat ] && CHAT_FORMAT=(--chat_format gemma)
-log "model $GGUF, threads $THREADS, n_ctx $NCTX, concurrency $CONC, $REQUESTS requests/level, max_tokens $MAX_TOKENS"
+log "model $GGUF, threads $THREADS, n_ctx $NCTX per sequence, capibara6 parallel $PARALLEL, concurrency $CONC, $REQUESTS requests/level, max_tokens $MAX_TOKENS"
 
 # run_anchor LABEL INTERRUPT: llama-cpp-python's server (one lock for every request)
 run_anchor() {
@@ -128,10 +130,11 @@ run_anchor() {
 # 1. the anchor as users get it (interrupts a running stream when another request arrives)
 run_anchor anchor True
 
-# 2. capibara6 on a registry written for this run (same file, threads and context)
+# 2. capibara6 on a registry written for this run (same file and threads; with parallel P the
+#    sequences share one KV cache, so it gets n_ctx cells per sequence, as llama-server's slots do)
 PORT="$(free_port)"
 cat >"$OUT/models.yaml" <<EOF
-defaults: {n_ctx: $NCTX, n_threads: $THREADS, idle_unload_s: 0, max_queue: 256}
+defaults: {n_ctx: $((NCTX * PARALLEL)), n_threads: $THREADS, parallel: $PARALLEL, idle_unload_s: 0, max_queue: 256}
 pool: {max_loaded: 1, warmup: [gemma3-270m]}
 models:
   gemma3-270m: {backend: llamacpp, source: {path: "$GGUF"}, chat_format: gemma}
