@@ -4,7 +4,8 @@ About greedy equality. llama.cpp's CPU kernels for repacked Q4_K weights multipl
 in groups of four (gemm) and the remaining rows one by one (gemv), with a different accumulation
 order, so the same sequence's logits differ by up to ~0.1 nats depending on how many rows share
 its decode step (measured here: identical logprobs alone run twice, ~0.02-0.1 nats apart alone vs
-in a batch of 8). Exact token equality between "alone" and "batched" is therefore not a property
+in a batch of 8; and up to ~0.02 nats with where the sequence's cells sit in the unified KV cache
+and what else it holds). Exact token equality between "alone" and "batched" is therefore not a property
 llama.cpp has (llama-server behaves the same). What we assert instead:
 - exactly: a sequence's tokens do not depend on what the other sequences in the batch contain
   (same batch shape, different content -> identical tokens and logprobs): no cross-talk;
@@ -131,12 +132,19 @@ def test_batched_greedy_matches_alone_and_unbatched(batched: LlamaCppBatchedBack
     assert same >= 4, "most greedy runs must agree token for token"
 
 
-def test_no_cross_talk_between_sequences(batched: LlamaCppBatchedBackend) -> None:
+def test_no_cross_talk_between_sequences(batched: LlamaCppBatchedBackend, gemma_path: Path) -> None:
     target = batched.tokenize(PROMPTS[0])
     others_a = [batched.tokenize(p) for p in PROMPTS[1:]]
     others_b = [[*t[:-1], (t[-1] + 17)] for t in others_a]  # same lengths, different content
-    first = together(batched, [target, *others_a], logprobs=1, max_tokens=10)
-    second = together(batched, [target, *others_b], logprobs=1, max_tokens=10)
+
+    def run(prompts: list[Any]) -> list[Run]:
+        b = load(gemma_path)  # same starting state for both runs: only the others' content differs
+        try:
+            return together(b, prompts, logprobs=1, max_tokens=10)
+        finally:
+            b.close()
+
+    first, second = run([target, *others_a]), run([target, *others_b])
     assert first[0].tokens == second[0].tokens
     assert [e.logprob for e in first[0].events] == [e.logprob for e in second[0].events]
     assert any(x.tokens != y.tokens for x, y in zip(first[1:], second[1:]))  # the others really differed
@@ -161,15 +169,21 @@ def test_stop_strings_and_max_tokens_per_sequence(batched: LlamaCppBatchedBacken
     assert runs[0].tokens == runs[1].tokens  # two identical prompts in one batch agree
 
 
-def test_per_sequence_seeds_and_grammar(batched: LlamaCppBatchedBackend) -> None:
+def test_per_sequence_seeds_and_grammar(batched: LlamaCppBatchedBackend, gemma_path: Path) -> None:
     def batch() -> list[Run]:
-        with batched.scheduler.hold():
-            runs = [
-                Run(batched, PROMPTS[1], temperature=1.0, seed=1, max_tokens=10),
-                Run(batched, PROMPTS[1], temperature=1.0, seed=2, max_tokens=10),
-                Run(batched, "Is water wet? Answer:", temperature=1.0, seed=3, max_tokens=4, grammar='root ::= " yes" | " no"'),
-            ]
-        return [r.join() for r in runs]
+        # a fresh backend each time: the KV cell layout (what else the cache holds) moves logits
+        # by up to ~0.02 nats, enough to flip a sample drawn near a boundary
+        b = load(gemma_path, parallel=3)
+        try:
+            with b.scheduler.hold():
+                runs = [
+                    Run(b, PROMPTS[1], temperature=1.0, seed=1, max_tokens=10),
+                    Run(b, PROMPTS[1], temperature=1.0, seed=2, max_tokens=10),
+                    Run(b, "Is water wet? Answer:", temperature=1.0, seed=3, max_tokens=4, grammar='root ::= " yes" | " no"'),
+                ]
+            return [r.join() for r in runs]
+        finally:
+            b.close()
 
     first, second = batch(), batch()
     assert [r.tokens for r in first] == [r.tokens for r in second]  # each sequence's own seed
