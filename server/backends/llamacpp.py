@@ -18,6 +18,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .base import ContextLengthExceeded, GenerationOutcome, SamplingParams, TokenEvent
+from .llama_load import new_llama
 from .stops import StopText
 from ..chat_templates import Formatter, get_formatter, jinja_formatter
 
@@ -55,10 +56,8 @@ class LlamaCppBackend:
 
     @classmethod
     def load(cls, model_id: str, path: Path | None, spec: Any, n_threads: int) -> "LlamaCppBackend":
-        from llama_cpp import Llama
-
         assert path is not None
-        llm = Llama(
+        llm = new_llama(
             model_path=str(path),
             n_ctx=spec.n_ctx,
             n_batch=min(spec.n_batch, spec.n_ctx),
