@@ -11,10 +11,17 @@ import pathlib
 import llama_cpp
 from llama_cpp import Llama
 
+try:  # the server's one-at-a-time constructor (llama-cpp-python's quiet load is not thread-safe)
+    from server.backends.llama_load import new_llama
+except ImportError:  # pragma: no cover - engine used outside the server
+
+    def new_llama(**kwargs: object) -> Llama:
+        return Llama(**kwargs)  # type: ignore[arg-type]
+
 
 class Tokenizer:
     def __init__(self, path: str | pathlib.Path) -> None:
-        self._llm: Llama | None = Llama(model_path=str(path), vocab_only=True, verbose=False)
+        self._llm: Llama | None = new_llama(model_path=str(path), vocab_only=True, verbose=False)
         m = self._llm._model
         self._vocab = m.vocab
         self.n_vocab = self._llm.n_vocab()
