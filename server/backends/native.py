@@ -19,6 +19,8 @@ from server.engine.sampler import Sampler
 from server.engine.tokenizer import Tokenizer
 
 _DEFAULT_CHAT_FORMAT = {"gemma3": "gemma"}
+# The registry's kv_cache field also takes llama.cpp's spellings.
+_KV_ALIASES = {None: "fp32", "f32": "fp32", "f16": "fp16", "fp8_e4m3": "fp8", "e4m3": "fp8"}
 
 
 def _text(content: object) -> str:
@@ -49,7 +51,7 @@ class NativeBackend:
         runner = Runner.load(
             path,
             n_ctx=int(getattr(spec, "n_ctx", 2048) or 2048),
-            kv_cache=getattr(spec, "kv_cache", None) or "fp32",
+            kv_cache=_KV_ALIASES.get(getattr(spec, "kv_cache", None), getattr(spec, "kv_cache", None)),
             prefill_chunk=int(getattr(spec, "prefill_chunk", 256) or 256),
             n_threads=n_threads,
             ops=ops,

