@@ -52,6 +52,7 @@ class LlamaDecoder:
         p.n_ctx = spec.n_ctx
         p.n_batch = p.n_ubatch = self.n_batch  # one ubatch per step: one graph computation
         p.n_seq_max = n_seq
+        p.n_outputs_max = n_seq  # logits rows per step: one per sequence (the default, n_batch, sizes 262k-vocab buffers for nothing)
         p.n_threads = p.n_threads_batch = n_threads
         p.kv_unified = True  # all sequences share the n_ctx cells (and prefix cells via seq_cp)
         p.swa_full = True  # SWA layers keep every position, so any cached prefix stays reusable
