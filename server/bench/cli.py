@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default="http://127.0.0.1:8082", help="base URL of an OpenAI-compatible server")
     p.add_argument("--model", default=None, help="model id (default: the first from GET /v1/models)")
     p.add_argument("--endpoint", choices=("chat", "completions"), default="completions")
-    p.add_argument("--concurrency", type=_levels, default=[1, 2, 4, 8], help="levels, e.g. 1,2,4,8")
+    p.add_argument("--concurrency", type=_levels, default=[1, 2, 4, 8], help=f"levels, e.g. 1,2,4,8 (each at most {MAX_CONCURRENCY})")
     p.add_argument("--requests", type=int, default=8, help=f"requests per level (max {MAX_REQUESTS_PER_LEVEL})")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="prompt set and sampling seed")
@@ -124,5 +124,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_arguments(p)
     return run(p.parse_args(argv))
 
-
-__all__ = ["MAX_CONCURRENCY", "UnsafeTarget", "add_arguments", "check_url", "main", "run"]

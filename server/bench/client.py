@@ -95,7 +95,8 @@ class _Timer:
     """Stamps token events: first one gives TTFT, later ones an inter-token latency each."""
 
     def __init__(self, res: RequestResult, t0: float, clock: Callable[[], float]) -> None:
-        self.res, self.t0, self.clock, self.last = res, t0, clock, None
+        self.res, self.t0, self.clock = res, t0, clock
+        self.last: float | None = None
 
     def token(self) -> None:
         now = self.clock()
