@@ -152,10 +152,11 @@ def test_no_cross_talk_between_sequences(batched: LlamaCppBatchedBackend, gemma_
 
 def test_stop_strings_and_max_tokens_per_sequence(batched: LlamaCppBatchedBackend) -> None:
     free = Run(batched, PROMPTS[3], max_tokens=16).join()
-    words = free.text.split()
-    assert len(words) >= 3, free.text
-    stop = " " + words[2]
-    runs = together(batched, [PROMPTS[3], PROMPTS[3], PROMPTS[1], PROMPTS[2]], max_tokens=16)
+    # stop at the second token's text: the first tokens have wide greedy margins, so a batched run
+    # produces them too (later tokens may part at near-ties, see the module docstring)
+    stop = batched.llm.detokenize([free.tokens[1]]).decode()
+    assert stop.strip() and free.text.index(stop) > 0, free.text
+    runs = together(batched, [PROMPTS[3], PROMPTS[3], PROMPTS[1], PROMPTS[2]], max_tokens=16, logprobs=2)
     # same prompts with different per-sequence limits, through one batch
     with batched.scheduler.hold():
         stopped = Run(batched, PROMPTS[3], max_tokens=16, stop=(stop,))
@@ -163,10 +164,10 @@ def test_stop_strings_and_max_tokens_per_sequence(batched: LlamaCppBatchedBacken
         long = Run(batched, PROMPTS[2], max_tokens=16)
     stopped.join(), short.join(), long.join()
     assert stopped.outcome.finish_reason == "stop" and stop not in stopped.text
-    assert free.text.startswith(stopped.text) and len(stopped.text) < len(free.text)
+    assert stopped.text == free.text[: free.text.index(stop)]
     assert short.outcome.finish_reason == "length" and short.outcome.completion_tokens == 3 == len(short.tokens)
     assert long.outcome.finish_reason == "length" and len(long.tokens) == 16
-    assert runs[0].tokens == runs[1].tokens  # two identical prompts in one batch agree
+    assert_same_until_near_tie(runs[0], runs[1])  # two identical prompts in one batch agree
 
 
 def test_per_sequence_seeds_and_grammar(batched: LlamaCppBatchedBackend, gemma_path: Path) -> None:
