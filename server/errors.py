@@ -5,6 +5,7 @@
     │   └── ContextTooLong    400    code context_length_exceeded
     ├── Unauthorized          401    authentication_error
     ├── ModelNotFound         404    code model_not_found
+    ├── ModelBusy             409    admin unload of a busy model
     ├── BodyTooLarge          413
     ├── QueueFull             429    Retry-After header
     ├── ExpertsFailed         502    consensus quorum not met
@@ -67,6 +68,16 @@ class ModelNotFound(ApiError):
 class NotFound(ApiError):
     status = 404
     type = "invalid_request_error"
+
+
+class ModelBusy(ApiError):
+    """409: an admin unload of a model that has leases or a load in flight."""
+
+    status = 409
+    type = "invalid_request_error"
+
+    def __init__(self, model: str, why: str) -> None:
+        super().__init__(f"Model '{model}' is {why}; try again when it is idle.", param="model", code="model_busy")
 
 
 class BodyTooLarge(ApiError):

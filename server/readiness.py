@@ -93,7 +93,7 @@ class ReadinessProbe:
         return Verdict(ok, reason, self.model, self.clock())
 
     async def _generate_one(self) -> None:
-        async with self.pool.lease(self.model) as backend:
+        async with self.pool.lease(self.model, touch=False) as backend:  # probes keep the idle clock
             params = SamplingParams(max_tokens=1, temperature=0.0)
 
             def job(cancel: threading.Event) -> Iterator[TokenEvent]:

@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator, Callable, Coroutine
 from ..backends import backend_class, load_backend
 from ..backends.base import Backend, GenerationOutcome, SamplingParams
 from ..config import ModelSpec, Registry, resolve_model_path
-from ..errors import ApiError, ModelNotFound, QueueFull, ServiceUnavailable
+from ..errors import ModelBusy, ModelNotFound, QueueFull, ServiceUnavailable
 from ..metrics import Metrics
 from ..threads import resolve_threads
 from .budget import GIB, ZERO, Estimate, budget_bytes, choose_victims, estimate_file
@@ -37,14 +37,6 @@ SHUTDOWN_WAIT_S = 5.0  # close(): how long a still-running lease may keep its in
 WARMUP_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
 
 
-class ModelBusy(ApiError):
-    """409: an admin unload of a model that has leases or a load in flight."""
-
-    status = 409
-    type = "invalid_request_error"
-
-    def __init__(self, model: str, why: str) -> None:
-        super().__init__(f"Model '{model}' is {why}; try again when it is idle.", param="model", code="model_busy")
 
 
 class ModelPool:
