@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import pathlib
 import threading
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from llama_cpp import llama_chat_format
 
-from server.backends.base import ContextLengthExceeded, GenerationOutcome, SamplingParams, TokenEvent
+from server.backends.base import (
+    ContextLengthExceeded,
+    GenerationOutcome,
+    SamplingParams,
+    TokenEvent,
+)
 from server.engine.runner import Runner
 from server.engine.sampler import Sampler
 from server.engine.tokenizer import Tokenizer
@@ -43,7 +48,7 @@ class NativeBackend:
         self.chat_format = chat_format
 
     @classmethod
-    def load(cls, model_id: str, path: pathlib.Path, spec: object, n_threads: int, ops: str = "kernels") -> "NativeBackend":
+    def load(cls, model_id: str, path: pathlib.Path, spec: object, n_threads: int, ops: str = "kernels") -> NativeBackend:
         """`spec`: any object with n_ctx, kv_cache ("fp32"|"fp16"|"fp8"|None), chat_format, prefill_chunk.
 
         ops="kernels" fails loudly when the C kernels are not built rather than serving through

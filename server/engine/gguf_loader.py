@@ -11,6 +11,7 @@ import pathlib
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from .dequant import dequantize
 from .gguf_file import GGUFFile
 

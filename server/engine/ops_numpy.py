@@ -142,7 +142,7 @@ def attention(
     out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Causal GQA attention of q [T,Hq,D] (positions n_past..) over cache rows 0..n_past+T-1."""
-    t, hq, d = q.shape
+    t, hq, _d = q.shape
     s = n_past + t
     kk, vv = k[:s], v[:s]
     if kk.dtype == np.uint8:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pathlib
 import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -20,7 +20,7 @@ from .graph_gemma3 import Gemma3Graph
 from .graph_llama import LlamaGraph
 from .kv_cache import KVCache
 from .ops import load_ops, ops_name
-from .sampler import SampleResult, Sampler
+from .sampler import Sampler, SampleResult
 
 GRAPHS: dict[str, type[LlamaGraph]] = {"llama": LlamaGraph, "qwen2": LlamaGraph, "gemma3": Gemma3Graph}
 
@@ -64,7 +64,7 @@ class Runner:
         self.tokens: list[int] = []
 
     @classmethod
-    def load(cls, path: str | pathlib.Path, **kwargs: object) -> "Runner":
+    def load(cls, path: str | pathlib.Path, **kwargs: object) -> Runner:
         return cls(load_gguf(path), **kwargs)  # type: ignore[arg-type]
 
     @property

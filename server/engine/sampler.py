@@ -50,7 +50,7 @@ class Sampler:
         self.rng = np.random.Generator(np.random.PCG64(seed))
 
     @classmethod
-    def from_params(cls, p: object) -> "Sampler":
+    def from_params(cls, p: object) -> Sampler:
         """From a SamplingParams-like object (attribute names as in server.backends.base)."""
         return cls(
             temperature=float(getattr(p, "temperature", 1.0)),

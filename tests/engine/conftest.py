@@ -8,10 +8,10 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import pathlib  # noqa: E402
+import pathlib
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import numpy as np
+import pytest
 
 # Public-domain text (Lincoln's Gettysburg Address, the opening of Dickens' A Tale of Two Cities,
 # and the US Declaration of Independence): about 700 Gemma tokens, longer than its 512 window.
@@ -149,10 +149,10 @@ def nll(logits: np.ndarray, targets: np.ndarray, block: int = 64) -> np.ndarray:
 
 # -- a tiny random-weight llama GGUF ---------------------------------------------------------------
 
-TINY = dict(n_embd=64, n_head=4, n_head_kv=2, n_layer=3, n_ff=128, n_ctx=256)
+TINY = {"n_embd": 64, "n_head": 4, "n_head_kv": 2, "n_layer": 3, "n_ff": 128, "n_ctx": 256}
 
 
-TINY_GEMMA3 = dict(n_embd=64, n_head=4, n_head_kv=2, head_dim=32, n_layer=6, n_ff=96, n_ctx=128, window=8)
+TINY_GEMMA3 = {"n_embd": 64, "n_head": 4, "n_head_kv": 2, "head_dim": 32, "n_layer": 6, "n_ff": 96, "n_ctx": 128, "window": 8}
 
 
 def _tiny_vocab(w, rng: np.random.Generator) -> int:  # type: ignore[no-untyped-def]

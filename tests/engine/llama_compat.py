@@ -80,7 +80,7 @@ class LlamaCppNumerics:
     def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, *, n_past: int, scale: float,
                   window: int = 0, out: np.ndarray | None = None, **_: object) -> np.ndarray:
         """Non-flash path with an F16 cache: q and the softmax weights rounded to fp16."""
-        t, hq, d = q.shape
+        t, hq, _d = q.shape
         s = n_past + t
         kk, vv = f16(k[:s]), f16(v[:s])
         group = hq // kk.shape[1]

@@ -10,7 +10,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from server.backends.base import ContextLengthExceeded, GenerationOutcome, SamplingParams
+from server.backends.base import (
+    ContextLengthExceeded,
+    GenerationOutcome,
+    SamplingParams,
+)
 from server.backends.native import NativeBackend, _split_stop
 from server.engine.gguf_loader import GGUFModel
 from server.engine.runner import Runner
@@ -83,7 +87,7 @@ def test_logprobs(backend: NativeBackend) -> None:
 
 
 def test_seed_reproducible(backend: NativeBackend) -> None:
-    kw = dict(max_tokens=8, temperature=0.9, top_k=40, top_p=0.95, min_p=0.05, seed=1234)
+    kw = {"max_tokens": 8, "temperature": 0.9, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "seed": 1234}
     a, _ = run(backend, PROMPT, **kw)
     b, _ = run(backend, PROMPT, **kw)
     assert [e.token_id for e in a] == [e.token_id for e in b]
