@@ -129,7 +129,7 @@ class NativeBackend:
             if last and not is_eog:
                 held += dec.flush()
             emit, held, hit = _split_stop(held, stops, final=last)
-            top = None
+            top: dict[str, float] | None = None
             if res.top is not None:
                 top = {}
                 for tid, lp in res.top:

@@ -42,7 +42,7 @@ class GGUFFile:
     def __init__(self, path: str | pathlib.Path) -> None:
         self.path = pathlib.Path(path)
         mm = np.memmap(self.path, dtype=np.uint8, mode="r")
-        buf = memoryview(mm)
+        buf = memoryview(mm.data)
         if bytes(buf[:4]) != b"GGUF":
             raise ValueError(f"{self.path} is not a GGUF file")
         version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
@@ -71,6 +71,7 @@ class GGUFFile:
             n_bytes = n_elems // block * tsize
             raw = mm[data_start + t_off : data_start + t_off + n_bytes]
             shape = tuple(reversed([int(d) for d in dims]))  # numpy order: rows last-dim-first
+            data: np.ndarray
             if qt == GGMLQuantizationType.F32:
                 data = raw.view(np.float32).reshape(shape)
             elif qt == GGMLQuantizationType.F16:
@@ -100,7 +101,7 @@ class GGUFFile:
                     off += 8 + n
                 return StringArray(count), off
             if etype in _NP:
-                arr = np.frombuffer(buf, dtype=_NP[etype], count=count, offset=off).copy()
+                arr: np.ndarray = np.frombuffer(buf, dtype=_NP[etype], count=count, offset=off).copy()
                 return arr, off + arr.nbytes
             items = []
             for _ in range(count):  # nested arrays: rare, generic path

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import pathlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -45,10 +46,10 @@ class ModelConfig:
     extra_eos: tuple[int, ...] = field(default_factory=tuple)
 
 
-def read_config(meta: dict[str, object]) -> ModelConfig:
+def read_config(meta: dict[str, Any]) -> ModelConfig:
     """Hyper-parameters from GGUF metadata (keys as llama.cpp names them)."""
 
-    def _field(key: str, default: object = None) -> object:
+    def _field(key: str, default: Any = None) -> Any:
         v = meta.get(key, default)
         return default if v is None else v
 
@@ -56,7 +57,7 @@ def read_config(meta: dict[str, object]) -> ModelConfig:
     if arch not in SUPPORTED_ARCHS:
         raise NotImplementedError(f"architecture {arch!r} is not supported (have {SUPPORTED_ARCHS})")
 
-    def a(key: str, default: object = None) -> object:
+    def a(key: str, default: Any = None) -> Any:
         return _field(f"{arch}.{key}", default)
 
     n_embd = int(a("embedding_length"))
@@ -65,7 +66,7 @@ def read_config(meta: dict[str, object]) -> ModelConfig:
     head_dim_k = int(a("attention.key_length", n_embd // n_head))
     head_dim_v = int(a("attention.value_length", head_dim_k))
     n_layer = int(a("block_count"))
-    n_vocab = int(a("vocab_size", len(meta["tokenizer.ggml.tokens"])))  # type: ignore[arg-type]
+    n_vocab = int(a("vocab_size", len(meta["tokenizer.ggml.tokens"])))
     scaling_type = a("rope.scaling.type", "none")
     scale_factor = float(a("rope.scaling.factor", 1.0) or 1.0)
     freq_scale = 1.0 / scale_factor if scaling_type == "linear" else 1.0

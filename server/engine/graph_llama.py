@@ -31,11 +31,15 @@ class LlamaGraph:
     def w(self, il: int, name: str) -> np.ndarray | None:
         return self.m.get(f"blk.{il}.{name}")
 
+    def req(self, il: int, name: str) -> np.ndarray:
+        """A weight the architecture requires (KeyError names it when the file lacks it)."""
+        return self.m[f"blk.{il}.{name}"]
+
     def norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
         return self.ops.rmsnorm(x, weight, self.cfg.rms_eps)
 
     def linear(self, x: np.ndarray, il: int, name: str) -> np.ndarray:
-        y = self.ops.matmul(x, self.w(il, f"{name}.weight"))
+        y = self.ops.matmul(x, self.req(il, f"{name}.weight"))
         bias = self.w(il, f"{name}.bias")
         if bias is not None:
             y += bias
@@ -60,7 +64,7 @@ class LlamaGraph:
     def attn_block(self, x: np.ndarray, il: int, pos: np.ndarray, n_past: int, kv: KVCache) -> np.ndarray:
         """Attention sub-block output (before the residual add) for x [T, n_embd]."""
         c, ops, t = self.cfg, self.ops, x.shape[0]
-        h = self.norm(x, self.w(il, "attn_norm.weight"))
+        h = self.norm(x, self.req(il, "attn_norm.weight"))
         q, k, v = self.qkv(h, il)
         base, fscale = self.rope_params(il)
         ops.rope(q, pos, base, mode=c.rope_mode, rot_dim=c.rope_dim, freq_scale=fscale, out=q)
@@ -81,7 +85,7 @@ class LlamaGraph:
 
     def layer(self, x: np.ndarray, il: int, pos: np.ndarray, n_past: int, kv: KVCache) -> np.ndarray:
         x = x + self.attn_block(x, il, pos, n_past, kv)
-        h = self.norm(x, self.w(il, "ffn_norm.weight"))
+        h = self.norm(x, self.req(il, "ffn_norm.weight"))
         return x + self.ffn(h, il)
 
     def head(self, x: np.ndarray) -> np.ndarray:

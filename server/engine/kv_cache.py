@@ -13,7 +13,7 @@ the arrays held. Sliding-window layers keep the full history too (simple and exa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 
 import numpy as np
@@ -25,8 +25,8 @@ KV_DTYPES = ("fp32", "fp16", "fp8")
 class _Layer:
     k: np.ndarray  # [cap, Hkv, Dk] float32 | float16 | uint8 (FP8 bytes)
     v: np.ndarray  # [cap, Hkv, Dv]
-    k_scale: np.ndarray | None = None  # [cap, Hkv] float32 (fp8 only)
-    v_scale: np.ndarray | None = None
+    k_scale: np.ndarray = field(default_factory=lambda: np.ones((0, 0), np.float32))  # [cap, Hkv] (fp8)
+    v_scale: np.ndarray = field(default_factory=lambda: np.ones((0, 0), np.float32))
     k_shift: np.ndarray | None = None  # [Hkv, Dk] subtracted from keys before FP8 (fp8 only)
 
 
@@ -80,7 +80,7 @@ class KVCache:
             new.k_shift = old.k_shift
             n = self.capacity
             new.k[:n], new.v[:n] = old.k[:n], old.v[:n]
-            if old.k_scale is not None:
+            if self.dtype == "fp8":
                 new.k_scale[:n], new.v_scale[:n] = old.k_scale[:n], old.v_scale[:n]
             self.layers[i] = new
         self.capacity = cap
@@ -115,8 +115,7 @@ class KVCache:
         total = 0
         for lay in self.layers:
             total += lay.k.nbytes + lay.v.nbytes
-            if lay.k_scale is not None:
-                total += lay.k_scale.nbytes + lay.v_scale.nbytes
+            total += lay.k_scale.nbytes + lay.v_scale.nbytes  # zero-sized unless fp8
             if lay.k_shift is not None:
                 total += lay.k_shift.nbytes
         return total

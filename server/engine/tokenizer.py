@@ -7,6 +7,7 @@ from __future__ import annotations
 import codecs
 import ctypes
 import pathlib
+from typing import Any
 
 import llama_cpp
 from llama_cpp import Llama
@@ -15,8 +16,8 @@ try:  # the server's one-at-a-time constructor (llama-cpp-python's quiet load is
     from server.backends.llama_load import new_llama
 except ImportError:  # pragma: no cover - engine used outside the server
 
-    def new_llama(**kwargs: object) -> Llama:
-        return Llama(**kwargs)  # type: ignore[arg-type]
+    def new_llama(**kwargs: Any) -> Any:
+        return Llama(**kwargs)
 
 
 class Tokenizer:
