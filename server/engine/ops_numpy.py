@@ -108,25 +108,31 @@ def gelu(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     return _put(_gelu_tanh(x.astype(np.float64)), out)
 
 
+def _row_scale(scale: np.ndarray | float, ndim: int) -> np.ndarray:
+    """A float, or one scale per row (shape [...], as kernels takes it) -> broadcastable."""
+    s = np.asarray(scale, np.float32)
+    return s[..., None] if s.ndim == ndim - 1 and s.ndim > 0 else s
+
+
 def fp8_encode(x: np.ndarray, scale: np.ndarray | float) -> np.ndarray:
     """x / scale -> E4M3 bytes (saturating at +-448)."""
     if _E4M3 is None:  # pragma: no cover
         raise RuntimeError("ml_dtypes is required for the numpy FP8 reference")
-    y = np.clip(np.asarray(x, np.float32) / np.asarray(scale, np.float32), -FP8_MAX, FP8_MAX)
+    y = np.clip(np.asarray(x, np.float32) / _row_scale(scale, np.ndim(x)), -FP8_MAX, FP8_MAX)
     return y.astype(_E4M3).view(np.uint8)
 
 
 def fp8_decode(q: np.ndarray, scale: np.ndarray | float) -> np.ndarray:
     if _E4M3 is None:  # pragma: no cover
         raise RuntimeError("ml_dtypes is required for the numpy FP8 reference")
-    return q.view(_E4M3).astype(np.float32) * np.asarray(scale, np.float32)
+    return q.view(_E4M3).astype(np.float32) * _row_scale(scale, q.ndim)
 
 
 def fp8_quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-row (last axis) scale = amax / 448, so every row uses the full E4M3 range."""
     amax = np.abs(x).max(axis=-1).astype(np.float32)
     scale = np.where(amax > 0, amax / FP8_MAX, 1.0).astype(np.float32)
-    return fp8_encode(x, scale[..., None]), scale
+    return fp8_encode(x, scale), scale
 
 
 def attention(
@@ -147,8 +153,8 @@ def attention(
     kk, vv = k[:s], v[:s]
     if kk.dtype == np.uint8:
         assert k_scale is not None and v_scale is not None
-        kk = fp8_decode(kk, k_scale[:s, :, None])
-        vv = fp8_decode(vv, v_scale[:s, :, None])
+        kk = fp8_decode(kk, k_scale[:s])
+        vv = fp8_decode(vv, v_scale[:s])
     hkv = kk.shape[1]
     group = hq // hkv
     kk = np.repeat(kk.astype(np.float64), group, axis=1)  # [S, Hq, D]
