@@ -126,7 +126,7 @@ def plot_comparison(results: list[dict[str, Any]], path: Path) -> Path:
             keep = [(p, d) for p, d in zip(pos, data) if d]
             if keep:
                 bp = ax.boxplot([d for _, d in keep], positions=[p for p, _ in keep], widths=width * 0.9,
-                                patch_artist=True, showfliers=True)
+                                patch_artist=True, showfliers=True, medianprops={"color": "black"})
                 for box in bp["boxes"]:
                     box.set_facecolor(colour)
                     box.set_alpha(0.6)
