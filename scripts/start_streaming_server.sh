@@ -3,4 +3,5 @@
 # The seed's three-server layout; one process for all roles instead: scripts/serve.sh.
 # Extra args go to `capibara6 serve` (e.g. --api-key-file FILE, --host 0.0.0.0); the port can be
 # changed with CAPIBARA6_PORT, the registry with CAPIBARA6_CONFIG.
+set -euo pipefail
 exec "$(dirname "$0")/_start_role.sh" streaming 8083 "$@"
