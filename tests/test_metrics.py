@@ -219,3 +219,13 @@ def test_label_guard_keeps_values_in_their_vocabulary(gemma_path: Path) -> None:
     assert (("endpoint", "chat"), ("model", MODEL), ("role", "_other"), ("status", "_other")) in req
     assert {s.labels["reason"] for s in fams["capibara6_model_unloads"].samples} == {"_other"}
     assert {s.labels["expert"] for s in fams["capibara6_consensus_expert_latency_seconds"].samples} == {"_unknown"}
+
+
+def test_requests_refused_by_validation_are_counted(msrv: ServerProcess) -> None:
+    """400s from request validation (before any model work) still reach requests_total."""
+    url = msrv.url["standard"]
+    key = dict(model=MODEL, role="standard", endpoint="chat", status="400")
+    before = val(scrape(url), "capibara6_requests_total", **key)
+    assert httpx.post(url + "/v1/chat/completions", json={"model": MODEL, "messages": []}, timeout=10).status_code == 400
+    assert httpx.post(url + "/v1/chat/completions", json={"model": MODEL, "temperature": 9}, timeout=10).status_code == 400
+    assert val(scrape(url), "capibara6_requests_total", **key) == before + 2

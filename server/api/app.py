@@ -183,12 +183,25 @@ def create_app(state: AppState, role: Role) -> FastAPI:
     app.state.role = role
     stream_default = role == "streaming"
 
+    endpoint_by_path = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+
+    def count_rejected(request: Request, status: int, body: Any = None) -> None:
+        """requests_total for completion requests refused before `respond` counted them."""
+        endpoint = endpoint_by_path.get(request.url.path)
+        if endpoint is None or getattr(request.state, "counted", False):
+            return
+        model = body.get("model") if isinstance(body, dict) else None
+        label = model if isinstance(model, str) and model in state.registry.models else "_unknown"
+        state.pool.metrics.requests.labels(label, role, endpoint, str(status)).inc()
+
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        count_rejected(request, exc.status)
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        count_rejected(request, 400, exc.body)
         return error_response(_validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
@@ -250,6 +263,7 @@ def create_app(state: AppState, role: Role) -> FastAPI:
         finally:
             label = plan.model if plan.model in state.registry.models else "_unknown"
             state.pool.metrics.requests.labels(label, role, endpoint, str(status)).inc()
+            request.state.counted = True
 
     async def _respond(request: Request, plan: Plan, want_lp: bool, stream: bool, include_usage: bool) -> Response:
         state.service.check_limits(plan.model, plan.n, plan.max_tokens, plan.params.stop)

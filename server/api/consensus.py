@@ -62,6 +62,7 @@ def add_consensus_routes(app: FastAPI, state: Any, respond: Respond) -> None:
             raise
         finally:
             state.pool.metrics.requests.labels(cplan.name if cplan.name != "custom" else "_custom", "consensus", endpoint, str(status)).inc()
+            request.state.counted = True
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request) -> Response:
