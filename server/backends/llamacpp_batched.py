@@ -28,6 +28,7 @@ from ..metrics import PREFIX_CACHE
 from ..scheduler import Scheduler, Sequence
 from ..threads import resolve_threads
 from .base import ContextLengthExceeded, GenerationOutcome, SamplingParams, TokenEvent
+from .llama_load import new_llama
 from .llamacpp import LlamaCppBackend, _kv_kwargs, token_logprobs
 from .stops import StopText
 
@@ -168,14 +169,12 @@ class LlamaCppBatchedBackend(LlamaCppBackend):
 
     @classmethod
     def load(cls, model_id: str, path: Path | None, spec: Any, n_threads: int) -> "LlamaCppBatchedBackend":
-        from llama_cpp import Llama
-
         assert path is not None
         if spec.n_threads == "auto":  # one decode runs at a time, for all sequences: it gets every inference CPU
             n_threads = max(n_threads, resolve_threads("auto"))
         # This Llama object serves the weights, tokenizer and metadata; its own context is kept
         # minimal (llama.cpp's smallest) because generation runs in the decoder's context.
-        llm = Llama(model_path=str(path), n_ctx=256, n_batch=32, n_threads=1, logits_all=False, verbose=False)
+        llm = new_llama(model_path=str(path), n_ctx=256, n_batch=32, n_threads=1, logits_all=False, verbose=False)
         try:
             return cls(model_id, llm, cls._pick_formatter(llm, spec.chat_format), path, spec, n_threads)
         except Exception:
