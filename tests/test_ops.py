@@ -44,7 +44,7 @@ class ScriptedPool:
         return self.state
 
     @asynccontextmanager
-    async def lease(self, model: str) -> AsyncIterator[_Backend]:
+    async def lease(self, model: str, touch: bool = True) -> AsyncIterator[_Backend]:
         self.leases += 1
         if self.hold is not None:
             await self.hold.wait()

@@ -17,7 +17,7 @@ import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable, Coroutine
 
-from ..backends import backend_class, load_backend
+from ..backends import load_backend, spec_class
 from ..backends.base import Backend, GenerationOutcome, SamplingParams
 from ..config import ModelSpec, Registry, resolve_model_path
 from ..errors import ModelBusy, ModelNotFound, QueueFull, ServiceUnavailable
@@ -297,7 +297,7 @@ class ModelPool:
         concurrent = spec.parallel
         if self._default_loader:
             try:
-                if int(getattr(backend_class(spec.backend), "max_concurrency", 1) or 1) > 1:
+                if int(getattr(spec_class(spec), "max_concurrency", 1) or 1) > 1:
                     concurrent = 1
             except (ImportError, AttributeError, KeyError):
                 pass
