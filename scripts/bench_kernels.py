@@ -35,7 +35,10 @@ def bench2(fa, fb, min_reps=5, min_time=0.25, max_reps=200, rounds=3):
     ts = [[] for _ in fns]
     for _ in range(rounds):
         for f, t in zip(fns, ts):
-            f()  # warm up / let the other side's threads settle
+            # OpenBLAS workers spin ~2^28 cycles (~0.1 s) after a call before they sleep: let them
+            # settle so they do not take the second core from whichever side runs next
+            time.sleep(0.25)
+            f()  # warm up
             t_end = time.perf_counter() + min_time / rounds
             n = 0
             while n < max(1, min_reps // rounds + 1) or (time.perf_counter() < t_end and n < max_reps // rounds):
