@@ -101,13 +101,18 @@ class LlamaCppBackend:
         outcome: GenerationOutcome,
         cancel: threading.Event,
     ) -> Iterator[TokenEvent]:
+        tokens = self.prompt_tokens(prompt, params, outcome)
+        return self._run(tokens, params, outcome, cancel)
+
+    def prompt_tokens(self, prompt: str | Sequence[int], params: SamplingParams, outcome: GenerationOutcome) -> list[int]:
+        """The prompt as tokens, checked against the context before anything runs."""
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         if not tokens:
             raise ValueError("the prompt is empty")
         if len(tokens) + params.max_tokens > self.n_ctx:
             raise ContextLengthExceeded(len(tokens), params.max_tokens, self.n_ctx)
         outcome.prompt_tokens = len(tokens)
-        return self._run(tokens, params, outcome, cancel)
+        return tokens
 
     def _run(
         self, tokens: list[int], params: SamplingParams, outcome: GenerationOutcome, cancel: threading.Event

@@ -27,7 +27,7 @@ import numpy as np
 from ..metrics import PREFIX_CACHE
 from ..scheduler import Scheduler, Sequence
 from ..threads import resolve_threads
-from .base import ContextLengthExceeded, GenerationOutcome, SamplingParams, TokenEvent
+from .base import GenerationOutcome, SamplingParams, TokenEvent
 from .llama_load import new_llama
 from .llamacpp import LlamaCppBackend, _kv_kwargs, token_logprobs
 from .stops import StopText
@@ -205,12 +205,7 @@ class LlamaCppBatchedBackend(LlamaCppBackend):
         outcome: GenerationOutcome,
         cancel: threading.Event,
     ) -> Iterator[TokenEvent]:
-        tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        if not tokens:
-            raise ValueError("the prompt is empty")
-        if len(tokens) + params.max_tokens > self.n_ctx:
-            raise ContextLengthExceeded(len(tokens), params.max_tokens, self.n_ctx)
-        outcome.prompt_tokens = len(tokens)
+        tokens = self.prompt_tokens(prompt, params, outcome)
         seq = Sequence(tokens, params, sampler=self.decoder.new_sampler(params))
         try:
             self.scheduler.submit(seq)
