@@ -18,7 +18,7 @@ from ..metrics import CONTENT_TYPE
 from ..errors import ApiError, BodyTooLarge, InvalidRequest, ModelNotFound, NotFound
 from ..orchestrator.routing import ensemble_cards
 from ..pool import ModelPool
-from ..serving import Generation, Plan, Service
+from ..serving import Plan, Service
 from . import admin
 from .framing import complete_json, stream_sse
 from .grammar import response_format_grammar
