@@ -31,3 +31,11 @@ def test_utf8_split_across_tokens() -> None:
 
 def test_earliest_stop_wins() -> None:
     assert run([b"one two three"], ["three", "two"]) == ("one ", True)
+
+
+def test_push_takes_decoded_text() -> None:
+    st = StopText(["<end_of_turn>"])
+    assert st.push("abc<end") == "abc"
+    assert st.push("_of_turn>x") == "" and st.stopped
+    st = StopText(["\n\n"])
+    assert st.push("a\n") == "a" and st.flush() == "\n"

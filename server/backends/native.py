@@ -19,6 +19,7 @@ from server.backends.base import (
     SamplingParams,
     TokenEvent,
 )
+from server.backends.stops import StopText
 from server.engine.runner import Runner
 from server.engine.sampler import Sampler
 from server.engine.tokenizer import Tokenizer
@@ -115,20 +116,19 @@ class NativeBackend:
         if params.max_tokens <= 0:
             outcome.finish_reason = "length"
             return
-        stops = tuple(s for s in params.stop if s)
         sampler = Sampler.from_params(params)
         dec = self.tokenizer.stream()
         eog = self.tokenizer.eog_ids
-        held = ""  # decoded text not yet emitted: it may be the start of a stop string
+        text = StopText(params.stop)  # holds back what may be the start of a stop string
         steps = self.runner.generate(ids, sampler, params.max_tokens, stop_ids=eog, cancel=cancel)
         for step in steps:
             res = step.sample
             is_eog = res.token in eog
             last = is_eog or outcome.completion_tokens + 1 >= params.max_tokens
-            held += dec.flush() if is_eog else dec.add(res.token)
-            if last and not is_eog:
-                held += dec.flush()
-            emit, held, hit = _split_stop(held, stops, final=last)
+            emit = text.push(dec.flush() if is_eog else dec.add(res.token))
+            if last:
+                emit += text.push("" if is_eog else dec.flush()) + text.flush()
+            hit = text.stopped
             top: dict[str, float] | None = None
             if res.top is not None:
                 top = {}
@@ -159,19 +159,3 @@ class NativeBackend:
         self.tokenizer.close()
         self.runner.kv.layers = []
         self.runner.model.tensors.clear()
-
-
-def _split_stop(held: str, stops: tuple[str, ...], *, final: bool) -> tuple[str, str, bool]:
-    """(text to emit now, text to keep holding, stop string found)."""
-    cut = min((i for i in (held.find(s) for s in stops) if i >= 0), default=-1)
-    if cut >= 0:
-        return held[:cut], "", True
-    if final or not stops:
-        return held, "", False
-    keep = 0
-    for s in stops:  # longest suffix of `held` that is a proper prefix of some stop string
-        for n in range(min(len(s) - 1, len(held)), keep, -1):
-            if held.endswith(s[:n]):
-                keep = n
-                break
-    return held[: len(held) - keep], held[len(held) - keep :], False

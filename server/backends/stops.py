@@ -30,9 +30,13 @@ class StopText:
 
     def feed(self, piece: bytes) -> str:
         """Add one token's bytes; return the text now safe to emit ('' while held back)."""
+        return self.push(self._decoder.decode(piece)) if not self.stopped else ""
+
+    def push(self, text: str) -> str:
+        """Add already-decoded text (a backend with its own UTF-8 decoder); as `feed`."""
         if self.stopped:
             return ""
-        self._pending += self._decoder.decode(piece)
+        self._pending += text
         cut = min((i for i in (self._pending.find(s) for s in self._stops) if i >= 0), default=-1)
         if cut >= 0:
             out, self._pending, self.stopped = self._pending[:cut], "", True

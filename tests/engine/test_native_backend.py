@@ -15,7 +15,7 @@ from server.backends.base import (
     GenerationOutcome,
     SamplingParams,
 )
-from server.backends.native import NativeBackend, _split_stop
+from server.backends.native import NativeBackend
 from server.engine.gguf_loader import GGUFModel
 from server.engine.runner import Runner
 from server.engine.sampler import Sampler
@@ -53,13 +53,6 @@ def test_stop_string_cut_and_finish_reason(backend: NativeBackend) -> None:
     got = "".join(e.text for e in events)
     assert got == text[: text.index("yellow")]
     assert out.finish_reason == "stop" and out.completion_tokens == len(events)
-
-
-def test_split_stop_holds_back_partial_match() -> None:
-    assert _split_stop("abc<end", ("<end_of_turn>",), final=False) == ("abc", "<end", False)
-    assert _split_stop("abc<end_of_turn>x", ("<end_of_turn>",), final=False) == ("abc", "", True)
-    assert _split_stop("abc<e", ("<end_of_turn>",), final=True) == ("abc<e", "", False)
-    assert _split_stop("a\n", ("\n\n",), final=False) == ("a", "\n", False)
 
 
 def test_context_length_exceeded(backend: NativeBackend) -> None:
