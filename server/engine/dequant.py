@@ -6,6 +6,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf import quants
 
+from .errors import UnsupportedModel
+
 # Quantized types whose gguf.quants reference dequantizer we rely on (numpy-vectorised).
 SUPPORTED = {
     QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1,
@@ -19,7 +21,7 @@ _ROWS_PER_STEP = 8192
 def dequantize(data: np.ndarray, qtype: QT) -> np.ndarray:
     """`data` is the reader's view (memory-mapped). F32 stays a zero-copy view of the file."""
     if qtype not in SUPPORTED:
-        raise NotImplementedError(f"GGUF tensor type {qtype.name} is not supported by the native engine")
+        raise UnsupportedModel(f"GGUF tensor type {qtype.name} is not supported by the native engine")
     if qtype == QT.F32:
         return np.ascontiguousarray(data, dtype=np.float32)  # no copy: the mmap view itself
     if qtype == QT.F16:

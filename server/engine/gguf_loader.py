@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from .dequant import dequantize
+from .errors import UnsupportedModel
 from .gguf_file import GGUFFile
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "gemma3")
@@ -55,7 +56,7 @@ def read_config(meta: dict[str, Any]) -> ModelConfig:
 
     arch = str(_field("general.architecture"))
     if arch not in SUPPORTED_ARCHS:
-        raise NotImplementedError(f"architecture {arch!r} is not supported (have {SUPPORTED_ARCHS})")
+        raise UnsupportedModel(f"architecture {arch!r} is not supported (have {SUPPORTED_ARCHS})")
 
     def a(key: str, default: Any = None) -> Any:
         return _field(f"{arch}.{key}", default)
@@ -71,7 +72,7 @@ def read_config(meta: dict[str, Any]) -> ModelConfig:
     scale_factor = float(a("rope.scaling.factor", 1.0) or 1.0)
     freq_scale = 1.0 / scale_factor if scaling_type == "linear" else 1.0
     if scaling_type not in ("none", "linear", None):
-        raise NotImplementedError(f"rope scaling {scaling_type!r} is not supported")
+        raise UnsupportedModel(f"rope scaling {scaling_type!r} is not supported")
 
     swa = 0
     swa_layers: tuple[bool, ...] = tuple(False for _ in range(n_layer))

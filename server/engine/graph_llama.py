@@ -11,6 +11,7 @@ from types import ModuleType
 
 import numpy as np
 
+from .errors import UnsupportedModel
 from .gguf_loader import GGUFModel, ModelConfig
 from .kv_cache import KVCache
 
@@ -24,7 +25,7 @@ class LlamaGraph:
         out = model.get("output.weight")
         self.w_out = self.tok_embd if out is None else out  # tied embeddings when absent
         if model.get("rope_freqs.weight") is not None:
-            raise NotImplementedError("rope_freqs (Llama 3.1 rope scaling) is not supported yet")
+            raise UnsupportedModel("rope_freqs (Llama 3.1 rope scaling) is not supported yet")
 
     # -- pieces shared with subclasses -------------------------------------------------------
 
