@@ -117,15 +117,12 @@ static inline float c6_expf(float x) { return c6_expf2(x, 0.0f); }
 static inline c6_vf c6_splat(float v) { return (c6_vf){0} + v; }
 /* vector form of c6_expf2 for the portable path (GNU vector extensions, lane-wise identical
  * algorithm; clamps written so NaN propagates) */
-static inline c6_vf c6_vexp2(c6_vf x, c6_vf xlo) {
-    c6_vf lo = c6_splat(-104.0f), hi = c6_splat(89.0f);
-    c6_vi m = lo > x;
-    x = (c6_vf)(((c6_vi)lo & m) | ((c6_vi)x & ~m));
-    m = hi < x;
-    x = (c6_vf)(((c6_vi)hi & m) | ((c6_vi)x & ~m));
+/* exp(x + xlo) = 2^n * y for clamped x: Cody-Waite reduction r = x - n*ln2 (+ xlo), degree-6
+ * polynomial for e^r; returns y and the integer n. Shared by c6_vexp2 and the softmax exp. */
+static inline c6_vf c6_vexp_core(c6_vf x, c6_vf xlo, c6_vi *n_out) {
     c6_vf t = x * 1.44269504088896341f + 12582912.0f;
     c6_vf n = t - 12582912.0f;
-    c6_vi ni = (c6_vi)t - 0x4B400000;
+    *n_out = (c6_vi)t - 0x4B400000;
     c6_vf r = x - n * 0.693359375f;
     r = r - n * -2.12194440e-4f;
     r = r + xlo;
@@ -135,7 +132,16 @@ static inline c6_vf c6_vexp2(c6_vf x, c6_vf xlo) {
     p = p * r + 4.1665795894e-2f;
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
-    c6_vf y = p * (r * r) + r + 1.0f;
+    return p * (r * r) + r + 1.0f;
+}
+static inline c6_vf c6_vexp2(c6_vf x, c6_vf xlo) {
+    c6_vf lo = c6_splat(-104.0f), hi = c6_splat(89.0f);
+    c6_vi m = lo > x;
+    x = (c6_vf)(((c6_vi)lo & m) | ((c6_vi)x & ~m));
+    m = hi < x;
+    x = (c6_vf)(((c6_vi)hi & m) | ((c6_vi)x & ~m));
+    c6_vi ni;
+    c6_vf y = c6_vexp_core(x, xlo, &ni);
     c6_vi n1 = ni >> 1, n2 = ni - n1;
     return y * (c6_vf)((n1 + 127) << 23) * (c6_vf)((n2 + 127) << 23);
 }

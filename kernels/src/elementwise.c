@@ -22,23 +22,12 @@ static inline float exp_diff(float x, float m) {
 
 #if !C6_USE_NEON
 /* exp(d + err) for d <= 0 (softmax): one 2^n scale instead of two; results below FLT_MIN
- * (d < -87.3365) flush to 0; NaN propagates. Same reduction/polynomial as c6_vexp2. */
+ * (d < -87.3365) flush to 0; NaN propagates. Same reduction/polynomial as c6_vexp2 (c6_vexp_core). */
 static inline c6_vf vexp_le0(c6_vf d, c6_vf err) {
     c6_vi under = d < c6_splat(-87.33654f);
     c6_vf x = (c6_vf)(((c6_vi)c6_splat(-87.0f) & under) | ((c6_vi)d & ~under));
-    c6_vf t = x * 1.44269504088896341f + 12582912.0f;
-    c6_vf n = t - 12582912.0f;
-    c6_vi ni = (c6_vi)t - (0x4B400000 - 127);
-    c6_vf r = x - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    r = r + err;
-    c6_vf p = c6_splat(1.9875691500e-4f);
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    c6_vf y = (p * (r * r) + r + 1.0f) * (c6_vf)(ni << 23);
+    c6_vi ni;
+    c6_vf y = c6_vexp_core(x, err, &ni) * (c6_vf)((ni + 127) << 23);
     return (c6_vf)((c6_vi)y & ~under);
 }
 #endif
