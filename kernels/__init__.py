@@ -18,6 +18,7 @@ except ImportError as e:  # pragma: no cover
 __all__ = [
     "set_num_threads", "get_num_threads", "build_info", "matmul", "softmax", "rmsnorm", "rope",
     "swiglu", "geglu", "gelu", "fp8_encode", "fp8_decode", "fp8_quantize_rows", "attention",
+    "qtype_block", "qmatmul", "qdequant",
 ]
 
 _F32 = np.dtype(np.float32)
@@ -297,4 +298,47 @@ def attention(q, k, v, *, n_past, scale, window=0, k_scale=None, v_scale=None, o
                            _wptr(out), T, Hq, Hkv, D, int(n_past), float(scale), int(window))
     if rc != 0:
         raise MemoryError("attention: scratch allocation failed")
+    return out
+
+
+# ------------------------------------------------------------------------------------ quantized
+def qtype_block(wtype):
+    """(values, bytes) per block for a GGUF/ggml type id qmatmul supports, else None."""
+    v, b = _ffi.new("int *"), _ffi.new("int *")
+    return (int(v[0]), int(b[0])) if _lib.c6_qtype_block(int(wtype), v, b) else None
+
+
+def _qweight(w, wtype):
+    _arr("w", w, dtype=_U8, ndims=(2,))
+    blk = qtype_block(wtype)
+    if blk is None:
+        raise ValueError(f"wtype: ggml type {wtype} is not supported (Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K)")
+    values, nbytes = blk
+    if w.shape[1] % nbytes:
+        raise ValueError(f"w: row of {w.shape[1]} bytes is not a whole number of {nbytes}-byte blocks")
+    return w.shape[1] // nbytes * values
+
+
+def qmatmul(x, w, wtype, out=None):
+    """y[M,N] = x[M,K] @ W[N,K]^T with W in GGUF block layout: uint8 [N, row_bytes] of ggml type
+    `wtype`. x is quantized per row to Q8_0 or Q8_K first, as llama.cpp's CPU backend does."""
+    _arr("x", x, ndims=(1, 2))
+    K = _qweight(w, wtype)
+    if x.shape[-1] != K:
+        raise ValueError(f"x: expected last dim {K} (the weight's), got shape {x.shape}")
+    M = 1 if x.ndim == 1 else x.shape[0]
+    N = w.shape[0]
+    out = _out(out, (N,) if x.ndim == 1 else (M, N), inputs=(x, w))
+    rc = _lib.c6_qmatmul(_ptr(x), _ptr(w, "uint8_t[]"), int(wtype), _wptr(out), M, N, K)
+    if rc == -2:
+        raise MemoryError("qmatmul: allocation failed")
+    return out
+
+
+def qdequant(w, wtype, out=None):
+    """float32 [R, K] values of the GGUF-block rows w (uint8 [R, row_bytes], ggml type wtype)."""
+    K = _qweight(w, wtype)
+    out = _out(out, (w.shape[0], K), inputs=(w,))
+    if _lib.c6_qdequant(_ptr(w, "uint8_t[]"), int(wtype), _wptr(out), w.shape[0], K) == -2:
+        raise MemoryError("qdequant: allocation failed")
     return out

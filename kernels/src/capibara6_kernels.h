@@ -77,6 +77,18 @@ int  c6_attention(const float *q, const void *k, const void *v, const float *k_s
                   const float *v_scale, int kv_fp8, float *out, int64_t T, int64_t Hq, int64_t Hkv,
                   int64_t D, int64_t n_past, float scale, int64_t window);
 
+/* Quantized weights in GGUF block layout (ggml type ids: Q4_0=2 Q5_0=6 Q8_0=8 Q4_K=12 Q5_K=13 Q6_K=14),
+ * w = N rows of K/values_per_block blocks. y[M,N] = x[M,K] @ W^T the way llama.cpp's CPU backend
+ * computes it (x quantized to Q8_0 or Q8_K, exact int32 block sums). Returns 0; -1 for an
+ * unsupported type or K not a multiple of the block; -2 on allocation failure. */
+int  c6_qmatmul(const float *x, const void *w, int wtype, float *y, int64_t M, int64_t N, int64_t K);
+/* y[R,K] = dequantized rows of w (same return codes) */
+int  c6_qdequant(const void *w, int wtype, float *y, int64_t R, int64_t K);
+/* 1 and the block's value count and byte size if wtype is supported by c6_qmatmul, else 0 */
+int  c6_qtype_block(int wtype, int *values, int *bytes);
+float    c6_f16_to_f32(uint16_t h);
+uint16_t c6_f32_to_f16(float f);    /* round to nearest even */
+
 /* ---- internal ---- */
 typedef void (*c6_task_fn)(void *ctx, int64_t task);
 /* run fn(ctx, 0..ntasks-1) on the pool (caller participates); idle workers sleep on a condvar. */
