@@ -319,9 +319,12 @@ def _qweight(w, wtype):
     return w.shape[1] // nbytes * values
 
 
-def qmatmul(x, w, wtype, out=None):
+def qmatmul(x, w, wtype, act_bits=8, out=None):
     """y[M,N] = x[M,K] @ W[N,K]^T with W in GGUF block layout: uint8 [N, row_bytes] of ggml type
-    `wtype`. x is quantized per row to Q8_0 or Q8_K first, as llama.cpp's CPU backend does."""
+    `wtype`. act_bits=8: x is quantized per row to Q8_0 or Q8_K first, as llama.cpp's CPU backend
+    does; act_bits=16: to 16 bits per 32 values (scale amax/32767), within ~1e-5 of fp32."""
+    if act_bits not in (8, 16):
+        raise ValueError(f"act_bits: expected 8 or 16, got {act_bits!r}")
     _arr("x", x, ndims=(1, 2))
     K = _qweight(w, wtype)
     if x.shape[-1] != K:
@@ -329,7 +332,8 @@ def qmatmul(x, w, wtype, out=None):
     M = 1 if x.ndim == 1 else x.shape[0]
     N = w.shape[0]
     out = _out(out, (N,) if x.ndim == 1 else (M, N), inputs=(x, w))
-    rc = _lib.c6_qmatmul(_ptr(x), _ptr(w, "uint8_t[]"), int(wtype), _wptr(out), M, N, K)
+    fn = _lib.c6_qmatmul if act_bits == 8 else _lib.c6_qmatmul16
+    rc = fn(_ptr(x), _ptr(w, "uint8_t[]"), int(wtype), _wptr(out), M, N, K)
     if rc == -2:
         raise MemoryError("qmatmul: allocation failed")
     return out

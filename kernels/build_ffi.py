@@ -17,7 +17,7 @@ from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC_DIR = os.path.join(HERE, "src")
-SOURCES = ["pool.c", "matmul.c", "elementwise.c", "fp8.c", "attention.c", "quant.c"]
+SOURCES = ["pool.c", "matmul.c", "elementwise.c", "fp8.c", "attention.c", "qblocks.c", "qmatmul.c", "qmatmul16.c"]
 
 CDEF = """
 int  c6_set_num_threads(int n);
@@ -39,6 +39,7 @@ int  c6_attention(const float *q, const void *k, const void *v, const float *k_s
                   const float *v_scale, int kv_fp8, float *out, int64_t T, int64_t Hq, int64_t Hkv,
                   int64_t D, int64_t n_past, float scale, int64_t window);
 int  c6_qmatmul(const float *x, const void *w, int wtype, float *y, int64_t M, int64_t N, int64_t K);
+int  c6_qmatmul16(const float *x, const void *w, int wtype, float *y, int64_t M, int64_t N, int64_t K);
 int  c6_qdequant(const void *w, int wtype, float *y, int64_t R, int64_t K);
 int  c6_qtype_block(int wtype, int *values, int *bytes);
 float    c6_f16_to_f32(uint16_t h);

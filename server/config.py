@@ -56,6 +56,9 @@ class ModelSpec(_Strict):
     n_threads: int | Literal["auto"] = Field("auto", description="CPU threads per generation slot; auto: see server.threads.")
     kv_cache: str | None = Field(None, description="llamacpp: f16|q8_0|q4_0; native: fp32|fp16|fp8.")
     prefill_chunk: int = Field(256, ge=1, description="Prompt tokens per prefill step (native engine, scheduler).")
+    matmul: Literal["int16", "int8", "fp32"] = Field(
+        "int16", description="native: int16 or int8 activations against the file's quantized weights "
+        "(int8 = llama.cpp's arithmetic), or fp32 (every weight dequantized at load).")
     parallel: int = Field(1, ge=1, le=64, description="Generations that may run at once on this model.")
     idle_unload_s: float = Field(300.0, ge=0, description="Unload after this many idle seconds (0: never).")
     max_queue: int = Field(16, ge=0, description="Requests that may wait for a slot; past it: 429.")

@@ -82,6 +82,8 @@ int  c6_attention(const float *q, const void *k, const void *v, const float *k_s
  * computes it (x quantized to Q8_0 or Q8_K, exact int32 block sums). Returns 0; -1 for an
  * unsupported type or K not a multiple of the block; -2 on allocation failure. */
 int  c6_qmatmul(const float *x, const void *w, int wtype, float *y, int64_t M, int64_t N, int64_t K);
+/* the same with 16-bit activations (per 32 values, scale amax/32767): ~fp32 arithmetic */
+int  c6_qmatmul16(const float *x, const void *w, int wtype, float *y, int64_t M, int64_t N, int64_t K);
 /* y[R,K] = dequantized rows of w (same return codes) */
 int  c6_qdequant(const void *w, int wtype, float *y, int64_t R, int64_t K);
 /* 1 and the block's value count and byte size if wtype is supported by c6_qmatmul, else 0 */

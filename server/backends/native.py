@@ -59,6 +59,7 @@ class NativeBackend:
             n_ctx=int(getattr(spec, "n_ctx", 2048) or 2048),
             kv_cache=_KV_ALIASES.get(getattr(spec, "kv_cache", None), getattr(spec, "kv_cache", None)),
             prefill_chunk=int(getattr(spec, "prefill_chunk", 256) or 256),
+            matmul=str(getattr(spec, "matmul", "int16") or "int16"),
             n_threads=n_threads,
             ops=ops,
         )

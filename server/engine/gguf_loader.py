@@ -1,7 +1,9 @@
-"""Reads a GGUF file: hyper-parameters from its metadata, weights dequantized to float32.
+"""Reads a GGUF file: hyper-parameters from its metadata, and the weights.
 
-F32 tensors stay memory-mapped views of the file; quantized ones are dequantized once at load
-(our matmul reads fp32), which is where the resident memory goes.
+weights="quantized" (default): matrices in a type `kernels.qmatmul` multiplies (Q4_0, Q5_0, Q8_0,
+Q4_K, Q5_K, Q6_K) stay memory-mapped views of the file in their block format (`QWeight`); the
+rest is dequantized to fp32. weights="fp32": everything is dequantized once at load (the
+reference path, and where the resident memory goes).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 from .dequant import dequantize
 from .errors import UnsupportedModel
 from .gguf_file import GGUFFile
+from .weights import MATMUL_TYPES, QWeight, Weight
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "gemma3")
 
@@ -122,35 +125,53 @@ def read_config(meta: dict[str, Any]) -> ModelConfig:
 class GGUFModel:
     path: pathlib.Path
     config: ModelConfig
-    tensors: dict[str, np.ndarray]
+    tensors: dict[str, Weight]
     owned_bytes: int  # dequantized copies (anonymous memory)
-    mapped_bytes: int  # F32 tensors left as views of the memory-mapped file
+    mapped_bytes: int  # tensors left as views of the memory-mapped file (F32, or QWeight blocks)
     file_types: dict[str, str] = field(default_factory=dict)  # tensor name -> GGUF type as stored
 
-    def get(self, name: str) -> np.ndarray | None:
+    def get(self, name: str) -> Weight | None:
         return self.tensors.get(name)
 
-    def __getitem__(self, name: str) -> np.ndarray:
+    def __getitem__(self, name: str) -> Weight:
         return self.tensors[name]
+
+    def vector(self, name: str) -> np.ndarray:
+        """A 1-D fp32 parameter (norm weights, biases): never kept quantized."""
+        v = self.tensors[name]
+        assert isinstance(v, np.ndarray), name
+        return v
 
     @property
     def weight_bytes(self) -> int:
         return self.owned_bytes + self.mapped_bytes
 
 
-def load_gguf(path: str | pathlib.Path) -> GGUFModel:
-    """F32 tensors stay views of the memory-mapped file when they are most of it (an F32 model);
-    when the file is mostly quantized, they are copied too so the mapping (whose pages were all
-    touched by dequantization and would stay resident) is released once loading ends."""
+WEIGHT_MODES = ("quantized", "fp32")
+
+
+def load_gguf(path: str | pathlib.Path, weights: str = "quantized") -> GGUFModel:
+    """Quantized matrices of a supported type stay mapped as QWeight (weights="quantized").
+    F32 tensors stay views of the mapping when they are most of the file (an F32 model); when the
+    file is mostly quantized and everything is dequantized, they are copied too so the mapping
+    (whose pages dequantization touched and would keep resident) is released once loading ends."""
+    if weights not in WEIGHT_MODES:
+        raise ValueError(f"weights must be one of {WEIGHT_MODES}, got {weights!r}")
     path = pathlib.Path(path)
     reader = GGUFFile(path)
     config = read_config(reader.metadata)
+    keep = weights == "quantized"
     f32_bytes = sum(int(t.n_bytes) for t in reader.tensors if t.tensor_type.name == "F32")
-    keep_mapped = f32_bytes * 2 >= sum(int(t.n_bytes) for t in reader.tensors)
-    tensors: dict[str, np.ndarray] = {}
+    keep_mapped = keep or f32_bytes * 2 >= sum(int(t.n_bytes) for t in reader.tensors)
+    tensors: dict[str, Weight] = {}
     types: dict[str, str] = {}
     owned = mapped = 0
     for t in reader.tensors:
+        types[t.name] = t.tensor_type.name
+        if keep and t.tensor_type in MATMUL_TYPES and t.data.ndim == 2:
+            tensors[t.name] = QWeight(t.data, t.tensor_type)
+            mapped += int(t.data.nbytes)
+            continue
         arr = dequantize(t.data, t.tensor_type)
         if np.shares_memory(arr, t.data):
             if keep_mapped:
@@ -161,6 +182,5 @@ def load_gguf(path: str | pathlib.Path) -> GGUFModel:
         else:
             owned += arr.nbytes
         tensors[t.name] = arr
-        types[t.name] = t.tensor_type.name
     del reader, t  # with nothing mapped left, this closes the file mapping
     return GGUFModel(path=path, config=config, tensors=tensors, owned_bytes=owned, mapped_bytes=mapped, file_types=types)

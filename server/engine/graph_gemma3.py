@@ -19,7 +19,7 @@ from .kv_cache import KVCache
 
 class Gemma3Graph(LlamaGraph):
     def embed(self, tokens: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(self.tok_embd[tokens], dtype=np.float32)
+        x = super().embed(tokens)
         x *= np.float32(math.sqrt(self.cfg.n_embd))
         return x
 
@@ -38,16 +38,16 @@ class Gemma3Graph(LlamaGraph):
         q, k, v = super().qkv(h, il)
         c, t = self.cfg, h.shape[0]
         # Per-head norms over head_dim: rmsnorm works on rows, so view heads as rows.
-        qn = self.ops.rmsnorm(q.reshape(t * c.n_head, c.head_dim_k), self.req(il, "attn_q_norm.weight"), c.rms_eps)
-        kn = self.ops.rmsnorm(k.reshape(t * c.n_head_kv, c.head_dim_k), self.req(il, "attn_k_norm.weight"), c.rms_eps)
+        qn = self.ops.rmsnorm(q.reshape(t * c.n_head, c.head_dim_k), self.vec(il, "attn_q_norm.weight"), c.rms_eps)
+        kn = self.ops.rmsnorm(k.reshape(t * c.n_head_kv, c.head_dim_k), self.vec(il, "attn_k_norm.weight"), c.rms_eps)
         return qn.reshape(q.shape), kn.reshape(k.shape), v
 
     def attn_block(self, x: np.ndarray, il: int, pos: np.ndarray, n_past: int, kv: KVCache) -> np.ndarray:
         o = super().attn_block(x, il, pos, n_past, kv)
-        return self.norm(o, self.req(il, "post_attention_norm.weight"))
+        return self.norm(o, self.vec(il, "post_attention_norm.weight"))
 
     def ffn(self, h: np.ndarray, il: int) -> np.ndarray:
         g = self.linear(h, il, "ffn_gate")
         u = self.linear(h, il, "ffn_up")
         y = self.linear(self.ops.geglu(g, u), il, "ffn_down")
-        return self.norm(y, self.req(il, "post_ffw_norm.weight"))
+        return self.norm(y, self.vec(il, "post_ffw_norm.weight"))

@@ -14,12 +14,14 @@ import numpy as np
 from .errors import UnsupportedModel
 from .gguf_loader import GGUFModel, ModelConfig
 from .kv_cache import KVCache
+from .weights import MATMUL_MODES, Weight, embed_rows, matmul
 
 
 class LlamaGraph:
-    def __init__(self, model: GGUFModel, ops: ModuleType) -> None:
+    def __init__(self, model: GGUFModel, ops: ModuleType, matmul_mode: str = "int16") -> None:
         self.cfg: ModelConfig = model.config
         self.ops = ops
+        self.act_bits = MATMUL_MODES[matmul_mode]
         self.m = model
         self.tok_embd = model["token_embd.weight"]
         out = model.get("output.weight")
@@ -29,25 +31,25 @@ class LlamaGraph:
 
     # -- pieces shared with subclasses -------------------------------------------------------
 
-    def w(self, il: int, name: str) -> np.ndarray | None:
-        return self.m.get(f"blk.{il}.{name}")
-
-    def req(self, il: int, name: str) -> np.ndarray:
+    def req(self, il: int, name: str) -> Weight:
         """A weight the architecture requires (KeyError names it when the file lacks it)."""
         return self.m[f"blk.{il}.{name}"]
+
+    def vec(self, il: int, name: str) -> np.ndarray:
+        """A required 1-D fp32 parameter of layer il (a norm weight)."""
+        return self.m.vector(f"blk.{il}.{name}")
 
     def norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
         return self.ops.rmsnorm(x, weight, self.cfg.rms_eps)
 
     def linear(self, x: np.ndarray, il: int, name: str) -> np.ndarray:
-        y = self.ops.matmul(x, self.req(il, f"{name}.weight"))
-        bias = self.w(il, f"{name}.bias")
-        if bias is not None:
-            y += bias
+        y = matmul(self.ops, x, self.req(il, f"{name}.weight"), self.act_bits)
+        if f"blk.{il}.{name}.bias" in self.m.tensors:
+            y += self.vec(il, f"{name}.bias")
         return y
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(self.tok_embd[tokens], dtype=np.float32)
+        return embed_rows(self.ops, self.tok_embd, tokens)
 
     def rope_params(self, il: int) -> tuple[float, float]:
         return self.cfg.rope_base, self.cfg.rope_freq_scale
@@ -65,7 +67,7 @@ class LlamaGraph:
     def attn_block(self, x: np.ndarray, il: int, pos: np.ndarray, n_past: int, kv: KVCache) -> np.ndarray:
         """Attention sub-block output (before the residual add) for x [T, n_embd]."""
         c, ops, t = self.cfg, self.ops, x.shape[0]
-        h = self.norm(x, self.req(il, "attn_norm.weight"))
+        h = self.norm(x, self.vec(il, "attn_norm.weight"))
         q, k, v = self.qkv(h, il)
         base, fscale = self.rope_params(il)
         ops.rope(q, pos, base, mode=c.rope_mode, rot_dim=c.rope_dim, freq_scale=fscale, out=q)
@@ -86,12 +88,12 @@ class LlamaGraph:
 
     def layer(self, x: np.ndarray, il: int, pos: np.ndarray, n_past: int, kv: KVCache) -> np.ndarray:
         x = x + self.attn_block(x, il, pos, n_past, kv)
-        h = self.norm(x, self.req(il, "ffn_norm.weight"))
+        h = self.norm(x, self.vec(il, "ffn_norm.weight"))
         return x + self.ffn(h, il)
 
     def head(self, x: np.ndarray) -> np.ndarray:
-        h = self.norm(x, self.m["output_norm.weight"])
-        logits = self.ops.matmul(h, self.w_out)
+        h = self.norm(x, self.m.vector("output_norm.weight"))
+        logits = matmul(self.ops, h, self.w_out, self.act_bits)
         cap = self.cfg.final_logit_softcap
         if cap > 0:
             logits = np.tanh(logits / cap) * cap

@@ -42,6 +42,53 @@ def matmul(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np.nd
     return _put(x @ w.T, out)
 
 
+def _f16(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, np.float32).astype(np.float16).astype(np.float32)
+
+
+def quantize_q8_0(x: np.ndarray) -> np.ndarray:
+    """Activations as llama.cpp's Q8_0 (x86 path), dequantized: per 32, q = rint(x*127/amax), d = fp16(amax/127)."""
+    b = x.reshape(-1, 32).astype(np.float32)
+    amax = np.abs(b).max(axis=1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127.0) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    return (np.rint(b * inv) * _f16(amax / np.float32(127.0))).reshape(x.shape).astype(np.float32)
+
+
+def quantize_q8_k(x: np.ndarray) -> np.ndarray:
+    """Activations as ggml's quantize_row_q8_K_ref, dequantized: per 256, the first largest |x| -> -127."""
+    b = x.reshape(-1, 256).astype(np.float32)
+    mx = b[np.arange(b.shape[0]), np.abs(b).argmax(axis=1)][:, None]
+    iscale = np.where(mx != 0, np.float32(-127.0) / np.where(mx != 0, mx, 1), 0).astype(np.float32)
+    d = np.where(iscale != 0, 1 / np.where(iscale != 0, iscale, 1), 0).astype(np.float32)
+    return (np.minimum(127, np.rint(iscale * b)) * d).reshape(x.shape).astype(np.float32)
+
+
+_K_QUANTS = {12, 13, 14}  # Q4_K, Q5_K, Q6_K: activations as Q8_K; Q4_0/Q5_0/Q8_0: as Q8_0
+
+
+def qdequant(w: np.ndarray, wtype: int, out: np.ndarray | None = None) -> np.ndarray:
+    from gguf import GGMLQuantizationType, quants
+
+    return _put(quants.dequantize(w, GGMLQuantizationType(wtype)), out)
+
+
+def quantize_q16(x: np.ndarray) -> np.ndarray:
+    """Activations at 16 bits per 32 (kernels' act_bits=16), dequantized: q = rint(x*32767/amax)."""
+    b = x.reshape(-1, 32).astype(np.float32)
+    amax = np.abs(b).max(axis=1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(32767.0) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    return (np.clip(np.rint(b * inv), -32767, 32767) * (amax / np.float32(32767.0))).reshape(x.shape).astype(np.float32)
+
+
+def qmatmul(x: np.ndarray, w: np.ndarray, wtype: int, act_bits: int = 8, out: np.ndarray | None = None) -> np.ndarray:
+    """y = quantize(x) @ dequant(w).T in float64: the exact integer block sums, rounded once."""
+    if act_bits == 16:
+        xq = quantize_q16(x)
+    else:
+        xq = quantize_q8_k(x) if wtype in _K_QUANTS else quantize_q8_0(x)
+    return _put(xq.astype(np.float64) @ qdequant(w, wtype).astype(np.float64).T, out)
+
+
 def softmax(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     m = x.max(axis=-1, keepdims=True)
     e = np.exp(x - m)

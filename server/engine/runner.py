@@ -21,6 +21,7 @@ from .graph_llama import LlamaGraph
 from .kv_cache import KVCache
 from .ops import load_ops, ops_name
 from .sampler import Sampler, SampleResult
+from .weights import MATMUL_MODES
 
 GRAPHS: dict[str, type[LlamaGraph]] = {"llama": LlamaGraph, "qwen2": LlamaGraph, "gemma3": Gemma3Graph}
 
@@ -43,14 +44,19 @@ class Runner:
         prefill_chunk: int = 256,
         n_threads: int = 1,
         ops: str | ModuleType = "auto",
+        matmul: str = "int16",
     ) -> None:
+        """matmul: activations for block-quantized weights: "int16" (~fp32), "int8" (llama.cpp's
+        arithmetic); "fp32" is a load mode (`Runner.load`: every weight dequantized)."""
+        if matmul not in MATMUL_MODES:
+            raise ValueError(f"matmul must be one of {tuple(MATMUL_MODES)}, got {matmul!r}")
         self.ops = load_ops(ops) if isinstance(ops, str) else ops
         self.ops.set_num_threads(n_threads)
         self.model = model
         self.config = model.config
         self.n_ctx = n_ctx
         self.prefill_chunk = max(1, prefill_chunk)
-        self.graph = GRAPHS[self.config.arch](model, self.ops)
+        self.graph = GRAPHS[self.config.arch](model, self.ops, matmul)
         c = self.config
         self.kv = KVCache(
             self.ops,
@@ -65,7 +71,8 @@ class Runner:
 
     @classmethod
     def load(cls, path: str | pathlib.Path, **kwargs: object) -> Runner:
-        return cls(load_gguf(path), **kwargs)  # type: ignore[arg-type]
+        weights = "fp32" if kwargs.get("matmul") == "fp32" else "quantized"
+        return cls(load_gguf(path, weights=weights), **kwargs)  # type: ignore[arg-type]
 
     @property
     def ops_name(self) -> str:

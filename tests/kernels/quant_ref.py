@@ -96,8 +96,17 @@ def quant_act(x, t):
     return (np.rint(b * inv) * f16_round(amax / np.float32(127.0))).reshape(x.shape).astype(np.float32)
 
 
-def qmatmul(x, raw, t):
-    return (quant_act(x, t).astype(np.float64) @ dequant(raw, t).astype(np.float64).T).astype(np.float32)
+def quant_act16(x):
+    """16-bit activations (kernels' act_bits=16): per 32, q = rint(x * 32767/amax), scale amax/32767."""
+    b = x.reshape(-1, 32).astype(np.float32)
+    amax = np.abs(b).max(axis=1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(32767.0) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    return (np.clip(np.rint(b * inv), -32767, 32767) * (amax / np.float32(32767.0))).reshape(x.shape).astype(np.float32)
+
+
+def qmatmul(x, raw, t, act_bits=8):
+    xq = quant_act(x, t) if act_bits == 8 else quant_act16(x)
+    return (xq.astype(np.float64) @ dequant(raw, t).astype(np.float64).T).astype(np.float32)
 
 
 def random_blocks(rng, t, n, k):

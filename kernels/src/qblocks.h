@@ -1,0 +1,118 @@
+/* Internal to the quantized-matmul sources: GGUF block formats (ggml type ids), fp16 scales,
+ * row unpacking, and the SIMD helpers both activation precisions share. */
+#ifndef CAPIBARA6_QBLOCKS_H
+#define CAPIBARA6_QBLOCKS_H
+#include "capibara6_kernels.h"
+#include <math.h>
+#include <stdlib.h>
+#if defined(__AVX2__) && !C6_USE_NEON
+#include <immintrin.h>
+#define C6_QX86 1
+#endif
+
+enum { T_Q4_0 = 2, T_Q5_0 = 6, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
+
+typedef struct {
+    int qk;          /* values per block */
+    int bytes;       /* bytes per block */
+    int sub;         /* values per sub-block sharing one integer scale (== qk: one scale) */
+    int kquant;      /* activations as Q8_K (1) or Q8_0 (0) */
+} qinfo;
+
+static int info(int t, qinfo *q) {
+    switch (t) {
+    case T_Q4_0: *q = (qinfo){32, 18, 32, 0}; return 1;
+    case T_Q5_0: *q = (qinfo){32, 22, 32, 0}; return 1;
+    case T_Q8_0: *q = (qinfo){32, 34, 32, 0}; return 1;
+    case T_Q4_K: *q = (qinfo){256, 144, 32, 1}; return 1;
+    case T_Q5_K: *q = (qinfo){256, 176, 32, 1}; return 1;
+    case T_Q6_K: *q = (qinfo){256, 210, 16, 1}; return 1;
+    default: return 0;
+    }
+}
+
+int c6_qinfo(int t, qinfo *q);
+
+static inline uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
+
+/* block scales: the hardware conversion where there is one (same value as c6_f16_to_f32) */
+#if defined(__F16C__)
+static inline float f16s(const uint8_t *p) { return _cvtsh_ss(rd16(p)); }
+#elif defined(__aarch64__)
+static inline float f16s(const uint8_t *p) { __fp16 h; memcpy(&h, p, 2); return (float)h; }
+#else
+static inline float f16s(const uint8_t *p) { return c6_f16_to_f32(rd16(p)); }
+#endif
+
+typedef struct {
+    int8_t *q;       /* [K] values (k-quants with mins: unsigned 0..31; others signed) */
+    float *d;        /* [K/qk] block scale */
+    float *dmin;     /* [K/qk] block min scale (Q4_K/Q5_K) */
+    int16_t *sc;     /* [K/16] scale of each 16 values (k-quants) */
+    int32_t *mn;     /* [K/32] sub-block min (Q4_K/Q5_K) */
+} qrow;
+
+/* unpack nb blocks of a weight row of type t into r (Q8_0 too: values copied) */
+void c6_unpack_row(int t, const uint8_t *restrict w, int64_t nb, qrow *r);
+
+#if C6_USE_NEON && defined(__ARM_FEATURE_DOTPROD)
+static inline int32x4_t dot16(int32x4_t acc, const int8_t *a, const int8_t *b) {
+    return vdotq_s32(acc, vld1q_s8(a), vld1q_s8(b));
+}
+#elif C6_USE_NEON
+static inline int32x4_t dot16(int32x4_t acc, const int8_t *a, const int8_t *b) {
+    int8x16_t va = vld1q_s8(a), vb = vld1q_s8(b);
+    int16x8_t p = vmull_s8(vget_low_s8(va), vget_low_s8(vb));
+    p = vmlal_s8(p, vget_high_s8(va), vget_high_s8(vb));
+    return vpadalq_s16(acc, p);
+}
+#endif
+#ifdef C6_QX86
+/* 16 int16 lanes: lane i = w[2i]a[2i] + w[2i+1]a[2i+1] (|.| <= 2*127*127: no saturation) */
+static inline __m256i mul_pairs(const int8_t *w, const int8_t *a) {
+    __m256i wv = _mm256_loadu_si256((const __m256i *)w), av = _mm256_loadu_si256((const __m256i *)a);
+    return _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(av, wv));
+}
+static inline float hsum_ps(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+static inline int32_t hsum_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+#if defined(__FMA__)
+#define FMADD(a, b, c) _mm256_fmadd_ps(a, b, c)
+#else
+#define FMADD(a, b, c) _mm256_add_ps(_mm256_mul_ps(a, b), c)
+#endif
+#endif
+
+#ifdef C6_QX86
+/* 16 bytes -> 32 nibbles: low nibbles are values 0-15, high nibbles values 16-31 */
+static inline __m256i nibbles32(const uint8_t *qs) {
+    __m128i t = _mm_loadu_si128((const __m128i *)qs);
+    __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(t), _mm_srli_epi16(t, 4), 1);
+    return _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
+}
+/* byte j = 0xFF where bit j of the little-endian 32-bit word at p is set */
+static inline __m256i bits32(const uint8_t *p) {
+    uint32_t x;
+    memcpy(&x, p, 4);
+    const __m256i shuf = _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL, 0x0101010101010101LL, 0);
+    __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32((int)x), shuf);
+    b = _mm256_or_si256(b, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfeLL));
+    return _mm256_cmpeq_epi8(b, _mm256_set1_epi64x(-1));
+}
+static inline __m256i block32(int t, const uint8_t *p) {
+    if (t == T_Q8_0) return _mm256_loadu_si256((const __m256i *)(p + 2));
+    if (t == T_Q4_0) return _mm256_sub_epi8(nibbles32(p + 2), _mm256_set1_epi8(8));
+    return _mm256_or_si256(nibbles32(p + 6), _mm256_andnot_si256(bits32(p + 2), _mm256_set1_epi8((char)0xF0)));
+}
+#endif
+
+#endif

@@ -1,0 +1,183 @@
+/* Quantized-weight matmul with 16-bit activations: y[M,N] = x[M,K] @ W[N,K]^T, W in GGUF blocks.
+ *
+ * llama.cpp rounds activations to 8 bits (Q8_0/Q8_K) before every quantized matmul. That noise is
+ * small per layer but it is re-drawn at each of them, and on small models (Gemma 3 270M) it moves
+ * perplexity by a few percent and turns any tiny upstream difference (an fp16 KV cache, a flash
+ * attention summation order) into different top-1 choices. Here each 32 activations keep 15 bits
+ * plus sign (d = amax/32767): within ~1e-5 of fp32 arithmetic, at 16 multiply-adds per
+ * instruction (madd_epi16) instead of fp32's 8, while weights are still read in their 4-8 bit
+ * blocks. Every weight type is reduced to per-32 chunks: int8 values, one float multiplier for
+ * each 16 (d*scale) and one for the chunk's min (Q4_K/Q5_K). */
+#include "qblocks.h"
+
+typedef struct {
+    int16_t *q;      /* [M, K] */
+    float *d;        /* [M, K/32] */
+    int32_t *asum;   /* [M, K/32] sum of the chunk's q (for the mins of Q4_K/Q5_K) */
+} act16;
+
+static void quant_q16(const float *restrict x, int16_t *restrict q, float *restrict d,
+                      int32_t *restrict asum, int64_t K) {
+    for (int64_t c = 0; c < K / 32; c++) {
+        const float *xc = x + c * 32;
+        float amax = 0.0f;
+        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(xc[j]));
+        float id = amax != 0.0f ? 32767.0f / amax : 0.0f;
+        d[c] = amax / 32767.0f;
+        int32_t s = 0;
+        for (int j = 0; j < 32; j++) {
+            float v = fminf(fmaxf(rintf(xc[j] * id), -32767.0f), 32767.0f);
+            q[c * 32 + j] = (int16_t)v;
+            s += (int32_t)v;
+        }
+        asum[c] = s;
+    }
+}
+
+/* per 32-value chunk: multiplier of the first 16 values' sum (fa), of the last 16 (fb), of the
+ * activation sum (fm, the k-quant min) */
+typedef struct { float *fa, *fb, *fm; } chunks;
+
+static void chunk_scales(int t, const qrow *r, int64_t K, chunks *cs) {
+    for (int64_t c = 0; c < K / 32; c++) {
+        if (t != T_Q4_K && t != T_Q5_K && t != T_Q6_K) {
+            cs->fa[c] = cs->fb[c] = r->d[c];
+            cs->fm[c] = 0.0f;
+            continue;
+        }
+        int64_t b = c / 8, j = c % 8;
+        cs->fa[c] = r->d[b] * (float)r->sc[b * 16 + 2 * j];
+        cs->fb[c] = r->d[b] * (float)r->sc[b * 16 + 2 * j + 1];
+        cs->fm[c] = t == T_Q6_K ? 0.0f : r->dmin[b] * (float)r->mn[b * 8 + j];
+    }
+}
+
+/* integer sums of 16 products: w int8, a int16 */
+static inline void sums16(const int8_t *w, const int16_t *a, int32_t *lo, int32_t *hi) {
+#if C6_USE_NEON
+    int8x16_t w0 = vld1q_s8(w), w1 = vld1q_s8(w + 16);
+    int32x4_t l = vmull_s16(vget_low_s16(vmovl_s8(vget_low_s8(w0))), vld1_s16(a));
+    l = vmlal_s16(l, vget_high_s16(vmovl_s8(vget_low_s8(w0))), vld1_s16(a + 4));
+    l = vmlal_s16(l, vget_low_s16(vmovl_s8(vget_high_s8(w0))), vld1_s16(a + 8));
+    l = vmlal_s16(l, vget_high_s16(vmovl_s8(vget_high_s8(w0))), vld1_s16(a + 12));
+    int32x4_t h = vmull_s16(vget_low_s16(vmovl_s8(vget_low_s8(w1))), vld1_s16(a + 16));
+    h = vmlal_s16(h, vget_high_s16(vmovl_s8(vget_low_s8(w1))), vld1_s16(a + 20));
+    h = vmlal_s16(h, vget_low_s16(vmovl_s8(vget_high_s8(w1))), vld1_s16(a + 24));
+    h = vmlal_s16(h, vget_high_s16(vmovl_s8(vget_high_s8(w1))), vld1_s16(a + 28));
+    *lo = vaddvq_s32(l);
+    *hi = vaddvq_s32(h);
+#else
+    int32_t l = 0, h = 0;
+    for (int j = 0; j < 16; j++) l += (int32_t)w[j] * (int32_t)a[j];
+    for (int j = 0; j < 16; j++) h += (int32_t)w[16 + j] * (int32_t)a[16 + j];
+    *lo = l;
+    *hi = h;
+#endif
+}
+
+static float row_dot16(const int8_t *w, const chunks *cs, const act16 *a, int64_t m, int64_t K) {
+    int64_t nc = K / 32;
+    const int16_t *aq = a->q + m * K;
+    const float *ad = a->d + m * nc;
+    const int32_t *as = a->asum + m * nc;
+    float sum = 0.0f;
+    for (int64_t c = 0; c < nc; c++) {
+        int32_t lo, hi;
+        sums16(w + c * 32, aq + c * 32, &lo, &hi);
+        sum += ad[c] * (cs->fa[c] * (float)lo + cs->fb[c] * (float)hi - cs->fm[c] * (float)as[c]);
+    }
+    return sum;
+}
+
+#ifdef C6_QX86
+/* up to 4 activation rows per pass; Q4_0/Q5_0/Q8_0 blocks decoded in registers */
+static inline __m256i madd16(__m128i w8, const int16_t *a) {
+    return _mm256_madd_epi16(_mm256_cvtepi8_epi16(w8), _mm256_loadu_si256((const __m256i *)a));
+}
+static inline __attribute__((always_inline)) void rows16(int t, int bytes, const uint8_t *raw, const qrow *r,
+                                                         const chunks *cs, const act16 *a, int64_t K,
+                                                         int64_t m0, const int MC, float *out) {
+    int64_t nc = K / 32;
+    int kq = t == T_Q4_K || t == T_Q5_K || t == T_Q6_K, two = t == T_Q6_K, mins = kq && !two;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    float msum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int64_t c = 0; c < nc; c++) {
+        __m256i w = kq ? _mm256_loadu_si256((const __m256i *)(r->q + c * 32)) : block32(t, raw + c * bytes);
+        __m128i wl = _mm256_castsi256_si128(w), wh = _mm256_extracti128_si256(w, 1);
+        float fa = kq ? cs->fa[c] : f16s(raw + c * bytes), fb = kq ? cs->fb[c] : fa;
+        for (int i = 0; i < MC; i++) {
+            int64_t m = m0 + i;
+            const int16_t *ap = a->q + m * K + c * 32;
+            float da = a->d[m * nc + c];
+            __m256i pl = madd16(wl, ap), ph = madd16(wh, ap + 16);
+            if (two) {
+                acc[i] = FMADD(_mm256_cvtepi32_ps(pl), _mm256_set1_ps(da * fa), acc[i]);
+                acc[i] = FMADD(_mm256_cvtepi32_ps(ph), _mm256_set1_ps(da * fb), acc[i]);
+            } else {
+                acc[i] = FMADD(_mm256_cvtepi32_ps(_mm256_add_epi32(pl, ph)), _mm256_set1_ps(da * fa), acc[i]);
+            }
+            if (mins) msum[i] += da * cs->fm[c] * (float)a->asum[m * nc + c];
+        }
+    }
+    for (int i = 0; i < MC; i++) out[i] = hsum_ps(acc[i]) - msum[i];
+}
+#endif
+
+typedef struct {
+    const uint8_t *w; int t; qinfo qi; int64_t row_bytes;
+    act16 a; float *y; int64_t M, N, K, per;
+} q16_ctx;
+
+static void q16_task(void *vctx, int64_t task) {
+    const q16_ctx *c = vctx;
+    int64_t n0 = task * c->per, n1 = n0 + c->per < c->N ? n0 + c->per : c->N, K = c->K;
+    int64_t nb = K / c->qi.qk, nc = K / 32;
+    /* scratch slot 2 (per thread): q[K] | d[nb] | dmin[nb] | mn[K/32] | fa fb fm [K/32] | sc[K/16] int16 */
+    float *s = c6_scratch(2, (size_t)(K / 4 + 2 * nb + 4 * nc + K / 32 + 16));
+    if (!s) abort();
+    qrow r = {(int8_t *)s, s + K / 4, s + K / 4 + nb, (int16_t *)(s + K / 4 + 2 * nb + 4 * nc), (int32_t *)(s + K / 4 + 2 * nb)};
+    chunks cs = {s + K / 4 + 2 * nb + nc, s + K / 4 + 2 * nb + 2 * nc, s + K / 4 + 2 * nb + 3 * nc};
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *raw = c->w + n * c->row_bytes;
+#ifdef C6_QX86
+        if (c->qi.kquant) {
+            c6_unpack_row(c->t, raw, nb, &r);
+            chunk_scales(c->t, &r, K, &cs);
+        }
+        float o[4];
+        for (int64_t m0 = 0; m0 < c->M; m0 += 4) {
+            int mc = c->M - m0 < 4 ? (int)(c->M - m0) : 4;
+            switch (mc) {
+            case 1: rows16(c->t, c->qi.bytes, raw, &r, &cs, &c->a, K, m0, 1, o); break;
+            case 2: rows16(c->t, c->qi.bytes, raw, &r, &cs, &c->a, K, m0, 2, o); break;
+            case 3: rows16(c->t, c->qi.bytes, raw, &r, &cs, &c->a, K, m0, 3, o); break;
+            default: rows16(c->t, c->qi.bytes, raw, &r, &cs, &c->a, K, m0, 4, o); break;
+            }
+            for (int i = 0; i < mc; i++) c->y[(m0 + i) * c->N + n] = o[i];
+        }
+#else
+        c6_unpack_row(c->t, raw, nb, &r);
+        chunk_scales(c->t, &r, K, &cs);
+        for (int64_t m = 0; m < c->M; m++) c->y[m * c->N + n] = row_dot16(r.q, &cs, &c->a, m, K);
+#endif
+    }
+}
+
+int c6_qmatmul16(const float *x, const void *w, int wtype, float *y, int64_t M, int64_t N, int64_t K) {
+    qinfo qi;
+    if (!c6_qinfo(wtype, &qi) || K <= 0 || K % qi.qk) return -1;
+    if (M <= 0 || N <= 0) return 0;
+    size_t qbytes = ((size_t)(M * K) * sizeof(int16_t) + 63) & ~(size_t)63;
+    char *buf = malloc(qbytes + (size_t)(M * K / 32) * (sizeof(float) + sizeof(int32_t)));
+    if (!buf) return -2;
+    act16 a = {(int16_t *)buf, (float *)(buf + qbytes), NULL};
+    a.asum = (int32_t *)(a.d + M * K / 32);
+    for (int64_t m = 0; m < M; m++) quant_q16(x + m * K, a.q + m * K, a.d + m * (K / 32), a.asum + m * (K / 32), K);
+    int nt = c6_get_num_threads();
+    int64_t per = (N + (int64_t)nt * 8 - 1) / ((int64_t)nt * 8);
+    if (per < 16) per = 16;
+    q16_ctx c = {w, wtype, qi, K / qi.qk * qi.bytes, a, y, M, N, K, per};
+    c6_parallel_for((N + per - 1) / per, q16_task, &c);
+    free(buf);
+    return 0;
+}
