@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """Native engine vs llama.cpp on the same GGUF: prefill and decode tok/s, peak RSS, KV bytes/token.
 
-Each measurement runs in its own subprocess (so peak RSS is per engine), native and llama.cpp
-alternate for --rounds rounds, and medians are reported. The last line is one JSON object.
+Each measurement runs in its own subprocess (so peak RSS is per engine), the engines alternate
+for --rounds rounds, and medians are reported. --native lists the native matmul modes to run
+(int16: the default, int16 activations against the file's quantized blocks; int8: llama.cpp's
+arithmetic; fp32: every weight dequantized at load). The last line is one JSON object.
 
-    python scripts/bench_engine.py [--model PATH] [--threads 1] [--rounds 3] [--kv fp32]
+    python scripts/bench_engine.py [--model PATH] [--threads 1] [--rounds 3] [--kv fp32] [--native int16,fp32]
 """
 
 from __future__ import annotations
@@ -41,10 +43,11 @@ def worker(engine: str, model: str, threads: int, n_prompt: int, n_gen: int, kv:
     import numpy as np
 
     t0 = time.perf_counter()
-    if engine == "native":
+    if engine.startswith("native-"):
         from server.engine.runner import Runner
 
-        r = Runner.load(model, n_ctx=n_prompt + n_gen + 8, kv_cache=kv, n_threads=threads, ops="kernels")
+        r = Runner.load(model, n_ctx=n_prompt + n_gen + 8, kv_cache=kv, n_threads=threads, ops="kernels",
+                        matmul=engine.removeprefix("native-"))
         load_s = time.perf_counter() - t0
         ids = prompt_ids(r.n_vocab, n_prompt, r.config.bos_id or 1)
         t = time.perf_counter()
@@ -111,7 +114,8 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--kv", default="fp32", choices=["fp32", "fp16", "fp8"])
-    ap.add_argument("--worker", choices=["native", "llama.cpp"], help=argparse.SUPPRESS)
+    ap.add_argument("--native", default="int16", help="comma-separated native matmul modes: int16,int8,fp32")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
     model = a.model or default_model()
     if a.worker:
@@ -119,15 +123,16 @@ def main() -> None:
         return
 
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": str(a.threads)}
-    res: dict[str, list[dict[str, float]]] = {"native": [], "llama.cpp": []}
+    natives = [f"native-{m}" for m in a.native.split(",")]
+    res: dict[str, list[dict[str, float]]] = {e: [] for e in natives + ["llama.cpp"]}
     for rnd in range(a.rounds):
-        for eng in ("native", "llama.cpp"):
+        for eng in res:
             cmd = [sys.executable, __file__, "--worker", eng, "--model", model, "--threads", str(a.threads),
                    "--prompt-tokens", str(a.prompt_tokens), "--gen-tokens", str(a.gen_tokens), "--kv", a.kv]
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd=ROOT)
             r = json.loads(out.stdout.strip().splitlines()[-1])
             res[eng].append(r)
-            print(f"round {rnd + 1} {eng:9s}: prefill {r['prefill_tps']:7.1f} tok/s, decode {r['decode_tps']:6.2f} tok/s, "
+            print(f"round {rnd + 1} {eng:12s}: prefill {r['prefill_tps']:7.1f} tok/s, decode {r['decode_tps']:6.2f} tok/s, "
                   f"peak RSS {r['peak_rss'] / 2**20:7.1f} MiB (now {r['rss'] / 2**20:.0f}), load {r['load_s']:.1f}s", flush=True)
 
     med = {e: {k: statistics.median(x[k] for x in rs) for k in ("prefill_tps", "decode_tps", "peak_rss", "rss")}
@@ -145,31 +150,31 @@ def main() -> None:
                     head_dim_v=cfg.head_dim_v, dtype=dt).bytes_per_token()
         for dt in ("fp32", "fp16", "fp8")
     }
-    native_weight_bytes = res["native"][0]["weight_bytes"]
     # Per decoded token every matmul weight is read once; the token-embedding lookup reads one row,
     # but Gemma's tied output projection reads the whole embedding matrix.
     bw = memory_bandwidth_gbs()
-    bound_native = bw * 1e9 / native_weight_bytes
-    bound_llama = bw * 1e9 / file_weight_bytes
     print(f"KV bytes/token: {kv_per_tok} (fp8/fp32 = {kv_per_tok['fp8'] / kv_per_tok['fp32']:.3f})")
-    print(f"single-thread read bandwidth {bw:.1f} GB/s; weights read per token: native fp32 "
-          f"{native_weight_bytes / 1e6:.0f} MB -> decode bound {bound_native:.1f} tok/s; llama.cpp "
-          f"{file_weight_bytes / 1e6:.0f} MB (quantized) -> bound {bound_llama:.1f} tok/s")
-    summary = {
-        "threads": a.threads, "rounds": a.rounds, "kv": a.kv,
-        "prefill_ratio": med["native"]["prefill_tps"] / med["llama.cpp"]["prefill_tps"],
-        "decode_ratio": med["native"]["decode_tps"] / med["llama.cpp"]["decode_tps"],
-        "rss_ratio": med["native"]["peak_rss"] / med["llama.cpp"]["peak_rss"],
-        "native_prefill_tps": med["native"]["prefill_tps"], "llama_prefill_tps": med["llama.cpp"]["prefill_tps"],
-        "native_decode_tps": med["native"]["decode_tps"], "llama_decode_tps": med["llama.cpp"]["decode_tps"],
-        "native_peak_rss_mib": med["native"]["peak_rss"] / 2**20,
-        "llama_peak_rss_mib": med["llama.cpp"]["peak_rss"] / 2**20,
-        "native_rss_after_run_mib": med["native"]["rss"] / 2**20,
-        "llama_rss_after_run_mib": med["llama.cpp"]["rss"] / 2**20,
-        "kv_bytes_per_token": kv_per_tok,
-        "read_bandwidth_gbs": bw,
-        "native_decode_bound_tps": bound_native, "llama_decode_bound_tps": bound_llama,
+    print(f"single-thread read bandwidth {bw:.1f} GB/s; llama.cpp reads {file_weight_bytes / 1e6:.0f} MB per token "
+          f"-> decode bound {bw * 1e9 / file_weight_bytes:.1f} tok/s")
+    llama = med["llama.cpp"]
+    summary: dict[str, object] = {
+        "threads": a.threads, "rounds": a.rounds, "kv": a.kv, "kv_bytes_per_token": kv_per_tok,
+        "read_bandwidth_gbs": bw, "llama_decode_bound_tps": bw * 1e9 / file_weight_bytes,
+        "llama_prefill_tps": llama["prefill_tps"], "llama_decode_tps": llama["decode_tps"],
+        "llama_peak_rss_mib": llama["peak_rss"] / 2**20, "llama_rss_after_run_mib": llama["rss"] / 2**20,
     }
+    for eng in natives:
+        n, tag = med[eng], eng.removeprefix("native-")
+        wb = res[eng][0]["weight_bytes"]
+        print(f"{eng}: {wb / 1e6:.0f} MB of weights -> decode bound {bw * 1e9 / wb:.1f} tok/s")
+        summary |= {
+            f"{tag}_prefill_ratio": n["prefill_tps"] / llama["prefill_tps"],
+            f"{tag}_decode_ratio": n["decode_tps"] / llama["decode_tps"],
+            f"{tag}_rss_ratio": n["peak_rss"] / llama["peak_rss"],
+            f"{tag}_prefill_tps": n["prefill_tps"], f"{tag}_decode_tps": n["decode_tps"],
+            f"{tag}_peak_rss_mib": n["peak_rss"] / 2**20, f"{tag}_rss_after_run_mib": n["rss"] / 2**20,
+            f"{tag}_weight_mb": wb / 1e6, f"{tag}_decode_bound_tps": bw * 1e9 / wb,
+        }
     print(json.dumps(summary))
 
 

@@ -95,6 +95,8 @@ uint16_t c6_f32_to_f16(float f);    /* round to nearest even */
 typedef void (*c6_task_fn)(void *ctx, int64_t task);
 /* run fn(ctx, 0..ntasks-1) on the pool (caller participates); idle workers sleep on a condvar. */
 void c6_parallel_for(int64_t ntasks, c6_task_fn fn, void *ctx);
+/* serial GEMM into a panel of y (row stride ldy): y[M, 0:N] = x[M,K] @ w[N,K]^T */
+void c6_matmul_panel(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K, int64_t ldy);
 /* thread-local, 64-byte aligned scratch, grown on demand (slot 0..3) */
 float *c6_scratch(int slot, size_t nfloats);
 extern float c6_fp8_table[256];

@@ -158,6 +158,7 @@ typedef struct {
     const float *x, *w; float *y;
     int64_t M, N, K;
     int64_t n_per_task, m_per_task, n_tasks_n;
+    int64_t ldy;  /* row stride of y (N, or wider for a panel of a larger y) */
 } mm_ctx;
 
 static void gemm_task(void *vctx, int64_t task) {
@@ -165,7 +166,7 @@ static void gemm_task(void *vctx, int64_t task) {
     int64_t tn = task % c->n_tasks_n, tm = task / c->n_tasks_n;
     int64_t n0 = tn * c->n_per_task, n1 = imin(c->N, n0 + c->n_per_task);
     int64_t m0 = tm * c->m_per_task, m1 = imin(c->M, m0 + c->m_per_task);
-    int64_t K = c->K, N = c->N;
+    int64_t K = c->K;
     int64_t npan = (n1 - n0 + NR - 1) / NR;
     float *Bp = c6_scratch(0, (size_t)KC * npan * NR);
     float *Ap = c6_scratch(1, (size_t)KC * MC);
@@ -194,7 +195,7 @@ static void gemm_task(void *vctx, int64_t task) {
                 int64_t nb = n0 + p * NR, nr = imin(NR, n1 - nb);
                 for (int64_t q = 0; q < mpan; q++) {
                     int64_t mb = ic + q * MR, mr = imin(MR, ic + mc - mb);
-                    ukernel(kc, Ap + q * kc * MR, Bp + p * kc * NR, c->y + mb * N + nb, N, pc > 0,
+                    ukernel(kc, Ap + q * kc * MR, Bp + p * kc * NR, c->y + mb * c->ldy + nb, c->ldy, pc > 0,
                             (int)mr, (int)nr);
                 }
             }
@@ -328,7 +329,7 @@ void c6_matmul(const float *x, const float *w, float *y, int64_t M, int64_t N, i
     if (M <= 0 || N <= 0) return;
     if (K <= 0) { memset(y, 0, (size_t)(M * N) * sizeof(float)); return; }
     int nt = c6_get_num_threads();
-    mm_ctx c = {x, w, y, M, N, K, 0, 0, 0};
+    mm_ctx c = {x, w, y, M, N, K, 0, 0, 0, N};
     if (M <= C6_GEMV_MAX_M) {
         /* ~8 tasks per thread of >= 16 rows (multiple of 4) for dynamic balancing */
         int64_t per = (N + (int64_t)nt * 8 - 1) / ((int64_t)nt * 8);
@@ -350,4 +351,12 @@ void c6_matmul(const float *x, const float *w, float *y, int64_t M, int64_t N, i
     c.n_tasks_n = (npan + ppt - 1) / ppt;
     c.m_per_task = m_per;
     c6_parallel_for(c.n_tasks_n * n_mtasks, gemm_task, &c);
+}
+
+/* y[M, 0:N] (row stride ldy) = x[M,K] @ w[N,K]^T on the calling thread only: a panel of a larger
+ * product whose tasks are already spread over the pool (the quantized matmul's prefill path). */
+void c6_matmul_panel(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K, int64_t ldy) {
+    if (M <= 0 || N <= 0 || K <= 0) return;
+    mm_ctx c = {x, w, y, M, N, K, N, M, 1, ldy};
+    gemm_task(&c, 0);
 }

@@ -174,24 +174,31 @@ int c6_qdequant(const void *w, int wtype, float *y, int64_t R, int64_t K) {
     int32_t *mn = malloc(sizeof(int32_t) * (size_t)(K / 32));
     if (!q || !d || !sc || !mn) { free(q); free(d); free(sc); free(mn); return -2; }
     qrow r = {q, d, d + nb, sc, mn};
-    for (int64_t i = 0; i < R; i++) {
-        const uint8_t *raw = (const uint8_t *)w + i * row_bytes;
-        float *o = y + i * K;
-        if (wtype == T_Q8_0) {
-            for (int64_t b = 0; b < nb; b++) {
-                float db = c6_f16_to_f32(rd16(raw + b * 34));
-                for (int j = 0; j < 32; j++) o[b * 32 + j] = db * (float)(int8_t)raw[b * 34 + 2 + j];
-            }
-            continue;
-        }
-        c6_unpack_row(wtype, raw, nb, &r);
-        for (int64_t k = 0; k < K; k++) {
-            int64_t b = k / qi.qk;
-            if (!qi.kquant) o[k] = d[b] * (float)q[k];
-            else if (wtype == T_Q6_K) o[k] = d[b] * (float)sc[k / 16] * (float)q[k];
-            else o[k] = d[b] * (float)sc[k / 16] * (float)q[k] - r.dmin[b] * (float)mn[k / 32];
-        }
-    }
+    for (int64_t i = 0; i < R; i++) c6_dequant_row(wtype, (const uint8_t *)w + i * row_bytes, K, &r, y + i * K);
     free(q); free(d); free(sc); free(mn);
     return 0;
+}
+
+void c6_dequant_row(int t, const uint8_t *restrict raw, int64_t K, qrow *r, float *restrict o) {
+    qinfo qi;
+    c6_qinfo(t, &qi);
+    int64_t nb = K / qi.qk;
+    c6_unpack_row(t, raw, nb, r);
+    const int8_t *q = r->q;
+    for (int64_t b = 0; b < nb; b++) {
+        if (!qi.kquant) {
+            float d = r->d[b];
+            for (int j = 0; j < 32; j++) o[b * 32 + j] = d * (float)q[b * 32 + j];
+        } else if (t == T_Q6_K) {
+            for (int s = 0; s < 16; s++) {
+                float f = r->d[b] * (float)r->sc[b * 16 + s];
+                for (int j = 0; j < 16; j++) o[b * 256 + s * 16 + j] = f * (float)q[b * 256 + s * 16 + j];
+            }
+        } else {
+            for (int s = 0; s < 8; s++) {
+                float f = r->d[b] * (float)r->sc[b * 16 + 2 * s], m = r->dmin[b] * (float)r->mn[b * 8 + s];
+                for (int j = 0; j < 32; j++) o[b * 256 + s * 32 + j] = f * (float)q[b * 256 + s * 32 + j] - m;
+            }
+        }
+    }
 }

@@ -54,6 +54,8 @@ typedef struct {
 
 /* unpack nb blocks of a weight row of type t into r (Q8_0 too: values copied) */
 void c6_unpack_row(int t, const uint8_t *restrict w, int64_t nb, qrow *r);
+/* o[K] = the row's values (r: scratch for the unpacked row) */
+void c6_dequant_row(int t, const uint8_t *restrict raw, int64_t K, qrow *r, float *restrict o);
 
 #if C6_USE_NEON && defined(__ARM_FEATURE_DOTPROD)
 static inline int32x4_t dot16(int32x4_t acc, const int8_t *a, const int8_t *b) {

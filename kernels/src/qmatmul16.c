@@ -163,10 +163,37 @@ static void q16_task(void *vctx, int64_t task) {
     }
 }
 
+/* Many activation rows (prefill): a panel of weight rows is dequantized to fp32 once and fed to
+ * the fp32 GEMM (exact activations; the dequantization is amortized over the M rows). */
+#define PANEL 64
+#define PANEL_MIN_M 16
+
+typedef struct {
+    const float *x; const uint8_t *w; int t; qinfo qi; int64_t row_bytes;
+    float *y; int64_t M, N, K;
+} panel_ctx;
+
+static void panel_task(void *vctx, int64_t task) {
+    const panel_ctx *c = vctx;
+    int64_t n0 = task * PANEL, rows = c->N - n0 < PANEL ? c->N - n0 : PANEL, K = c->K, nb = K / c->qi.qk;
+    /* slot 3: the fp32 panel [PANEL, K] | unpack scratch: q[K] | d dmin [nb] | mn [K/32] | sc [K/16] int16 */
+    float *s = c6_scratch(3, (size_t)(PANEL * K + K / 4 + 2 * nb + K / 32 + K / 32 + 16));
+    if (!s) abort();
+    float *u = s + PANEL * K;
+    qrow r = {(int8_t *)u, u + K / 4, u + K / 4 + nb, (int16_t *)(u + K / 4 + 2 * nb + K / 32), (int32_t *)(u + K / 4 + 2 * nb)};
+    for (int64_t i = 0; i < rows; i++) c6_dequant_row(c->t, c->w + (n0 + i) * c->row_bytes, K, &r, s + i * K);
+    c6_matmul_panel(c->x, s, c->y + n0, c->M, rows, K, c->N);
+}
+
 int c6_qmatmul16(const float *x, const void *w, int wtype, float *y, int64_t M, int64_t N, int64_t K) {
     qinfo qi;
     if (!c6_qinfo(wtype, &qi) || K <= 0 || K % qi.qk) return -1;
     if (M <= 0 || N <= 0) return 0;
+    if (M >= PANEL_MIN_M) {
+        panel_ctx pc = {x, w, wtype, qi, K / qi.qk * qi.bytes, y, M, N, K};
+        c6_parallel_for((N + PANEL - 1) / PANEL, panel_task, &pc);
+        return 0;
+    }
     size_t qbytes = ((size_t)(M * K) * sizeof(int16_t) + 63) & ~(size_t)63;
     char *buf = malloc(qbytes + (size_t)(M * K / 32) * (sizeof(float) + sizeof(int32_t)));
     if (!buf) return -2;

@@ -44,6 +44,17 @@ def test_qmatmul_is_llama_cpp_arithmetic(rng, threads, t, m):
 
 
 @pytest.mark.parametrize("t", TYPES)
+def test_qmatmul_16bit_many_rows_is_fp32(rng, threads, t):
+    """From 16 rows on (prefill), weight panels are dequantized once into the fp32 GEMM."""
+    kernels.set_num_threads(2)
+    raw = ref.random_blocks(rng, t, 150, 512)
+    x = (rng.standard_normal((37, 512)) * 4).astype(np.float32)
+    exact = x.astype(np.float64) @ ref.dequant(raw, t).astype(np.float64).T
+    y = kernels.qmatmul(x, raw, t, act_bits=16)
+    np.testing.assert_allclose(y, exact, rtol=1e-5, atol=1e-5 * np.abs(exact).max())
+
+
+@pytest.mark.parametrize("t", TYPES)
 @pytest.mark.parametrize("m", [1, 6])
 def test_qmatmul_16bit_activations(rng, threads, t, m):
     """act_bits=16: the reference's 16-bit rounding exactly, and ~300x closer to fp32 than 8 bits."""
