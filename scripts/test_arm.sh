@@ -53,6 +53,9 @@ t2=$(date +%s)
 info = kernels.build_info(); print('[arm] build_info:', info); assert info['neon'], 'NEON paths not compiled'"
 echo "[arm] running tests/kernels under qemu-aarch64 (NEON paths)"
 run_suite "$WORK/neon"
+echo "[arm] NEON without the dot-product extension (armv8.0: -mcpu=cortex-a72): quantized matmul tests"
+build_variant "$WORK/nodot" -mcpu=cortex-a72
+run_suite "$WORK/nodot" -k "quant"
 t3=$(date +%s)
 if [[ "${CAPIBARA6_ARM_PORTABLE:-1}" == "1" ]]; then
     echo "[arm] portable C paths on aarch64 (-DC6_FORCE_PORTABLE)"
@@ -62,4 +65,4 @@ import kernels; assert kernels.build_info()['portable']"
     run_suite "$WORK/portable"
 fi
 t4=$(date +%s)
-echo "[arm] OK: NEON paths (and portable C unless CAPIBARA6_ARM_PORTABLE=0) tested under qemu-aarch64 (root $((t1 - t0))s, build $((t2 - t1))s, tests $((t3 - t2))s, portable $((t4 - t3))s)"
+echo "[arm] OK: NEON paths (dotprod and armv8.0; portable C unless CAPIBARA6_ARM_PORTABLE=0) tested under qemu-aarch64 (root $((t1 - t0))s, build $((t2 - t1))s, tests $((t3 - t2))s, portable $((t4 - t3))s)"
