@@ -126,12 +126,12 @@ def main() -> None:
     natives = [f"native-{m}" for m in a.native.split(",")]
     res: dict[str, list[dict[str, float]]] = {e: [] for e in natives + ["llama.cpp"]}
     for rnd in range(a.rounds):
-        for eng in res:
+        for eng, runs in res.items():
             cmd = [sys.executable, __file__, "--worker", eng, "--model", model, "--threads", str(a.threads),
                    "--prompt-tokens", str(a.prompt_tokens), "--gen-tokens", str(a.gen_tokens), "--kv", a.kv]
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd=ROOT)
             r = json.loads(out.stdout.strip().splitlines()[-1])
-            res[eng].append(r)
+            runs.append(r)
             print(f"round {rnd + 1} {eng:12s}: prefill {r['prefill_tps']:7.1f} tok/s, decode {r['decode_tps']:6.2f} tok/s, "
                   f"peak RSS {r['peak_rss'] / 2**20:7.1f} MiB (now {r['rss'] / 2**20:.0f}), load {r['load_s']:.1f}s", flush=True)
 

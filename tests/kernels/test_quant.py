@@ -1,10 +1,9 @@
 """kernels.qmatmul / qdequant on GGUF block formats against the numpy reference (quant_ref.py)."""
 import numpy as np
 import pytest
+import quant_ref as ref
 
 import kernels
-
-import quant_ref as ref
 
 TYPES = [ref.Q4_0, ref.Q5_0, ref.Q8_0, ref.Q4_K, ref.Q5_K, ref.Q6_K]
 
