@@ -32,7 +32,7 @@ def _k_scales(sc):
 
 def dequant(raw, t):
     """uint8 [R, row_bytes] -> float32 [R, K]."""
-    qk, nbytes = BLOCK[t]
+    nbytes = BLOCK[t][1]
     rows = raw.shape[0]
     b = raw.reshape(-1, nbytes)
     if t == Q8_0:
