@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Coroutine
 
 from ..backends import load_backend, spec_class
@@ -439,7 +440,24 @@ def default_estimate(spec: ModelSpec, registry: Registry) -> Estimate:
         path = resolve_model_path(spec, registry.base_dir)
     except (OSError, ImportError, ValueError):
         return ZERO  # the load will fail and say why
-    return estimate_file(path, spec.n_ctx, spec.kv_cache)
+    est = estimate_file(path, spec.n_ctx, spec.kv_cache)
+    if spec.backend == "native" and spec.matmul == "fp32":
+        est = fp32_weights_estimate(path, est)
+    return est
+
+
+def fp32_weights_estimate(path: Path, est: Estimate) -> Estimate:
+    """The native engine's fp32 mode holds every weight as float32, not the file's blocks."""
+    from gguf import GGML_QUANT_SIZES
+
+    from server.engine.gguf_file import GGUFFile
+
+    try:
+        tensors = GGUFFile(path).tensors
+    except (ValueError, OSError):
+        return est
+    n = sum(t.n_bytes // GGML_QUANT_SIZES[t.tensor_type][1] * GGML_QUANT_SIZES[t.tensor_type][0] for t in tensors)
+    return Estimate(4 * n, est.kv, est.overhead)
 
 
 def release_memory() -> None:

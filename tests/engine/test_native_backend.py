@@ -173,3 +173,17 @@ def test_server_registry_loads_native(tmp_path: pathlib.Path) -> None:
         assert out.prompt_tokens > 0 and out.finish_reason in ("stop", "length") and events
     finally:
         b.close()
+
+
+def test_pool_memory_estimate_follows_the_matmul_mode(gemma_gguf: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """int16/int8 map the file's blocks (estimate ~ file size); fp32 holds 4 bytes per weight."""
+    from server.config import parse_registry
+    from server.pool.pool import default_estimate
+
+    raw = {"models": {m: {"backend": "native", "source": {"path": str(gemma_gguf)}, "matmul": m, "n_ctx": 256}
+                      for m in ("int16", "fp32")}}
+    reg = parse_registry(raw, base_dir=tmp_path)
+    size = gemma_gguf.stat().st_size
+    assert default_estimate(reg.models["int16"], reg).weights == size
+    fp32 = default_estimate(reg.models["fp32"], reg).weights
+    assert 3.5 * size < fp32 < 5 * size  # 268M parameters: ~1.07 GB
