@@ -249,11 +249,13 @@ def fp8_quantize_rows(x, out_q=None, out_scale=None):
     return out_q, out_scale
 
 
-def attention(q, k, v, *, n_past, scale, window=0, k_scale=None, v_scale=None, out=None):
+def attention(q, k, v, *, n_past, scale, window=0, k_scale=None, v_scale=None, ring=0, out=None):
     """Causal (optionally sliding-window) grouped-query attention with online softmax.
     q [T, Hq, D] float32 at positions n_past..n_past+T-1; k, v [S, Hkv, D] float32, or uint8 FP8
     e4m3fn with k_scale, v_scale float32 [S, Hkv]; only rows < n_past+T are read. Hq % Hkv == 0,
     head h uses kv head h // (Hq // Hkv). window > 0: key j visible iff p - j < window.
+    ring > 0 (with a window): the cache is a ring of S == ring rows holding key j in row j % ring;
+    ring >= window + T - 1 so every visible key is still there.
     Returns out [T, Hq, D] float32."""
     _arr("q", q, ndims=(3,))
     T, Hq, D = q.shape
@@ -272,10 +274,16 @@ def attention(q, k, v, *, n_past, scale, window=0, k_scale=None, v_scale=None, o
         raise ValueError(f"k: number of kv heads ({Hkv}) must divide the number of q heads ({Hq})")
     if isinstance(n_past, bool) or not isinstance(n_past, (int, np.integer)) or n_past < 0:
         raise ValueError(f"n_past: expected an int >= 0, got {n_past!r}")
-    if n_past + T > S:
-        raise ValueError(f"k: cache has {S} rows, need n_past + T = {n_past + T}")
     if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 0:
         raise ValueError(f"window: expected an int >= 0, got {window!r}")
+    if isinstance(ring, bool) or not isinstance(ring, (int, np.integer)) or ring < 0:
+        raise ValueError(f"ring: expected an int >= 0, got {ring!r}")
+    if ring:
+        if window == 0 or ring < window + T - 1 or S != ring:
+            raise ValueError(f"ring: needs a window and S == ring >= window + T - 1 "
+                             f"(ring {ring}, window {window}, T {T}, S {S})")
+    elif n_past + T > S:
+        raise ValueError(f"k: cache has {S} rows, need n_past + T = {n_past + T}")
     fp8 = k.dtype == _U8
     if fp8:
         if k_scale is None or v_scale is None:
@@ -295,7 +303,7 @@ def attention(q, k, v, *, n_past, scale, window=0, k_scale=None, v_scale=None, o
     vs = _ptr(v_scale) if fp8 else _ffi.NULL
     kt = "uint8_t[]" if fp8 else "float[]"
     rc = _lib.c6_attention(_ptr(q), _ptr(k, kt), _ptr(v, kt), ks, vs, 1 if fp8 else 0,
-                           _wptr(out), T, Hq, Hkv, D, int(n_past), float(scale), int(window))
+                           _wptr(out), T, Hq, Hkv, D, int(n_past), float(scale), int(window), int(ring))
     if rc != 0:
         raise MemoryError("attention: scratch allocation failed")
     return out

@@ -1,6 +1,8 @@
 /* attention: out[T,Hq,D] = softmax(scale * q k^T + causal/window mask) v, GQA (head h uses kv head
  * h / (Hq/Hkv)); q [T,Hq,D] f32; k,v [S,Hkv,D] f32 or FP8 e4m3fn + scales [S,Hkv]. Query t sits at
- * position p = n_past + t and sees keys j <= p (and p - j < window if window > 0).
+ * position p = n_past + t and sees keys j <= p (and p - j < window if window > 0). ring > 0: the
+ * cache is a ring of S = ring rows, key j in row j % ring (sliding-window layers keep only what
+ * they can still see).
  * Online softmax over KV tiles of C6_AT_TILE keys: scratch is O(g*(D + tile)), independent of S.
  * One task = (block of 16 query rows, kv head) handling its 16*g query vectors together so each
  * K/V row is loaded (and FP8-decoded) once per block; when there are fewer such tasks than threads
@@ -15,7 +17,7 @@
 typedef struct {
     const float *q; const float *kf, *vf; const uint8_t *k8, *v8; const float *ks, *vs;
     float *out, *part;
-    int64_t T, Hq, Hkv, D, n_past, window, nsplit;
+    int64_t T, Hq, Hkv, D, n_past, window, nsplit, ring;
     float scale;
 } at_ctx;
 
@@ -179,7 +181,7 @@ static void att_task(void *vctx, int64_t task) {
     for (int64_t j0 = a; j0 < b; j0 += C6_AT_TILE) {
         int64_t jn = b - j0 < C6_AT_TILE ? b - j0 : C6_AT_TILE;
         for (int64_t jj = 0; jj < jn; jj++) {      /* K/V rows of the tile (FP8: decoded once) */
-            int64_t row = (j0 + jj) * Hkv + hk;
+            int64_t j = j0 + jj, row = (c->ring > 0 ? j % c->ring : j) * Hkv + hk;
             if (fp8) {
                 c6_fp8_decode_row(c->k8 + row * D, c->ks[row], kt + jj * D, D);
                 c6_fp8_decode_row(c->v8 + row * D, c->vs[row], vt + jj * D, D);
@@ -236,12 +238,12 @@ static void att_task(void *vctx, int64_t task) {
 
 int c6_attention(const float *q, const void *k, const void *v, const float *k_scale,
                  const float *v_scale, int kv_fp8, float *out, int64_t T, int64_t Hq, int64_t Hkv,
-                 int64_t D, int64_t n_past, float scale, int64_t window) {
+                 int64_t D, int64_t n_past, float scale, int64_t window, int64_t ring) {
     if (T <= 0 || Hq <= 0) return 0;
     at_ctx c;
     memset(&c, 0, sizeof c);
     c.q = q; c.out = out; c.T = T; c.Hq = Hq; c.Hkv = Hkv; c.D = D; c.n_past = n_past;
-    c.window = window; c.scale = scale; c.nsplit = 1;
+    c.window = window; c.scale = scale; c.nsplit = 1; c.ring = ring;
     if (kv_fp8) { c.k8 = k; c.v8 = v; c.ks = k_scale; c.vs = v_scale; }
     else { c.kf = k; c.vf = v; }
     int nt = c6_get_num_threads();

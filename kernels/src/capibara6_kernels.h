@@ -71,11 +71,12 @@ void c6_fp8_decode(const uint8_t *q, const float *scale, int64_t scale_stride, f
 /* scale[r] = max|x[r,:]|/448 (1.0 if 0), q = fp8_encode(x, scale) */
 void c6_fp8_quantize_rows(const float *x, uint8_t *q, float *scale, int64_t R, int64_t D);
 /* out[T,Hq,D] = causal (sliding-window) GQA attention; q [T,Hq,D]; k,v [S,Hkv,D] float32 (kv_fp8=0)
- * or uint8 e4m3fn with k_scale,v_scale [S,Hkv] (kv_fp8=1); rows 0..n_past+T-1 are read.
+ * or uint8 e4m3fn with k_scale,v_scale [S,Hkv] (kv_fp8=1); rows 0..n_past+T-1 are read, or with
+ * ring > 0 key position j is row j % ring (S = ring >= window + T - 1).
  * Returns 0, or -1 on allocation failure. */
 int  c6_attention(const float *q, const void *k, const void *v, const float *k_scale,
                   const float *v_scale, int kv_fp8, float *out, int64_t T, int64_t Hq, int64_t Hkv,
-                  int64_t D, int64_t n_past, float scale, int64_t window);
+                  int64_t D, int64_t n_past, float scale, int64_t window, int64_t ring);
 
 /* Quantized weights in GGUF block layout (ggml type ids: Q4_0=2 Q5_0=6 Q8_0=8 Q4_K=12 Q5_K=13 Q6_K=14),
  * w = N rows of K/values_per_block blocks. y[M,N] = x[M,K] @ W^T the way llama.cpp's CPU backend

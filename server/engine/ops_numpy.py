@@ -192,23 +192,27 @@ def attention(
     window: int = 0,
     k_scale: np.ndarray | None = None,
     v_scale: np.ndarray | None = None,
+    ring: int = 0,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Causal GQA attention of q [T,Hq,D] (positions n_past..) over cache rows 0..n_past+T-1."""
+    """Causal GQA attention of q [T,Hq,D] (positions n_past..) over cache rows 0..n_past+T-1
+    (ring > 0: positions max(0, n_past+T-ring).. in rows position % ring)."""
     t, hq, _d = q.shape
     s = n_past + t
-    kk, vv = k[:s], v[:s]
+    first = max(0, s - ring) if ring else 0
+    rows = np.arange(first, s) % ring if ring else np.arange(s)
+    kk, vv = k[rows], v[rows]
     if kk.dtype == np.uint8:
         assert k_scale is not None and v_scale is not None
-        kk = fp8_decode(kk, k_scale[:s])
-        vv = fp8_decode(vv, v_scale[:s])
+        kk = fp8_decode(kk, k_scale[rows])
+        vv = fp8_decode(vv, v_scale[rows])
     hkv = kk.shape[1]
     group = hq // hkv
     kk = np.repeat(kk.astype(np.float64), group, axis=1)  # [S, Hq, D]
     vv = np.repeat(vv.astype(np.float64), group, axis=1)
     scores = np.einsum("thd,shd->hts", q.astype(np.float64), kk) * scale  # [Hq, T, S]
     pos = n_past + np.arange(t)[:, None]
-    j = np.arange(s)[None, :]
+    j = np.arange(first, s)[None, :]
     allowed = j <= pos
     if window > 0:
         allowed &= (pos - j) < window

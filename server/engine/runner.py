@@ -66,6 +66,8 @@ class Runner:
             head_dim_k=c.head_dim_k,
             head_dim_v=c.head_dim_v,
             dtype=kv_cache,
+            windows=tuple(self.graph.window(il) for il in range(c.n_layer)),
+            max_chunk=self.prefill_chunk,
         )
         self.tokens: list[int] = []
 
@@ -122,6 +124,7 @@ class Runner:
                 break
             n += 1
         n = min(n, len(prompt) - 1)  # always re-run the last prompt token to get its logits
+        n = self.kv.reusable_prefix(len(self.tokens), n)  # sliding-window rings forget old rows
         self.tokens = self.tokens[:n]
         return self.forward(prompt[n:])
 

@@ -58,3 +58,19 @@ def test_norm_and_glu(k) -> None:  # type: ignore[no-untyped-def]
     np.testing.assert_allclose(k.swiglu(g, u), ref.swiglu(g, u), atol=1e-5)
     w2 = rng.standard_normal((96, 640)).astype(np.float32)
     np.testing.assert_allclose(k.matmul(x, w2), ref.matmul(x, w2), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_attention_ring(k, fp8: bool) -> None:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(3)
+    t, n_past, hq, hkv, d, window, ring = 5, 60, 4, 2, 32, 16, 20
+    q = rng.standard_normal((t, hq, d)).astype(np.float32)
+    kc = rng.standard_normal((ring, hkv, d)).astype(np.float32) * 2
+    vc = rng.standard_normal((ring, hkv, d)).astype(np.float32)
+    kw: dict[str, np.ndarray] = {}
+    if fp8:
+        (kc, ks), (vc, vs) = ref.fp8_quantize_rows(kc), ref.fp8_quantize_rows(vc)
+        kw = {"k_scale": ks, "v_scale": vs}
+    a = k.attention(q, kc, vc, n_past=n_past, scale=0.125, window=window, ring=ring, **kw)
+    b = ref.attention(q, kc, vc, n_past=n_past, scale=0.125, window=window, ring=ring, **kw)
+    np.testing.assert_allclose(a, b, atol=2e-5)

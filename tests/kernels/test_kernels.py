@@ -375,6 +375,48 @@ def test_attention_fp8(rng, T, Hq, Hkv, D, n_past, S, window):
     assert np.max(np.abs(y - ref)) <= 1e-5 * np.max(np.abs(ref))
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("T,n_past,window,ring", [
+    (1, 300, 16, 16),       # decode, the smallest ring
+    (1, 250, 64, 80),       # decode, ring wrapped several times
+    (12, 90, 20, 31),       # prefill chunk, ring = window + T - 1
+    (12, 5, 20, 40),        # early: nothing evicted yet
+    (70, 200, 64, 140),     # > one KV tile
+])
+def test_attention_ring_equals_full_cache(rng, threads, fp8, T, n_past, window, ring):
+    """A sliding-window layer may keep only a ring of rows: key position j in row j % ring. The
+    result is bit-for-bit the full cache's (same keys, same order); evicted rows are never read."""
+    kernels.set_num_threads(2)
+    Hq, Hkv, D, S = 4, 2, 32, n_past + T
+    q = rng.standard_normal((T, Hq, D)).astype(np.float32)
+    k = (rng.standard_normal((S, Hkv, D)) * 3).astype(np.float32)
+    v = rng.standard_normal((S, Hkv, D)).astype(np.float32)
+    kw, kr = {}, {}
+    if fp8:
+        (k, ks), (v, vs) = kernels.fp8_quantize_rows(k), kernels.fp8_quantize_rows(v)
+    pos = np.arange(max(0, S - ring), S)
+    k_ring = np.full((ring,) + k.shape[1:], 255 if fp8 else np.nan, k.dtype)  # evicted: poison
+    v_ring = k_ring.copy()
+    k_ring[pos % ring], v_ring[pos % ring] = k[pos], v[pos]
+    if fp8:
+        kw = {"k_scale": ks, "v_scale": vs}
+        ksr, vsr = np.full((ring, Hkv), np.nan, np.float32), np.full((ring, Hkv), np.nan, np.float32)
+        ksr[pos % ring], vsr[pos % ring] = ks[pos], vs[pos]
+        kr = {"k_scale": ksr, "v_scale": vsr}
+    full = kernels.attention(q, k, v, n_past=n_past, scale=0.2, window=window, **kw)
+    y = kernels.attention(q, k_ring, v_ring, n_past=n_past, scale=0.2, window=window, ring=ring, **kr)
+    np.testing.assert_array_equal(y, full)
+
+
+def test_attention_ring_rejects_too_small_rings(rng):
+    q = rng.standard_normal((8, 2, 16)).astype(np.float32)
+    kv = rng.standard_normal((20, 1, 16)).astype(np.float32)
+    with pytest.raises(ValueError, match="ring"):
+        kernels.attention(q, kv, kv, n_past=40, scale=0.2, window=16, ring=20)  # needs >= 23
+    with pytest.raises(ValueError, match="ring"):
+        kernels.attention(q, kv, kv, n_past=40, scale=0.2, ring=20)  # no window
+
+
 def test_attention_long_threads(rng, threads):
     n = 300 if SMALL else 3000
     q = rng.standard_normal((1, 4, 64)).astype(np.float32)
