@@ -83,6 +83,9 @@ def test_values_move_as_requests_flow(msrv: ServerProcess) -> None:
     assert val(after, "capibara6_model_state", model=MODEL, state="ready") == 1
     assert val(after, "capibara6_model_state", model=MODEL, state="unloaded") == 0
     assert val(after, "capibara6_models_loaded") == 1
+    # llama.cpp holds f16 K and V for 18 layers x 1 KV head x 256 dims x n_ctx 1024 cells
+    assert val(before, "capibara6_kv_cache_bytes", model=MODEL) == 0
+    assert val(after, "capibara6_kv_cache_bytes", model=MODEL) == 18 * 1 * (256 + 256) * 2 * 1024
     assert delta("capibara6_model_loads_total", model=MODEL) == 1
     assert delta("capibara6_model_load_seconds_count", model=MODEL) == 1
 

@@ -46,13 +46,15 @@ def token_logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, list[
 
 
 class LlamaCppBackend:
-    def __init__(self, model_id: str, llm: Any, formatter: Formatter, path: Path) -> None:
+    def __init__(self, model_id: str, llm: Any, formatter: Formatter, path: Path, kv_type: str | None = None) -> None:
         self.model_id = model_id
         self.llm = llm
         self.n_ctx: int = llm.n_ctx()
         self._formatter = formatter
         self._path = path
         self._n_vocab: int = llm.n_vocab()
+        self._kv_type = kv_type
+        self._kv_bytes: int | None = None
 
     @classmethod
     def load(cls, model_id: str, path: Path | None, spec: Any, n_threads: int) -> "LlamaCppBackend":
@@ -67,7 +69,7 @@ class LlamaCppBackend:
             verbose=False,
             **_kv_kwargs(spec.kv_cache),
         )
-        return cls(model_id, llm, cls._pick_formatter(llm, spec.chat_format), path)
+        return cls(model_id, llm, cls._pick_formatter(llm, spec.chat_format), path, spec.kv_cache)
 
     @staticmethod
     def _pick_formatter(llm: Any, name: str | None) -> Formatter:
@@ -177,9 +179,16 @@ class LlamaCppBackend:
         """[(token id, logprob)] -> {token text: logprob} (OpenAI top_logprobs shape)."""
         return {self.llm.detokenize([i], special=False).decode("utf-8", "replace"): lp for i, lp in ranked}
 
+    def kv_cache_bytes(self) -> int:
+        """llama.cpp allocates K and V for every layer and all n_ctx cells at load."""
+        if self._kv_bytes is None:
+            from ..pool.budget import file_kv_cache_bytes
+
+            self._kv_bytes = file_kv_cache_bytes(self._path, self.n_ctx, self._kv_type)
+        return self._kv_bytes
+
     def memory_bytes(self) -> int:
-        kv = self.n_ctx * 2 * self.llm._model.n_embd() * 2  # rough: K and V, f16, one layer-width
-        return self._path.stat().st_size + kv
+        return self._path.stat().st_size + self.kv_cache_bytes()
 
     def close(self) -> None:
         self.llm.close()

@@ -187,12 +187,9 @@ class LlamaCppBatchedBackend(LlamaCppBackend):
     def kv_cache_bytes(self) -> int:
         """KV cells of the shared cache (every layer holds all of them: swa_full)."""
         if self._kv_bytes is None:
-            from ..pool.budget import gguf_scalars, kv_cache_bytes
+            from ..pool.budget import file_kv_cache_bytes
 
-            try:
-                self._kv_bytes = kv_cache_bytes(gguf_scalars(self._path), self.n_ctx, self._kv_type)
-            except (ValueError, OSError):
-                self._kv_bytes = 0
+            self._kv_bytes = file_kv_cache_bytes(self._path, self.n_ctx, self._kv_type)
         return self._kv_bytes
 
     def memory_bytes(self) -> int:

@@ -156,6 +156,10 @@ class NativeBackend:
     def memory_bytes(self) -> int:
         return self.runner.memory_bytes()
 
+    def kv_cache_bytes(self) -> int:
+        """Bytes the KV cache holds now (it grows with the sequence; rings bound sliding layers)."""
+        return self.runner.kv.nbytes()
+
     def close(self) -> None:
         self.tokenizer.close()
         self.runner.kv.layers = []

@@ -103,6 +103,14 @@ def kv_cache_bytes(meta: dict[str, Any], n_ctx: int, kv_cache: str | None) -> in
     return int(n_ctx * layers * kv_heads * (k_len + v_len) * per_elem)
 
 
+def file_kv_cache_bytes(path: Path, n_ctx: int, kv_cache: str | None) -> int:
+    """kv_cache_bytes from a GGUF file's header; 0 if it cannot be read."""
+    try:
+        return kv_cache_bytes(gguf_scalars(path), n_ctx, kv_cache)
+    except (ValueError, struct.error, OSError):
+        return 0
+
+
 def estimate_file(path: Path, n_ctx: int, kv_cache: str | None) -> Estimate:
     weights = path.stat().st_size
     try:

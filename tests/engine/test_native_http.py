@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import httpx
 from openai import OpenAI
 
 from server.backends.base import GenerationOutcome, SamplingParams
@@ -30,5 +31,9 @@ def test_native_over_http_matches_engine(gemma_path: Path, gemma_model, gemma_to
         assert "".join(c.choices[0].text for c in streamed if c.choices) == expected
         card = client.models.retrieve("gemma3-270m-native")
         assert card.model_extra and card.model_extra["status"] in ("ready", "busy")
+        # What the FP8 cache really holds: one 256-token growth step of 18 layers x 520 bytes.
+        metrics = httpx.get(srv.url["standard"] + "/metrics", timeout=30).text
+        line = next(ln for ln in metrics.splitlines() if ln.startswith('capibara6_kv_cache_bytes{model="gemma3-270m-native"}'))
+        assert float(line.split()[-1]) == direct.runner.kv.nbytes() > 0
     finally:
         srv.stop()
