@@ -16,7 +16,7 @@ except ImportError as e:  # pragma: no cover
         f"({e})") from e
 
 __all__ = [
-    "set_num_threads", "get_num_threads", "build_info", "matmul", "softmax", "rmsnorm", "rope",
+    "set_num_threads", "get_num_threads", "use_threads", "build_info", "matmul", "softmax", "rmsnorm", "rope",
     "swiglu", "geglu", "gelu", "fp8_encode", "fp8_decode", "fp8_quantize_rows", "attention",
     "qtype_block", "qmatmul", "qdequant",
 ]
@@ -92,7 +92,19 @@ def set_num_threads(n: int) -> None:
 
 
 def get_num_threads() -> int:
+    """Threads the calling thread's ops use (its use_threads count, else the pool's)."""
     return int(_lib.c6_get_num_threads())
+
+
+def use_threads(n: int) -> int:
+    """Ops called from this Python thread use n threads (0: the pool default set by
+    set_num_threads); the pool grows to n if needed. Lets models and consensus experts running at
+    once each keep their own share of the cores. Returns the effective count."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"n: expected int, got {type(n).__name__}")
+    if n < 0:
+        raise ValueError(f"n: expected >= 0, got {n}")
+    return int(_lib.c6_use_threads(int(n)))
 
 
 def build_info() -> dict:

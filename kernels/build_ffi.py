@@ -22,6 +22,7 @@ SOURCES = ["pool.c", "matmul.c", "elementwise.c", "fp8.c", "attention.c", "qbloc
 CDEF = """
 int  c6_set_num_threads(int n);
 int  c6_get_num_threads(void);
+int  c6_use_threads(int n);
 int  c6_build_flags(void);
 void c6_matmul(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K);
 void c6_softmax(const float *x, float *y, int64_t R, int64_t C);

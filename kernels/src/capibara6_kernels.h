@@ -47,7 +47,8 @@ static inline float c6_hmax(c6_vf v) { float m = v[0]; for (int i = 1; i < C6_VL
 
 /* ---- public API (mirrored in kernels/build_ffi.py cdef) ---- */
 int  c6_set_num_threads(int n);          /* threads used by matmul/attention (>=1); returns n */
-int  c6_get_num_threads(void);
+int  c6_get_num_threads(void);          /* the calling thread's count (see c6_use_threads) */
+int  c6_use_threads(int n);               /* this calling thread's jobs use n threads (0: pool default) */
 int  c6_build_flags(void);                /* bit0 NEON, bit1 AVX2, bit2 AVX-512F, bit3 FMA, bit4 forced portable */
 
 /* y[M,N] = x[M,K] @ w[N,K]^T ; w row-major [out,in] (GGUF layout). y must not alias x/w. */

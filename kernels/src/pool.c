@@ -23,6 +23,8 @@ static uint64_t generation = 0;
 static int shutting_down = 0;
 static int inflight = 0;           /* workers that joined the open job and have not finished */
 static int job_open = 0;
+static int job_slots = 0;          /* workers that may still join the open job */
+static __thread int tl_threads = 0; /* the calling thread's own count (c6_use_threads); 0: n_threads */
 static c6_task_fn job_fn;
 static void *job_ctx;
 static int64_t job_n;
@@ -43,8 +45,9 @@ static void *worker_main(void *arg) {
         while (generation == seen && !shutting_down) pthread_cond_wait(&cv_work, &mu);
         if (shutting_down) break;
         seen = generation;
-        if (!job_open) continue;                 /* woke too late: the caller already finished */
+        if (!job_open || job_slots <= 0) continue; /* too late, or the job has its threads */
         c6_task_fn fn = job_fn; void *ctx = job_ctx; int64_t n = job_n;
+        job_slots--;
         inflight++;
         pthread_mutex_unlock(&mu);
         run_tasks(fn, ctx, n);
@@ -77,11 +80,36 @@ int c6_set_num_threads(int n) {
     return n_threads;
 }
 
-int c6_get_num_threads(void) { return n_threads; }
+/* The calling thread's count: its own (c6_use_threads), capped by the pool, else the pool's. */
+int c6_get_num_threads(void) {
+    int pool = n_workers + 1;
+    return tl_threads > 0 ? (tl_threads < pool ? tl_threads : pool) : n_threads;
+}
+
+/* Jobs started by the calling thread use n threads (0: the pool default), so models or consensus
+ * experts running at once each keep their own share; the pool grows to n if it is smaller. */
+int c6_use_threads(int n) {
+    if (n < 0) n = 0;
+    if (n > C6_MAX_THREADS) n = C6_MAX_THREADS;
+    if (n > n_workers + 1) {
+        pthread_mutex_lock(&run_mu);
+        for (int i = n_workers; i < n - 1; i++) {
+            pthread_mutex_lock(&mu);
+            uint64_t g = generation;
+            pthread_mutex_unlock(&mu);
+            if (pthread_create(&workers[i], NULL, worker_main, (void *)(uintptr_t)g) != 0) break;
+            n_workers = i + 1;
+        }
+        pthread_mutex_unlock(&run_mu);
+    }
+    tl_threads = n;
+    return c6_get_num_threads();
+}
 
 void c6_parallel_for(int64_t ntasks, c6_task_fn fn, void *ctx) {
     if (ntasks <= 0) return;
-    if (ntasks == 1 || n_threads == 1 || pthread_mutex_trylock(&run_mu) != 0) {
+    int nt = c6_get_num_threads();
+    if (ntasks == 1 || nt == 1 || pthread_mutex_trylock(&run_mu) != 0) {
         for (int64_t i = 0; i < ntasks; i++) fn(ctx, i);
         return;
     }
@@ -94,9 +122,11 @@ void c6_parallel_for(int64_t ntasks, c6_task_fn fn, void *ctx) {
     job_fn = fn; job_ctx = ctx; job_n = ntasks;
     atomic_store(&job_next, 0);
     job_open = 1;
+    int64_t wake = (ntasks < nt ? ntasks : nt) - 1;
+    job_slots = (int)wake;
     generation++;
-    if (ntasks - 1 >= n_workers) pthread_cond_broadcast(&cv_work);
-    else for (int64_t i = 0; i < ntasks - 1; i++) pthread_cond_signal(&cv_work);
+    if (wake >= n_workers) pthread_cond_broadcast(&cv_work);
+    else for (int64_t i = 0; i < wake; i++) pthread_cond_signal(&cv_work);
     pthread_mutex_unlock(&mu);
     run_tasks(fn, ctx, ntasks);
     pthread_mutex_lock(&mu);

@@ -153,6 +153,13 @@ class NativeBackend:
             if last or cancel.is_set():
                 return
 
+    def set_threads(self, n_threads: int) -> None:
+        """Threads for the next generations (consensus splits the CPUs between experts)."""
+        self.runner.n_threads = max(1, n_threads)
+
+    def current_threads(self) -> int:
+        return self.runner.n_threads
+
     def memory_bytes(self) -> int:
         return self.runner.memory_bytes()
 

@@ -30,6 +30,10 @@ def get_num_threads() -> int:
     return _threads
 
 
+def use_threads(n: int) -> int:
+    return max(1, int(n)) if n else _threads
+
+
 def _put(res: np.ndarray, out: np.ndarray | None) -> np.ndarray:
     if out is None:
         return np.ascontiguousarray(res, dtype=np.float32)

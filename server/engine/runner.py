@@ -51,7 +51,7 @@ class Runner:
         if matmul not in MATMUL_MODES:
             raise ValueError(f"matmul must be one of {tuple(MATMUL_MODES)}, got {matmul!r}")
         self.ops = load_ops(ops) if isinstance(ops, str) else ops
-        self.ops.set_num_threads(n_threads)
+        self.n_threads = max(1, n_threads)  # applied per forward pass, in the calling thread
         self.model = model
         self.config = model.config
         self.n_ctx = n_ctx
@@ -96,6 +96,7 @@ class Runner:
         toks = np.asarray(tokens, dtype=np.int64)
         if toks.size == 0:
             raise ValueError("forward needs at least one token")
+        self.ops.use_threads(self.n_threads)  # this thread's share (other models keep theirs)
         n_past = len(self.tokens)
         if n_past + toks.size > self.n_ctx:
             raise ValueError(f"sequence of {n_past + toks.size} tokens exceeds n_ctx={self.n_ctx}")

@@ -187,3 +187,20 @@ def test_pool_memory_estimate_follows_the_matmul_mode(gemma_gguf: pathlib.Path, 
     assert default_estimate(reg.models["int16"], reg).weights == size
     fp32 = default_estimate(reg.models["fp32"], reg).weights
     assert 3.5 * size < fp32 < 5 * size  # 268M parameters: ~1.07 GB
+
+
+def test_thread_count_is_the_backends_own(backend: NativeBackend) -> None:
+    """set_threads (consensus splits) applies to this backend's generations only, in the thread
+    that runs them; the kernels' pool default (other models) is untouched."""
+    import kernels
+
+    default = kernels.get_num_threads()
+    try:
+        for n in (2, 1):
+            backend.set_threads(n)
+            assert backend.current_threads() == n
+            run(backend, PROMPT, max_tokens=2, temperature=0.0)
+            assert kernels.get_num_threads() == n  # what this (generating) thread used
+            assert kernels.use_threads(0) == default  # back to the pool's count
+    finally:
+        backend.set_threads(1)

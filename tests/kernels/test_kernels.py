@@ -46,6 +46,33 @@ def test_threads_set_get(threads):
         kernels.set_num_threads(1.5)
 
 
+def test_use_threads_is_per_calling_thread(rng, threads):
+    """Each Python thread (a model, a consensus expert) may run its ops on its own share of the
+    cores; results do not depend on it."""
+    import threading
+    kernels.set_num_threads(2)
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    w = rng.standard_normal((700, 256)).astype(np.float32)
+    want = kernels.matmul(x, w)
+    seen = {}
+
+    def expert(name, n):
+        seen[name] = (kernels.use_threads(n), kernels.get_num_threads(), kernels.matmul(x, w))
+
+    for name, n in (("one", 1), ("three", 3), ("default", 0)):
+        t = threading.Thread(target=expert, args=(name, n))
+        t.start()
+        t.join()
+    assert seen["one"][:2] == (1, 1)
+    assert seen["three"][:2] == (3, 3)  # the pool grew to 3
+    assert seen["default"][:2] == (2, 2)  # the pool's own count
+    assert kernels.get_num_threads() == 2  # this thread never asked for anything else
+    for _, _, y in seen.values():
+        np.testing.assert_array_equal(y, want)
+    with pytest.raises(ValueError):
+        kernels.use_threads(-1)
+
+
 # ------------------------------------------------------------------------------ exp / activations
 def test_exp_accuracy(rng):
     n = 20000 if SMALL else 200000
