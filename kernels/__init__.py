@@ -83,7 +83,8 @@ def _rows(shape):
 
 # ------------------------------------------------------------------------------------ threads
 def set_num_threads(n: int) -> None:
-    """Threads used by matmul and attention (idle workers sleep on a condvar; default 1)."""
+    """Threads used by matmul and attention (idle workers sleep on a condvar; default 1): the
+    pool's size and default count, also for the calling thread (clears its use_threads)."""
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
         raise TypeError(f"n: expected int, got {type(n).__name__}")
     if n < 1:

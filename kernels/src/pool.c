@@ -76,6 +76,7 @@ int c6_set_num_threads(int n) {
         if (pthread_create(&workers[made], NULL, worker_main, (void *)(uintptr_t)generation) != 0) break;
     n_workers = made;
     n_threads = made + 1;
+    tl_threads = 0;  /* the caller now uses the new default too */
     pthread_mutex_unlock(&run_mu);
     return n_threads;
 }
