@@ -37,3 +37,32 @@ def test_native_over_http_matches_engine(gemma_path: Path, gemma_model, gemma_to
         assert float(line.split()[-1]) == direct.runner.kv.nbytes() > 0
     finally:
         srv.stop()
+
+
+def test_native_parallel_instances_serve_at_once(gemma_path: Path, gemma_model, gemma_tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """parallel: 2 gives two native instances (their weights are one mapping of the file, shared
+    through the page cache): two requests run at once and each gets the engine's greedy text."""
+    direct = NativeBackend("n", Runner(gemma_model, n_ctx=256, kv_cache="fp8", ops="kernels"), gemma_tokenizer, "gemma")
+    expected = "".join(e.text for e in direct.generate(PROMPT, SamplingParams(max_tokens=16, temperature=0.0), GenerationOutcome(), threading.Event()))
+    native = {"backend": "native", "source": {"path": str(gemma_path)}, "chat_format": "gemma", "kv_cache": "fp8",
+              "n_ctx": 256, "parallel": 2}
+    srv = ServerProcess(gemma_registry(gemma_path, **{"gemma3-270m-native": native}), tmp_path).wait_healthy()
+    try:
+        client = OpenAI(base_url=srv.url["standard"] + "/v1", api_key="x", max_retries=0, timeout=300)
+        texts: list[str] = []
+
+        def ask() -> None:
+            out = client.completions.create(model="gemma3-270m-native", prompt=PROMPT, max_tokens=16, temperature=0)
+            texts.append(out.choices[0].text)
+
+        workers = [threading.Thread(target=ask) for _ in range(2)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        assert texts == [expected, expected]
+        info = httpx.get(srv.url["standard"] + "/admin/models", timeout=30).json()
+        entry = next(m for m in info["data"] if m["id"] == "gemma3-270m-native")
+        assert entry["instances"] == 2
+    finally:
+        srv.stop()
