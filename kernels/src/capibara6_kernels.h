@@ -99,7 +99,9 @@ typedef void (*c6_task_fn)(void *ctx, int64_t task);
 void c6_parallel_for(int64_t ntasks, c6_task_fn fn, void *ctx);
 /* serial GEMM into a panel of y (row stride ldy): y[M, 0:N] = x[M,K] @ w[N,K]^T */
 void c6_matmul_panel(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K, int64_t ldy);
-/* thread-local, 64-byte aligned scratch, grown on demand (slot 0..3) */
+/* thread-local, 64-byte aligned scratch, grown on demand, freed at thread exit. Slots: 0, 1 GEMM
+ * packing; 2 qmatmul rows, rope; 3 attention, qmatmul panels; 4, 5 the rope table cache. */
+#define C6_SCRATCH_SLOTS 6
 float *c6_scratch(int slot, size_t nfloats);
 extern float c6_fp8_table[256];
 void c6_fp8_init(void);

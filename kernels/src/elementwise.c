@@ -2,6 +2,7 @@
  * In-place (y == x) is allowed for all of them, so no restrict on x/y. */
 #include "capibara6_kernels.h"
 #include <math.h>
+#include <stdlib.h>
 
 #define CHUNK 512  /* reductions: float partial sums over CHUNK elements, then double */
 
@@ -206,18 +207,47 @@ void c6_exp(const float *x, float *y, int64_t n) {
 }
 
 /* rope: x,y [T,H,D], pos [T]; theta_i = pos*freq_scale*base^(-2i/rot_dim), cos/sin in double */
-void c6_rope(const float *x, const int32_t *pos, float *y, int64_t T, int64_t H, int64_t D,
-             int64_t rot_dim, int neox, double base, double freq_scale) {
-    int64_t half = rot_dim / 2;
-    float *cs = c6_scratch(2, (size_t)(2 * half + 8));
-    float *cv = cs, *sv = cs + half;
+/* cos/sin of the last call on this thread: q and k of a layer, and consecutive layers with the
+ * same base, rotate the same positions, so the table (T x rot_dim/2 sincos in double) is reused */
+static __thread struct {
+    int valid;
+    int64_t T, half;
+    double base, fs;
+} rope_cache;  /* what the table in scratch slots 4 (positions) and 5 (cos/sin) holds */
+
+static const float *rope_table(const int32_t *pos, int64_t T, int64_t half, int64_t rot_dim, double base,
+                               double freq_scale) {
+    int32_t *cpos = (int32_t *)c6_scratch(4, (size_t)T);
+    float *cs = c6_scratch(5, (size_t)(T * 2 * half));  /* [T][2*half]: cos then sin */
+    if (!cpos || !cs) abort();
+    if (rope_cache.valid && rope_cache.T == T && rope_cache.half == half && rope_cache.base == base &&
+        rope_cache.fs == freq_scale && memcmp(cpos, pos, sizeof(int32_t) * (size_t)T) == 0)
+        return cs;
+    double *inv = malloc(sizeof(double) * (size_t)half);
+    if (!inv) abort();
+    for (int64_t i = 0; i < half; i++) inv[i] = pow(base, -2.0 * (double)i / (double)rot_dim);
     for (int64_t t = 0; t < T; t++) {
         double p = (double)pos[t] * freq_scale;
+        float *cv = cs + t * 2 * half, *sv = cv + half;
         for (int64_t i = 0; i < half; i++) {
-            double th = p * pow(base, -2.0 * (double)i / (double)rot_dim);
+            double th = p * inv[i];
             cv[i] = (float)cos(th);
             sv[i] = (float)sin(th);
         }
+    }
+    free(inv);
+    memcpy(cpos, pos, sizeof(int32_t) * (size_t)T);
+    rope_cache.valid = 1;
+    rope_cache.T = T; rope_cache.half = half; rope_cache.base = base; rope_cache.fs = freq_scale;
+    return cs;
+}
+
+void c6_rope(const float *x, const int32_t *pos, float *y, int64_t T, int64_t H, int64_t D,
+             int64_t rot_dim, int neox, double base, double freq_scale) {
+    int64_t half = rot_dim / 2;
+    const float *table = rope_table(pos, T, half, rot_dim, base, freq_scale);
+    for (int64_t t = 0; t < T; t++) {
+        const float *cv = table + t * 2 * half, *sv = cv + half;
         for (int64_t h = 0; h < H; h++) {
             const float *xr = x + (t * H + h) * D;
             float *yr = y + (t * H + h) * D;

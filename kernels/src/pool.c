@@ -137,17 +137,38 @@ void c6_parallel_for(int64_t ntasks, c6_task_fn fn, void *ctx) {
     pthread_mutex_unlock(&run_mu);
 }
 
-/* thread-local scratch buffers (never freed; a few hundred KiB per thread) */
-static __thread float *scr_ptr[4];
-static __thread size_t scr_cap[4];
+/* Thread-local scratch buffers, freed when their thread exits (a pthread key destructor): the
+ * server runs each generation on a new thread, so buffers kept past it would pile up. */
+typedef struct {
+    float *ptr[C6_SCRATCH_SLOTS];
+    size_t cap[C6_SCRATCH_SLOTS];
+} scratch_set;
+static pthread_key_t scr_key;
+static pthread_once_t scr_once = PTHREAD_ONCE_INIT;
+static __thread scratch_set *tl_scr;
+
+static void scr_free(void *p) {
+    scratch_set *s = p;
+    for (int i = 0; i < C6_SCRATCH_SLOTS; i++) free(s->ptr[i]);
+    free(s);
+}
+static void scr_key_init(void) { pthread_key_create(&scr_key, scr_free); }
+
 float *c6_scratch(int slot, size_t nfloats) {
-    if (scr_cap[slot] < nfloats) {
-        free(scr_ptr[slot]);
-        size_t bytes = (nfloats * sizeof(float) + 63) & ~(size_t)63;
-        scr_ptr[slot] = aligned_alloc(64, bytes);
-        scr_cap[slot] = scr_ptr[slot] ? nfloats : 0;
+    scratch_set *s = tl_scr;
+    if (!s) {
+        pthread_once(&scr_once, scr_key_init);
+        s = calloc(1, sizeof *s);
+        if (!s || pthread_setspecific(scr_key, s) != 0) { free(s); return NULL; }
+        tl_scr = s;
     }
-    return scr_ptr[slot];
+    if (s->cap[slot] < nfloats) {
+        free(s->ptr[slot]);
+        size_t bytes = (nfloats * sizeof(float) + 63) & ~(size_t)63;
+        s->ptr[slot] = aligned_alloc(64, bytes);
+        s->cap[slot] = s->ptr[slot] ? nfloats : 0;
+    }
+    return s->ptr[slot];
 }
 
 int c6_build_flags(void) {
