@@ -60,17 +60,6 @@ __attribute__((constructor)) static void high5_init(void) {
     }
 }
 
-/* Q4_K/Q5_K: 8 sub-block scales and mins, 6 bits each, packed in 12 bytes */
-static inline void kscale(const uint8_t *s, int j, int32_t *sc, int32_t *mn) {
-    if (j < 4) {
-        *sc = s[j] & 63;
-        *mn = s[j + 4] & 63;
-    } else {
-        *sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
-        *mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
-    }
-}
-
 static inline uint64_t ld64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
 static inline void st64(int8_t *p, uint64_t v) { memcpy(p, &v, 8); }
 #define LO4 0x0F0F0F0F0F0F0F0FULL

@@ -52,6 +52,17 @@ typedef struct {
     int32_t *mn;     /* [K/32] sub-block min (Q4_K/Q5_K) */
 } qrow;
 
+/* Q4_K/Q5_K: 8 sub-block scales and mins, 6 bits each, packed in 12 bytes */
+static inline void kscale(const uint8_t *s, int j, int32_t *sc, int32_t *mn) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *mn = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+        *mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
 /* unpack nb blocks of a weight row of type t into r (Q8_0 too: values copied) */
 void c6_unpack_row(int t, const uint8_t *restrict w, int64_t nb, qrow *r);
 /* o[K] = the row's values (r: scratch for the unpacked row) */
@@ -114,6 +125,35 @@ static inline __m256i block32(int t, const uint8_t *p) {
     if (t == T_Q8_0) return _mm256_loadu_si256((const __m256i *)(p + 2));
     if (t == T_Q4_0) return _mm256_sub_epi8(nibbles32(p + 2), _mm256_set1_epi8(8));
     return _mm256_or_si256(nibbles32(p + 6), _mm256_andnot_si256(bits32(p + 2), _mm256_set1_epi8((char)0xF0)));
+}
+/* k-quant 256-block at b, 32-value group g (0..7) as int8 values in registers, with the integer
+ * scale of its first and last 16 values and (Q4_K/Q5_K) the group's min */
+static inline __attribute__((always_inline)) __m256i kgroup32(int t, const uint8_t *b, int g, int32_t *s0,
+                                                              int32_t *s1, int32_t *mn) {
+    const __m256i lo4 = _mm256_set1_epi8(0x0F);
+    if (t == T_Q6_K) {
+        int n = g / 4, k = g % 4;
+        const uint8_t *ql = b + 64 * n, *qh = b + 128 + 32 * n;
+        const int8_t *sc = (const int8_t *)(b + 192 + 8 * n + 2 * k);
+        __m256i l = _mm256_loadu_si256((const __m256i *)(ql + (k & 1) * 32));
+        __m256i h = _mm256_loadu_si256((const __m256i *)qh);
+        l = k < 2 ? _mm256_and_si256(l, lo4) : _mm256_and_si256(_mm256_srli_epi16(l, 4), lo4);
+        h = _mm256_and_si256(_mm256_srl_epi16(h, _mm_cvtsi32_si128(2 * k)), _mm256_set1_epi8(3));
+        *s0 = sc[0];
+        *s1 = sc[1];
+        *mn = 0;
+        return _mm256_sub_epi8(_mm256_or_si256(l, _mm256_slli_epi16(h, 4)), _mm256_set1_epi8(32));
+    }
+    int five = t == T_Q5_K;
+    __m256i v = _mm256_loadu_si256((const __m256i *)(b + (five ? 48 : 16) + 32 * (g / 2)));
+    v = (g & 1) ? _mm256_and_si256(_mm256_srli_epi16(v, 4), lo4) : _mm256_and_si256(v, lo4);
+    if (five) {
+        __m256i h = _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(b + 16)), _mm_cvtsi32_si128(g));
+        v = _mm256_or_si256(v, _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(1)), 4));
+    }
+    kscale(b + 4, g, s0, mn);
+    *s1 = *s0;
+    return v;
 }
 #endif
 

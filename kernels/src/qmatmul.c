@@ -191,52 +191,68 @@ static inline __attribute__((always_inline)) void q0_rows(int t, int bs, const u
     }
     for (int i = 0; i < MC; i++) out[i] = hsum_ps(acc[i]);
 }
-static inline __attribute__((always_inline)) void qk_rows(const qrow *w, const qact *a, int64_t K, int64_t m0,
-                                                          const int MC, float *out) {
+static inline __attribute__((always_inline)) void qk_rows(int t, int bytes, const uint8_t *raw, const qact *a,
+                                                          int64_t K, int64_t m0, const int MC, float *out) {
     int64_t nb = K / 256;
+    int mins = t != T_Q6_K;
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    float msum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = raw + b * bytes;
         __m256i ai[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
-        const int16_t *s = w->sc + b * 16;
-        for (int c = 0; c < 8; c++) {
-            __m256i wv = _mm256_loadu_si256((const __m256i *)(w->q + b * 256 + c * 32)), wa = _mm256_sign_epi8(wv, wv);
-            __m256i sv = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_set1_epi16(s[2 * c])),
-                                                 _mm_set1_epi16(s[2 * c + 1]), 1);
+        int32_t mi[4] = {0, 0, 0, 0};
+#pragma GCC unroll 8
+        for (int g = 0; g < 8; g++) {
+            int32_t s0, s1, mn;
+            __m256i wv = kgroup32(t, blk, g, &s0, &s1, &mn), wa = _mm256_sign_epi8(wv, wv);
+            __m256i sv = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_set1_epi16((int16_t)s0)),
+                                                 _mm_set1_epi16((int16_t)s1), 1);
             for (int i = 0; i < MC; i++) {
-                const int8_t *ap = a->q + (m0 + i) * K + b * 256 + c * 32;
+                const int8_t *ap = a->q + (m0 + i) * K + b * 256 + g * 32;
                 __m256i av = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)ap), wv);
                 ai[i] = _mm256_add_epi32(ai[i], _mm256_madd_epi16(_mm256_maddubs_epi16(wa, av), sv));
+                if (mins) {
+                    const int32_t *bs = a->bsum + (m0 + i) * (K / 16) + b * 16 + 2 * g;
+                    mi[i] += mn * (bs[0] + bs[1]);
+                }
             }
         }
-        for (int i = 0; i < MC; i++)
-            acc[i] = FMADD(_mm256_cvtepi32_ps(ai[i]), _mm256_set1_ps(w->d[b] * a->d[(m0 + i) * nb + b]), acc[i]);
+        float d = f16s(blk + (t == T_Q6_K ? 208 : 0)), dmin = mins ? f16s(blk + 2) : 0.0f;
+        for (int i = 0; i < MC; i++) {
+            float da = a->d[(m0 + i) * nb + b];
+            acc[i] = FMADD(_mm256_cvtepi32_ps(ai[i]), _mm256_set1_ps(d * da), acc[i]);
+            if (mins) msum[i] += dmin * da * (float)mi[i];
+        }
     }
-    for (int i = 0; i < MC; i++) out[i] = hsum_ps(acc[i]);
+    for (int i = 0; i < MC; i++) out[i] = hsum_ps(acc[i]) - msum[i];
 }
-/* y[m, n] for every m of weight row n */
-static void row_all_m_x86(int t, const qinfo *qi, const uint8_t *raw, const qrow *w, const qact *a,
-                          int64_t M, int64_t N, int64_t K, int64_t n, float *y) {
+/* y[m, n] for every m of weight row n; one instantiation per (type, rows): no runtime branches in
+ * the block decoding */
+static void row_all_m_x86(int t, const uint8_t *raw, const qact *a, int64_t M, int64_t N, int64_t K,
+                          int64_t n, float *y) {
     float o[4];
     for (int64_t m0 = 0; m0 < M; m0 += 4) {
         int mc = M - m0 < 4 ? (int)(M - m0) : 4;
-        if (!qi->kquant) {
-            int64_t nb = K / 32;
-            switch (mc) {
-            case 1: q0_rows(t, qi->bytes, raw, nb, a, K, m0, 1, o); break;
-            case 2: q0_rows(t, qi->bytes, raw, nb, a, K, m0, 2, o); break;
-            case 3: q0_rows(t, qi->bytes, raw, nb, a, K, m0, 3, o); break;
-            default: q0_rows(t, qi->bytes, raw, nb, a, K, m0, 4, o); break;
-            }
-        } else {
-            switch (mc) {
-            case 1: qk_rows(w, a, K, m0, 1, o); break;
-            case 2: qk_rows(w, a, K, m0, 2, o); break;
-            case 3: qk_rows(w, a, K, m0, 3, o); break;
-            default: qk_rows(w, a, K, m0, 4, o); break;
-            }
-            if (t != T_Q6_K)
-                for (int i = 0; i < mc; i++) o[i] -= kmins(w, a, m0 + i, K);
+#define Q0(T, B) switch (mc) {                                                   \
+        case 1: q0_rows(T, B, raw, K / 32, a, K, m0, 1, o); break;              \
+        case 2: q0_rows(T, B, raw, K / 32, a, K, m0, 2, o); break;              \
+        case 3: q0_rows(T, B, raw, K / 32, a, K, m0, 3, o); break;              \
+        default: q0_rows(T, B, raw, K / 32, a, K, m0, 4, o); break; }
+#define QK(T, B) switch (mc) {                                                   \
+        case 1: qk_rows(T, B, raw, a, K, m0, 1, o); break;                       \
+        case 2: qk_rows(T, B, raw, a, K, m0, 2, o); break;                       \
+        case 3: qk_rows(T, B, raw, a, K, m0, 3, o); break;                       \
+        default: qk_rows(T, B, raw, a, K, m0, 4, o); break; }
+        switch (t) {
+        case T_Q4_0: Q0(T_Q4_0, 18) break;
+        case T_Q5_0: Q0(T_Q5_0, 22) break;
+        case T_Q8_0: Q0(T_Q8_0, 34) break;
+        case T_Q4_K: QK(T_Q4_K, 144) break;
+        case T_Q5_K: QK(T_Q5_K, 176) break;
+        default: QK(T_Q6_K, 210) break;
         }
+#undef Q0
+#undef QK
         for (int i = 0; i < mc; i++) y[(m0 + i) * N + n] = o[i];
     }
 }
@@ -266,8 +282,8 @@ static void qmm_task(void *vctx, int64_t task) {
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *raw = c->w + n * c->row_bytes;
 #ifdef C6_X86_ROWS
-        if (c->qi.kquant) c6_unpack_row(c->t, raw, nb, &r);
-        row_all_m_x86(c->t, &c->qi, raw, &r, &c->a, c->M, c->N, K, n, c->y);
+        (void)r; (void)nb;
+        row_all_m_x86(c->t, raw, &c->a, c->M, c->N, K, n, c->y);
 #else
         if (c->t != T_Q8_0) c6_unpack_row(c->t, raw, nb, &r);
         for (int64_t m = 0; m < c->M; m++) c->y[m * c->N + n] = row_dot(c->t, &c->qi, raw, &r, &c->a, m, K);

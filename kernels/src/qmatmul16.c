@@ -90,33 +90,43 @@ static float row_dot16(const int8_t *w, const chunks *cs, const act16 *a, int64_
 }
 
 #ifdef C6_QX86
-/* up to 4 activation rows per pass; Q4_0/Q5_0/Q8_0 blocks decoded in registers */
-static inline __m256i madd16(__m128i w8, const int16_t *a) {
-    return _mm256_madd_epi16(_mm256_cvtepi8_epi16(w8), _mm256_loadu_si256((const __m256i *)a));
-}
-static inline __attribute__((always_inline)) void rows16(int t, int bytes, const uint8_t *raw, const qrow *r,
-                                                         const chunks *cs, const act16 *a, int64_t K,
-                                                         int64_t m0, const int MC, float *out) {
+/* up to 4 activation rows per pass; every block type decoded in registers, one float multiplier
+ * per 32 values */
+static inline __attribute__((always_inline)) void rows16(int t, int bytes, const uint8_t *raw, const act16 *a,
+                                                         int64_t K, int64_t m0, const int MC, float *out) {
     int64_t nc = K / 32;
-    int kq = t == T_Q4_K || t == T_Q5_K || t == T_Q6_K, two = t == T_Q6_K, mins = kq && !two;
+    int kq = t == T_Q4_K || t == T_Q5_K || t == T_Q6_K, mins = t == T_Q4_K || t == T_Q5_K;
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     float msum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int64_t c = 0; c < nc; c++) {
-        __m256i w = kq ? _mm256_loadu_si256((const __m256i *)(r->q + c * 32)) : block32(t, raw + c * bytes);
-        __m128i wl = _mm256_castsi256_si128(w), wh = _mm256_extracti128_si256(w, 1);
-        float fa = kq ? cs->fa[c] : f16s(raw + c * bytes), fb = kq ? cs->fb[c] : fa;
+    const int gpb = kq ? 8 : 1;  /* 32-value groups per block */
+    for (int64_t c0 = 0; c0 < nc; c0 += gpb)
+#pragma GCC unroll 8
+    for (int g = 0; g < gpb; g++) {
+        int64_t c = c0 + g;
+        __m256i wl, wh;
+        float f, fm = 0.0f;
+        if (kq) {  /* sub-block scales folded into the int16 weights: |q * sc| <= 32 * 128 */
+            const uint8_t *blk = raw + (c0 / 8) * bytes;
+            int32_t s0, s1, mn;
+            __m256i w = kgroup32(t, blk, g, &s0, &s1, &mn);
+            wl = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(w)), _mm256_set1_epi16((int16_t)s0));
+            wh = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(_mm256_extracti128_si256(w, 1)), _mm256_set1_epi16((int16_t)s1));
+            f = f16s(blk + (t == T_Q6_K ? 208 : 0));
+            if (mins) fm = f16s(blk + 2) * (float)mn;
+        } else {
+            __m256i w = block32(t, raw + c * bytes);
+            wl = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w));
+            wh = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(w, 1));
+            f = f16s(raw + c * bytes);
+        }
         for (int i = 0; i < MC; i++) {
             int64_t m = m0 + i;
             const int16_t *ap = a->q + m * K + c * 32;
             float da = a->d[m * nc + c];
-            __m256i pl = madd16(wl, ap), ph = madd16(wh, ap + 16);
-            if (two) {
-                acc[i] = FMADD(_mm256_cvtepi32_ps(pl), _mm256_set1_ps(da * fa), acc[i]);
-                acc[i] = FMADD(_mm256_cvtepi32_ps(ph), _mm256_set1_ps(da * fb), acc[i]);
-            } else {
-                acc[i] = FMADD(_mm256_cvtepi32_ps(_mm256_add_epi32(pl, ph)), _mm256_set1_ps(da * fa), acc[i]);
-            }
-            if (mins) msum[i] += da * cs->fm[c] * (float)a->asum[m * nc + c];
+            __m256i p = _mm256_add_epi32(_mm256_madd_epi16(wl, _mm256_loadu_si256((const __m256i *)ap)),
+                                         _mm256_madd_epi16(wh, _mm256_loadu_si256((const __m256i *)(ap + 16))));
+            acc[i] = FMADD(_mm256_cvtepi32_ps(p), _mm256_set1_ps(da * f), acc[i]);
+            if (mins) msum[i] += da * fm * (float)a->asum[m * nc + c];
         }
     }
     for (int i = 0; i < MC; i++) out[i] = hsum_ps(acc[i]) - msum[i];
@@ -140,19 +150,27 @@ static void q16_task(void *vctx, int64_t task) {
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *raw = c->w + n * c->row_bytes;
 #ifdef C6_QX86
-        if (c->qi.kquant) {
-            c6_unpack_row(c->t, raw, nb, &r);
-            chunk_scales(c->t, &r, K, &cs);
-        }
+        (void)r; (void)cs; (void)nb;
         float o[4];
         for (int64_t m0 = 0; m0 < c->M; m0 += 4) {
             int mc = c->M - m0 < 4 ? (int)(c->M - m0) : 4;
-            switch (mc) {
-            case 1: rows16(c->t, c->qi.bytes, raw, &r, &cs, &c->a, K, m0, 1, o); break;
-            case 2: rows16(c->t, c->qi.bytes, raw, &r, &cs, &c->a, K, m0, 2, o); break;
-            case 3: rows16(c->t, c->qi.bytes, raw, &r, &cs, &c->a, K, m0, 3, o); break;
-            default: rows16(c->t, c->qi.bytes, raw, &r, &cs, &c->a, K, m0, 4, o); break;
+            /* one instantiation per (type, rows) so the block decoding has no runtime branches */
+#define ROWS16(T, B)                                                                  \
+            switch (mc) {                                                             \
+            case 1: rows16(T, B, raw, &c->a, K, m0, 1, o); break;            \
+            case 2: rows16(T, B, raw, &c->a, K, m0, 2, o); break;            \
+            case 3: rows16(T, B, raw, &c->a, K, m0, 3, o); break;            \
+            default: rows16(T, B, raw, &c->a, K, m0, 4, o); break;           \
             }
+            switch (c->t) {
+            case T_Q4_0: ROWS16(T_Q4_0, 18) break;
+            case T_Q5_0: ROWS16(T_Q5_0, 22) break;
+            case T_Q8_0: ROWS16(T_Q8_0, 34) break;
+            case T_Q4_K: ROWS16(T_Q4_K, 144) break;
+            case T_Q5_K: ROWS16(T_Q5_K, 176) break;
+            default: ROWS16(T_Q6_K, 210) break;
+            }
+#undef ROWS16
             for (int i = 0; i < mc; i++) c->y[(m0 + i) * c->N + n] = o[i];
         }
 #else
