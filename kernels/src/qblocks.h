@@ -19,17 +19,6 @@ typedef struct {
     int kquant;      /* activations as Q8_K (1) or Q8_0 (0) */
 } qinfo;
 
-static int info(int t, qinfo *q) {
-    switch (t) {
-    case T_Q4_0: *q = (qinfo){32, 18, 32, 0}; return 1;
-    case T_Q5_0: *q = (qinfo){32, 22, 32, 0}; return 1;
-    case T_Q8_0: *q = (qinfo){32, 34, 32, 0}; return 1;
-    case T_Q4_K: *q = (qinfo){256, 144, 32, 1}; return 1;
-    case T_Q5_K: *q = (qinfo){256, 176, 32, 1}; return 1;
-    case T_Q6_K: *q = (qinfo){256, 210, 16, 1}; return 1;
-    default: return 0;
-    }
-}
 
 int c6_qinfo(int t, qinfo *q);
 

@@ -157,12 +157,10 @@ class LlamaCppBatchedBackend(LlamaCppBackend):
     max_concurrency: int = 64  # class level: "this class batches" (ModelSpec.parallel's cap); instances: parallel
 
     def __init__(self, model_id: str, llm: Any, formatter: Any, path: Path, spec: Any, n_threads: int) -> None:
-        super().__init__(model_id, llm, formatter, path)
+        super().__init__(model_id, llm, formatter, path, spec.kv_cache)
         self.decoder = LlamaDecoder(llm, spec, n_threads)
-        self.n_ctx = self.decoder.n_cells
+        self.n_ctx = self.decoder.n_cells  # kv_cache_bytes (inherited): the shared cache's cells
         self.max_concurrency: int = spec.parallel
-        self._kv_type: str | None = spec.kv_cache
-        self._kv_bytes: int | None = None
         self.scheduler = Scheduler(
             self.decoder, spec.parallel, spec.prefill_chunk, on_prefix_hit=lambda n: PREFIX_CACHE.hit(model_id, n)
         )
@@ -183,17 +181,6 @@ class LlamaCppBatchedBackend(LlamaCppBackend):
 
     def set_threads(self, n_threads: int) -> None:
         self.decoder.set_threads(n_threads)
-
-    def kv_cache_bytes(self) -> int:
-        """KV cells of the shared cache (every layer holds all of them: swa_full)."""
-        if self._kv_bytes is None:
-            from ..pool.budget import file_kv_cache_bytes
-
-            self._kv_bytes = file_kv_cache_bytes(self._path, self.n_ctx, self._kv_type)
-        return self._kv_bytes
-
-    def memory_bytes(self) -> int:
-        return self._path.stat().st_size + self.kv_cache_bytes()
 
     def generate(
         self,
