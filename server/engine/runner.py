@@ -21,7 +21,7 @@ from .graph_llama import LlamaGraph
 from .kv_cache import KVCache
 from .ops import load_ops, ops_name
 from .sampler import Sampler, SampleResult
-from .weights import MATMUL_MODES
+from .weights import MATMUL_MODES, QWeight
 
 GRAPHS: dict[str, type[LlamaGraph]] = {"llama": LlamaGraph, "qwen2": LlamaGraph, "gemma3": Gemma3Graph}
 
@@ -50,6 +50,9 @@ class Runner:
         arithmetic); "fp32" is a load mode (`Runner.load`: every weight dequantized)."""
         if matmul not in MATMUL_MODES:
             raise ValueError(f"matmul must be one of {tuple(MATMUL_MODES)}, got {matmul!r}")
+        if matmul == "fp32" and any(isinstance(w, QWeight) for w in model.tensors.values()):
+            raise ValueError("matmul='fp32' needs every weight dequantized: load_gguf(path, weights='fp32') "
+                             "(Runner.load does it)")
         self.ops = load_ops(ops) if isinstance(ops, str) else ops
         self.n_threads = max(1, n_threads)  # applied per forward pass, in the calling thread
         self.model = model

@@ -87,3 +87,10 @@ def test_int16_activations_track_fp32_arithmetic(tiny_quant: pathlib.Path, token
     print(f"\n{ops}: max |logits - fp32 model|: int16 {err['int16']:.2e}, int8 {err['int8']:.2e} (scale {scale:.1f})")
     assert err["int16"] <= 1e-3 * scale
     assert err["int16"] * 30 < err["int8"]
+
+
+def test_fp32_mode_needs_dequantized_weights(tiny_quant: pathlib.Path) -> None:
+    with pytest.raises(ValueError, match="weights='fp32'"):
+        Runner(load_gguf(tiny_quant), n_ctx=64, matmul="fp32")
+    with pytest.raises(ValueError, match="matmul must be one of"):
+        Runner.load(tiny_quant, n_ctx=64, matmul="int4")
