@@ -323,10 +323,16 @@ def attention(q, k, v, *, n_past, scale, window=0, k_scale=None, v_scale=None, r
 
 
 # ------------------------------------------------------------------------------------ quantized
+_QBLOCK: dict = {}
+
+
 def qtype_block(wtype):
     """(values, bytes) per block for a GGUF/ggml type id qmatmul supports, else None."""
-    v, b = _ffi.new("int *"), _ffi.new("int *")
-    return (int(v[0]), int(b[0])) if _lib.c6_qtype_block(int(wtype), v, b) else None
+    wtype = int(wtype)
+    if wtype not in _QBLOCK:  # asked on every qmatmul call: remember the answer
+        v, b = _ffi.new("int *"), _ffi.new("int *")
+        _QBLOCK[wtype] = (int(v[0]), int(b[0])) if _lib.c6_qtype_block(wtype, v, b) else None
+    return _QBLOCK[wtype]
 
 
 def _qweight(w, wtype):
