@@ -104,6 +104,8 @@ def install(
             log.warning("second signal: skipping the rest of the grace period")
 
     for sig in signals:
+        # Not on a Unix event loop (NotImplementedError) or not in the main thread (RuntimeError,
+        # e.g. a test driving the app): no drain on signals there, the server still serves.
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, on_signal, sig)
 

@@ -168,6 +168,18 @@ int c6_qdequant(const void *w, int wtype, float *y, int64_t R, int64_t K) {
     return 0;
 }
 
+float *c6_qrow_scratch(int slot, int64_t K, int64_t nb, int64_t extra, qrow *r) {
+    /* q[K] int8 | d[nb] | dmin[nb] | mn[K/32] int32 | sc[K/16] int16 | extra */
+    float *s = c6_scratch(slot, (size_t)(K / 4 + 2 * nb + K / 32 + K / 32 + extra + 16));
+    if (!s) abort();
+    r->q = (int8_t *)s;
+    r->d = s + K / 4;
+    r->dmin = r->d + nb;
+    r->mn = (int32_t *)(r->dmin + nb);
+    r->sc = (int16_t *)(r->mn + K / 32);
+    return s + K / 4 + 2 * nb + K / 32 + K / 32;
+}
+
 void c6_dequant_row(int t, const uint8_t *restrict raw, int64_t K, qrow *r, float *restrict o) {
     qinfo qi;
     c6_qinfo(t, &qi);

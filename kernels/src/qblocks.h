@@ -54,6 +54,9 @@ static inline void kscale(const uint8_t *s, int j, int32_t *sc, int32_t *mn) {
 
 /* unpack nb blocks of a weight row of type t into r (Q8_0 too: values copied) */
 void c6_unpack_row(int t, const uint8_t *restrict w, int64_t nb, qrow *r);
+/* scratch slot `slot` carved into an unpacked row of K values (nb blocks) plus `extra` floats,
+ * which are returned (aborts if the allocation fails) */
+float *c6_qrow_scratch(int slot, int64_t K, int64_t nb, int64_t extra, qrow *r);
 /* o[K] = the row's values (r: scratch for the unpacked row) */
 void c6_dequant_row(int t, const uint8_t *restrict raw, int64_t K, qrow *r, float *restrict o);
 
@@ -70,22 +73,11 @@ static inline int32x4_t dot16(int32x4_t acc, const int8_t *a, const int8_t *b) {
 }
 #endif
 #ifdef C6_QX86
-/* 16 int16 lanes: lane i = w[2i]a[2i] + w[2i+1]a[2i+1] (|.| <= 2*127*127: no saturation) */
-static inline __m256i mul_pairs(const int8_t *w, const int8_t *a) {
-    __m256i wv = _mm256_loadu_si256((const __m256i *)w), av = _mm256_loadu_si256((const __m256i *)a);
-    return _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(av, wv));
-}
 static inline float hsum_ps(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
-}
-static inline int32_t hsum_epi32(__m256i v) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-    return _mm_cvtsi128_si32(s);
 }
 #if defined(__FMA__)
 #define FMADD(a, b, c) _mm256_fmadd_ps(a, b, c)

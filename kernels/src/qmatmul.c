@@ -63,16 +63,7 @@ static void quant_q8_K(const float *restrict x, int8_t *restrict q, float *restr
 /* Q8_0-family row: blocks of 32 int8 at w (stride ws bytes), scales wd (or fp16 in raw Q8_0) */
 static float dot_q0(const int8_t *w, int64_t wstride, const float *wd, const uint8_t *raw_d,
                     const int8_t *a, const float *ad, int64_t nb) {
-#ifdef C6_QX86
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        float d = raw_d ? f16s(raw_d + b * wstride) : wd[b];
-        __m256i s = _mm256_madd_epi16(mul_pairs(w + b * wstride, a + b * 32), ones);
-        acc = FMADD(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * ad[b]), acc);
-    }
-    return hsum_ps(acc);
-#elif C6_USE_NEON
+#if C6_USE_NEON
     float32x4_t acc = vdupq_n_f32(0.0f);
     for (int64_t b = 0; b < nb; b++) {
         float d = raw_d ? f16s(raw_d + b * wstride) : wd[b];
@@ -97,20 +88,7 @@ static float dot_q0(const int8_t *w, int64_t wstride, const float *wd, const uin
 /* k-quant row: 256-blocks, int16 scale per 16 values, float scale per block */
 static float dot_qk(const int8_t *w, const int16_t *sc, const float *wd, const int8_t *a,
                     const float *ad, int64_t nb) {
-#ifdef C6_QX86
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        __m256i ai = _mm256_setzero_si256();
-        const int16_t *s = sc + b * 16;
-        for (int c = 0; c < 8; c++) {
-            __m256i sv = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_set1_epi16(s[2 * c])),
-                                                 _mm_set1_epi16(s[2 * c + 1]), 1);
-            ai = _mm256_add_epi32(ai, _mm256_madd_epi16(mul_pairs(w + b * 256 + c * 32, a + b * 256 + c * 32), sv));
-        }
-        acc = FMADD(_mm256_cvtepi32_ps(ai), _mm256_set1_ps(wd[b] * ad[b]), acc);
-    }
-    return hsum_ps(acc);
-#elif C6_USE_NEON
+#if C6_USE_NEON
     float sum = 0.0f;
     for (int64_t b = 0; b < nb; b++) {
         int32x4_t ai = vdupq_n_s32(0);
@@ -166,7 +144,6 @@ static float row_dot(int t, const qinfo *qi, const uint8_t *raw, const qrow *w, 
 #ifdef C6_QX86
 /* x86: up to 4 activation rows per pass over a weight row, Q4_0/Q5_0/Q8_0 blocks decoded in
  * registers (no unpack buffer). Same integer sums as above; float sums in another order. */
-#define C6_X86_ROWS 1
 static inline __m256i dot32_i32(__m256i wabs, __m256i w, const int8_t *a) {
     __m256i av = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)a), w);
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
@@ -266,29 +243,18 @@ typedef struct {
 static void qmm_task(void *vctx, int64_t task) {
     const qmm_ctx *c = vctx;
     int64_t n0 = task * c->per, n1 = n0 + c->per < c->N ? n0 + c->per : c->N, K = c->K;
+#ifdef C6_QX86
+    for (int64_t n = n0; n < n1; n++) row_all_m_x86(c->t, c->w + n * c->row_bytes, &c->a, c->M, c->N, K, n, c->y);
+#else
     int64_t nb = K / c->qi.qk;
     qrow r = {0};
-    if (c->t != T_Q8_0) {
-        /* scratch slot 2 (per thread): q[K] | d[nb] | dmin[nb] | mn[K/32] | sc[K/16] (int16) */
-        size_t nfl = (size_t)(K / 4 + 2 * nb + K / 32 + K / 32 + 16);
-        float *s = c6_scratch(2, nfl);
-        if (!s) abort();
-        r.q = (int8_t *)s;
-        r.d = s + K / 4;
-        r.dmin = r.d + nb;
-        r.mn = (int32_t *)(r.dmin + nb);
-        r.sc = (int16_t *)(r.mn + K / 32);
-    }
+    if (c->t != T_Q8_0) c6_qrow_scratch(2, K, nb, 0, &r);  /* Q8_0 rows are read in place */
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *raw = c->w + n * c->row_bytes;
-#ifdef C6_X86_ROWS
-        (void)r; (void)nb;
-        row_all_m_x86(c->t, raw, &c->a, c->M, c->N, K, n, c->y);
-#else
         if (c->t != T_Q8_0) c6_unpack_row(c->t, raw, nb, &r);
         for (int64_t m = 0; m < c->M; m++) c->y[m * c->N + n] = row_dot(c->t, &c->qi, raw, &r, &c->a, m, K);
-#endif
     }
+#endif
 }
 
 int c6_qmatmul(const float *x, const void *w, int wtype, float *y, int64_t M, int64_t N, int64_t K) {

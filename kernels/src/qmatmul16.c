@@ -141,16 +141,9 @@ typedef struct {
 static void q16_task(void *vctx, int64_t task) {
     const q16_ctx *c = vctx;
     int64_t n0 = task * c->per, n1 = n0 + c->per < c->N ? n0 + c->per : c->N, K = c->K;
-    int64_t nb = K / c->qi.qk, nc = K / 32;
-    /* scratch slot 2 (per thread): q[K] | d[nb] | dmin[nb] | mn[K/32] | fa fb fm [K/32] | sc[K/16] int16 */
-    float *s = c6_scratch(2, (size_t)(K / 4 + 2 * nb + 4 * nc + K / 32 + 16));
-    if (!s) abort();
-    qrow r = {(int8_t *)s, s + K / 4, s + K / 4 + nb, (int16_t *)(s + K / 4 + 2 * nb + 4 * nc), (int32_t *)(s + K / 4 + 2 * nb)};
-    chunks cs = {s + K / 4 + 2 * nb + nc, s + K / 4 + 2 * nb + 2 * nc, s + K / 4 + 2 * nb + 3 * nc};
+#ifdef C6_QX86
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *raw = c->w + n * c->row_bytes;
-#ifdef C6_QX86
-        (void)r; (void)cs; (void)nb;
         float o[4];
         for (int64_t m0 = 0; m0 < c->M; m0 += 4) {
             int mc = c->M - m0 < 4 ? (int)(c->M - m0) : 4;
@@ -173,12 +166,18 @@ static void q16_task(void *vctx, int64_t task) {
 #undef ROWS16
             for (int i = 0; i < mc; i++) c->y[(m0 + i) * c->N + n] = o[i];
         }
+    }
 #else
-        c6_unpack_row(c->t, raw, nb, &r);
+    int64_t nb = K / c->qi.qk, nc = K / 32;
+    qrow r;
+    float *f = c6_qrow_scratch(2, K, nb, 3 * nc, &r);
+    chunks cs = {f, f + nc, f + 2 * nc};
+    for (int64_t n = n0; n < n1; n++) {
+        c6_unpack_row(c->t, c->w + n * c->row_bytes, nb, &r);
         chunk_scales(c->t, &r, K, &cs);
         for (int64_t m = 0; m < c->M; m++) c->y[m * c->N + n] = row_dot16(r.q, &cs, &c->a, m, K);
-#endif
     }
+#endif
 }
 
 /* Many activation rows (prefill): a panel of weight rows is dequantized to fp32 once and fed to
@@ -194,11 +193,8 @@ typedef struct {
 static void panel_task(void *vctx, int64_t task) {
     const panel_ctx *c = vctx;
     int64_t n0 = task * PANEL, rows = c->N - n0 < PANEL ? c->N - n0 : PANEL, K = c->K, nb = K / c->qi.qk;
-    /* slot 3: the fp32 panel [PANEL, K] | unpack scratch: q[K] | d dmin [nb] | mn [K/32] | sc [K/16] int16 */
-    float *s = c6_scratch(3, (size_t)(PANEL * K + K / 4 + 2 * nb + K / 32 + K / 32 + 16));
-    if (!s) abort();
-    float *u = s + PANEL * K;
-    qrow r = {(int8_t *)u, u + K / 4, u + K / 4 + nb, (int16_t *)(u + K / 4 + 2 * nb + K / 32), (int32_t *)(u + K / 4 + 2 * nb)};
+    qrow r;
+    float *s = c6_qrow_scratch(3, K, nb, PANEL * K, &r);  /* the fp32 panel [PANEL, K] */
     for (int64_t i = 0; i < rows; i++) c6_dequant_row(c->t, c->w + (n0 + i) * c->row_bytes, K, &r, s + i * K);
     c6_matmul_panel(c->x, s, c->y + n0, c->M, rows, K, c->N);
 }
