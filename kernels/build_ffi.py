@@ -7,7 +7,9 @@ Used three ways:
   * elsewhere:  python kernels/build_ffi.py --outdir DIR    -> DIR/kernels/{__init__.py,_kernels*.so}
                 (tests build the CAPIBARA6_PORTABLE=1 variant this way)
 Env: CAPIBARA6_PORTABLE=1 -> no -march/-mcpu flags; CAPIBARA6_FORCE_PORTABLE=1 -> also disable
-the NEON paths (-DC6_FORCE_PORTABLE) so the portable C is used even on aarch64.
+the NEON paths (-DC6_FORCE_PORTABLE) so the portable C is used even on aarch64;
+CAPIBARA6_KERNEL_ARCH_FLAGS="-march=x86-64-v3 ..." -> these flags instead of -march/-mcpu=native
+(scripts/_install.sh sets it when a CPU probe finds an extension the CPU reports but cannot run).
 """
 import os
 import platform
@@ -17,7 +19,7 @@ from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC_DIR = os.path.join(HERE, "src")
-SOURCES = ["pool.c", "matmul.c", "elementwise.c", "fp8.c", "attention.c", "qblocks.c", "qmatmul.c", "qmatmul16.c"]
+SOURCES = ["pool.c", "matmul.c", "elementwise.c", "fp8.c", "attention.c", "qblocks.c", "qmatmul.c", "qmatmul16.c", "crash.c"]
 
 CDEF = """
 int  c6_set_num_threads(int n);
@@ -45,6 +47,11 @@ int  c6_qdequant(const void *w, int wtype, float *y, int64_t R, int64_t K);
 int  c6_qtype_block(int wtype, int *values, int *bytes);
 float    c6_f16_to_f32(uint16_t h);
 uint16_t c6_f32_to_f16(float f);
+#define C6_CRASH_ID ...
+int  c6_crash_install(int fd);
+void c6_crash_set_model(const char *id);
+int  c6_crash_model(char *out, int cap);
+int  c6_crash_format(int sig, int code, uintptr_t addr, char *out, int cap);
 """
 
 
@@ -53,7 +60,12 @@ def compile_args(machine=None):
     args = ["-O3", "-std=gnu11", "-pthread", "-fno-math-errno", "-Wall", "-Wno-unused-function"]
     if os.environ.get("CAPIBARA6_FORCE_PORTABLE") == "1":
         args.append("-DC6_FORCE_PORTABLE")
-    if os.environ.get("CAPIBARA6_PORTABLE") != "1":
+    arch_flags = os.environ.get("CAPIBARA6_KERNEL_ARCH_FLAGS", "").split()
+    if os.environ.get("CAPIBARA6_PORTABLE") == "1":
+        pass
+    elif arch_flags:
+        args.extend(arch_flags)
+    else:
         if machine in ("x86_64", "AMD64", "i686"):
             args.append("-march=native")
         elif machine in ("aarch64", "arm64"):
