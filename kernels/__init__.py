@@ -18,7 +18,7 @@ except ImportError as e:  # pragma: no cover
 __all__ = [
     "set_num_threads", "get_num_threads", "use_threads", "build_info", "matmul", "softmax", "rmsnorm", "rope",
     "swiglu", "geglu", "gelu", "fp8_encode", "fp8_decode", "fp8_quantize_rows", "attention",
-    "qtype_block", "qmatmul", "qdequant",
+    "qtype_block", "qmatmul", "qdequant", "crash_install", "crash_set_model", "crash_model", "crash_line",
 ]
 
 _F32 = np.dtype(np.float32)
@@ -373,3 +373,35 @@ def qdequant(w, wtype, out=None):
     if _lib.c6_qdequant(_ptr(w, "uint8_t[]"), int(wtype), _wptr(out), w.shape[0], K) == -2:
         raise MemoryError("qdequant: allocation failed")
     return out
+
+
+# ------------------------------------------------------------------------------------ crash log
+CRASH_MODEL_FROM = ("none", "thread", "last")  # c6_crash_model's return value -> its meaning
+
+
+def crash_install(fd: int) -> None:
+    """Put the fatal-signal line writer (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT) in front of the
+    handlers installed now, writing to file descriptor fd; idempotent. See server/crash.py."""
+    if _lib.c6_crash_install(int(fd)) != 0:
+        raise OSError(_ffi.errno, f"crash_install: sigaction failed (fd {fd})")
+
+
+def crash_set_model(model_id: str | None) -> None:
+    """The calling thread's model id for the crash line (None or "" = none). ~1 us: call it per
+    generation, not per token. Ids are cut to C6_CRASH_ID - 1 UTF-8 bytes."""
+    _lib.c6_crash_set_model(model_id.encode("utf-8") if model_id else _ffi.NULL)
+
+
+def crash_model() -> tuple[str | None, str]:
+    """(id, source) the crash line would name from this thread: source 'thread' (its own),
+    'last' (the last id any thread set) or 'none'."""
+    buf = _ffi.new("char[]", _lib.C6_CRASH_ID)
+    src = CRASH_MODEL_FROM[_lib.c6_crash_model(buf, _lib.C6_CRASH_ID)]
+    return (_ffi.string(buf).decode("utf-8", "replace") or None, src)
+
+
+def crash_line(signum: int, code: int = 0, addr: int = 0) -> str:
+    """The JSON line the handler would write for this signal from this thread (for tests)."""
+    buf = _ffi.new("char[]", 2048)
+    n = _lib.c6_crash_format(int(signum), int(code), int(addr), buf, 2048)
+    return bytes(_ffi.buffer(buf, n)).decode("utf-8", "replace")

@@ -93,6 +93,20 @@ int  c6_qtype_block(int wtype, int *values, int *bytes);
 float    c6_f16_to_f32(uint16_t h);
 uint16_t c6_f32_to_f16(float f);    /* round to nearest even */
 
+/* Crash log (crash.c): c6_crash_install(fd) puts a handler for SIGSEGV, SIGBUS, SIGILL, SIGFPE and
+ * SIGABRT in front of the current ones (install faulthandler first): it writes one JSON line naming
+ * the faulting thread's model to fd, then chains, so the process still dies by the signal.
+ * Returns 0, -1 on error. c6_crash_set_model(id): the calling thread's model id (NULL or "" = none;
+ * cut to C6_CRASH_ID - 1 bytes), also remembered as the last model set by any thread.
+ * c6_crash_model: the id the handler would name into out[cap]; returns 1 (this thread's own),
+ * 2 (the last one set by any thread) or 0 (none). c6_crash_format: the handler's line for signal
+ * sig with si_code code and fault address addr into out[cap] (tests); returns its length. */
+#define C6_CRASH_ID 128
+int  c6_crash_install(int fd);
+void c6_crash_set_model(const char *id);
+int  c6_crash_model(char *out, int cap);
+int  c6_crash_format(int sig, int code, uintptr_t addr, char *out, int cap);
+
 /* ---- internal ---- */
 typedef void (*c6_task_fn)(void *ctx, int64_t task);
 /* run fn(ctx, 0..ntasks-1) on the pool (caller participates); idle workers sleep on a condvar. */
