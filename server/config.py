@@ -61,8 +61,11 @@ class ModelSpec(_Strict):
         "(int8 = llama.cpp's arithmetic), or fp32 (every weight dequantized at load).")
     parallel: int = Field(1, ge=1, le=64, description="Generations that may run at once on this model.")
     idle_unload_s: float = Field(300.0, ge=0, description="Unload after this many idle seconds (0: never).")
-    max_queue: int = Field(16, ge=0, description="Requests that may wait for a slot; past it: 429.")
-    queue_timeout_s: float = Field(120.0, gt=0, description="Longest wait for a slot; past it: 503.")
+    # A waiting request holds its parsed body and a coroutine, no model memory, so the queue can be
+    # deep: 16 refused 3 of 20 concurrent streams on the default registry (15 of 32 in the burst
+    # test llama-server passes); 256 with 600 s lets a 64-request burst on 2 cores complete.
+    max_queue: int = Field(256, ge=0, description="Requests that may wait for a slot; past it: 429.")
+    queue_timeout_s: float = Field(600.0, gt=0, description="Longest wait for a slot; past it: 503.")
     tags: list[str] = Field(default_factory=list, description="Routing tags: general, code, multilingual, ...")
     priority: int = Field(0, description="Higher wins ties in consensus votes.")
     description: str = Field("", description="Shown in /v1/models and `capibara6 models`.")
@@ -238,6 +241,10 @@ class ServerSettings(BaseModel):
     log_prompts: bool = Field(False, description="Include prompt text in logs.")
     shutdown_grace_s: float = Field(30.0, ge=0, description="SIGTERM: time running generations get to finish.")
     cpu_threads: int | None = Field(None, ge=1, description="CPUs the server may use (default: affinity mask).")
+    # 15 s: half the shortest idle timeout of the proxies in front of a VM (cloud load balancers: 30 s)
+    sse_ping_s: float = Field(
+        15.0, ge=0, description="Streams: an SSE comment `: ping` after this many silent seconds (0: never)."
+    )
 
     @model_validator(mode="after")
     def _read_key_file(self) -> "ServerSettings":
