@@ -13,7 +13,7 @@ from typing import Any, Iterator, Sequence
 
 import uvicorn
 
-from . import shutdown
+from . import crash, shutdown
 from .api.app import AppState, create_app, wrap
 from .config import (
     DEFAULT_PORTS,
@@ -160,5 +160,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"capibara6: {err}", file=sys.stderr)
         return 2
+    crash.install()  # a fatal signal in a backend: a last JSON line naming the model, then faulthandler's dump
     asyncio.run(run_servers(AppState.create(registry, settings)))
     return 0

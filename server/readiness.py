@@ -99,7 +99,7 @@ class ReadinessProbe:
             def job(cancel: threading.Event) -> Iterator[TokenEvent]:
                 return iter(backend.generate(backend.tokenize("Hi"), params, GenerationOutcome(), cancel))
 
-            stream = TokenStream(job)
+            stream = TokenStream(job, model=self.model)
             try:
                 async for _ in stream:
                     pass

@@ -3,7 +3,8 @@
 The worker thread runs `job()`, which prepares the prompt and returns the backend's token
 iterator; each event is handed to the loop with `call_soon_threadsafe`, so the event loop never
 blocks on inference. `aclose()` cancels between tokens and waits for the thread to leave the
-backend, so a lease is never released while its model is still in use.
+backend, so a lease is never released while its model is still in use. The worker runs inside
+`crash.model_context(model)`, so a fatal signal in the backend's native code names the model.
 """
 
 from __future__ import annotations
@@ -12,15 +13,18 @@ import asyncio
 import threading
 from typing import Any, Callable, Iterator
 
+from . import crash
 from .backends.base import TokenEvent
 
 _DONE = object()
 
 
 class TokenStream:
-    def __init__(self, job: Callable[[threading.Event], Iterator[TokenEvent]]) -> None:
+    def __init__(self, job: Callable[[threading.Event], Iterator[TokenEvent]], model: str | None = None) -> None:
+        """`model`: the id of the model `job` runs (named by the crash log line; None: unnamed)."""
         self.cancel = threading.Event()
         self._job = job
+        self._model = model
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._finished = asyncio.Event()
@@ -32,10 +36,11 @@ class TokenStream:
 
     def _work(self) -> None:
         try:
-            for event in self._job(self.cancel):
-                self._put(event)
-                if self.cancel.is_set():
-                    break
+            with crash.model_context(self._model):
+                for event in self._job(self.cancel):
+                    self._put(event)
+                    if self.cancel.is_set():
+                        break
             self._put(_DONE)
         except BaseException as err:  # handed to the consumer, raised there
             self._put(err)

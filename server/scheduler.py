@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol, Sequence as Seq
 
+from . import crash
 from .backends.base import SamplingParams
 
 log = logging.getLogger("capibara6.scheduler")
@@ -118,7 +119,12 @@ class Scheduler:
         on_prefix_hit: Callable[[int], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         keep_stats: int = 4096,
+        model_id: str | None = None,
     ) -> None:
+        """`model_id`: named by the crash log line if a decode dies by a fatal signal; None: the
+        model the creating thread runs (the pool builds a backend, hence its scheduler, inside
+        that model's `crash.model_context`)."""
+        self.model_id = model_id if model_id is not None else crash.current_model()
         self.decoder = decoder
         self.prefill_chunk = prefill_chunk
         self._slots = [_Slot() for _ in range(n_slots)]
@@ -185,6 +191,10 @@ class Scheduler:
     # -- scheduler thread --------------------------------------------------------------------
 
     def _loop(self) -> None:
+        with crash.model_context(self.model_id):  # this thread runs every decode of the model
+            self._serve()
+
+    def _serve(self) -> None:
         while True:
             with self._cond:
                 while not self._closed and not self._work_ready():

@@ -158,7 +158,7 @@ class Generation:
             max_tokens = self.plan.max_tokens or max(1, min(limits.max_tokens_cap, room))
             yield from backend.generate(tokens, replace(params, max_tokens=max_tokens, stop=stops), outcome, cancel)
 
-        stream = TokenStream(job)
+        stream = TokenStream(job, model=self.plan.model)  # a fatal signal in it names the model
         self._stack.push_async_callback(stream.aclose)
         return stream, outcome
 

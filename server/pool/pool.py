@@ -3,7 +3,8 @@
 Concurrency model: all bookkeeping runs on the event loop; only blocking work (estimating a file,
 loading, closing, warmup generation) runs in worker threads. A request takes a free slot at once
 when nobody is queued ahead of it; otherwise it joins the model's FIFO and `_pump` hands out slots
-in order whenever one frees up, a load finishes or memory is released.
+in order whenever one frees up, a load finishes or memory is released. Every worker thread that
+runs a model's native code (load, warmup, close) does so inside `crash.model_context(model_id)`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import threading
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Coroutine
+from typing import Any, AsyncIterator, Callable, Coroutine, TypeVar
 
+from .. import crash
 from ..backends import load_backend, spec_class
 from ..backends.base import Backend, GenerationOutcome, SamplingParams
 from ..config import ModelSpec, Registry, resolve_model_path
@@ -33,6 +35,8 @@ log = logging.getLogger("capibara6.pool")
 Loader = Callable[[str, ModelSpec, int], Backend]
 Estimator = Callable[[str, ModelSpec], Estimate]
 Clock = Callable[[], float]
+
+T = TypeVar("T")
 
 SHUTDOWN_WAIT_S = 5.0  # close(): how long a still-running lease may keep its instance
 WARMUP_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
@@ -241,7 +245,7 @@ class ModelPool:
             slot.reserved = need
             await asyncio.gather(*(self._close(v, insts, "evicted") for v, insts in evicted))
             t0 = time.monotonic()
-            backend = await asyncio.to_thread(self._loader, mid, spec, self._threads(spec))
+            backend = await asyncio.to_thread(_as_model(mid, self._loader), mid, spec, self._threads(spec))
         except Exception as err:  # any load failure: this model is unavailable, others serve
             self._load_failed(slot, err, first)
             return
@@ -331,7 +335,7 @@ class ModelPool:
         try:
             for inst in insts:
                 try:
-                    await asyncio.to_thread(inst.backend.close)
+                    await asyncio.to_thread(_as_model(slot.model_id, inst.backend.close))
                 except Exception as err:  # a failing close must not keep the slot unloading
                     log.warning("closing %s failed: %s", slot.model_id, err)
             insts.clear()
@@ -380,7 +384,7 @@ class ModelPool:
             t0 = time.monotonic()
             try:
                 async with self.lease(mid) as backend:
-                    await _in_thread(warm_generate, backend)
+                    await _in_thread(_as_model(mid, warm_generate), backend)
                 results[mid] = None
                 log.info("warmed %s in %.2f s", mid, time.monotonic() - t0)
             except Exception as err:
@@ -412,6 +416,17 @@ class ModelPool:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+
+def _as_model(model_id: str, fn: Callable[..., T]) -> Callable[..., T]:
+    """`fn` run inside `crash.model_context(model_id)` on whichever thread calls it, so a fatal
+    signal in the model's native code (llama.cpp loading, decoding, freeing) names the model."""
+
+    def run(*args: Any) -> T:
+        with crash.model_context(model_id):
+            return fn(*args)
+
+    return run
 
 
 async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
