@@ -6,7 +6,7 @@
 #   /var/lib/capibara6/models the GGUF files (copy them there; owned by the capibara6 user)
 #   /etc/systemd/system/      capibara6.service (all roles, default) or capibara6@{role}.service
 # Idempotent: re-running updates the code and units, keeps your settings, and rebuilds
-# llama-cpp-python only when it is missing or CAPIBARA6_REBUILD_LLAMA=1.
+# llama-cpp-python only when the CPU probe picks other flags or CAPIBARA6_REBUILD_LLAMA=1.
 set -euo pipefail
 
 PREFIX=/opt/capibara6
@@ -56,20 +56,19 @@ echo "== Python venv in $PREFIX/.venv"
 if [ ! -x "$PREFIX/.venv/bin/python" ]; then
   python3 -m venv "$PREFIX/.venv"
 fi
-PIP=("$PREFIX/.venv/bin/python" -m pip)
-"${PIP[@]}" install -q --upgrade pip setuptools wheel
-export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
-if [ "$ARCH" = "aarch64" ]; then
-  # Neoverse-V2: native flags (SVE2, i8mm, bf16) and Arm's KleidiAI micro-kernels for quantized matmul
-  export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON -DGGML_CPU_KLEIDIAI=ON}"
-fi
-# from source, never a generic wheel: the build is what makes it fast on this CPU
-if [ "${CAPIBARA6_REBUILD_LLAMA:-0}" = "1" ]; then
-  "${PIP[@]}" install -q --no-cache-dir --force-reinstall --no-deps --no-binary llama-cpp-python "llama-cpp-python>=0.3.0"
-elif ! "$PREFIX/.venv/bin/python" -c "import llama_cpp" 2>/dev/null; then
-  "${PIP[@]}" install -q --no-cache-dir --no-binary llama-cpp-python "llama-cpp-python>=0.3.0"
-fi
-"${PIP[@]}" install -q "$PREFIX"
+. "$PREFIX/.venv/bin/activate"
+python -m pip install -q --upgrade pip setuptools wheel
+# from source, never a generic wheel: the build is what makes it fast on this CPU. The CPU probe
+# keeps Neoverse-V2's native flags (SVE2, i8mm, bf16) and Arm's KleidiAI micro-kernels when every
+# extension the CPU reports really runs (scripts/_llama.sh); CMAKE_ARGS set by you wins.
+C6_SRC="$PREFIX"
+C6_STATE="$PREFIX/.venv/capibara6-build.json"
+c6_rebuild_kernels_portable() { CAPIBARA6_PORTABLE=1 python -m pip install -q --no-deps --force-reinstall "$PREFIX"; }
+. "$PREFIX/scripts/_llama.sh"
+c6_decide
+c6_install_llama "$C6_LLAMA_CMAKE_ARGS"
+python -m pip install -q "$PREFIX"
+c6_prove
 
 echo "== settings in $ETC (existing files kept)"
 if [ ! -e "$ETC/capibara6.env" ]; then

@@ -43,6 +43,9 @@ def test_every_script_parses() -> None:
         r = subprocess.run(["bash", "-n", str(p)], capture_output=True, text=True)
         assert r.returncode == 0, f"{p.name}: {r.stderr}"
         text = p.read_text()
+        if text.startswith("# Sourced by"):  # a function library (scripts/_llama.sh): never run on its own
+            assert not os.access(p, os.X_OK), f"{p.name} is sourced, not run: it should not be executable"
+            continue
         assert text.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in text, p.name
         assert os.access(p, os.X_OK), f"{p.name} is not executable"
 
