@@ -387,8 +387,8 @@ def crash_install(fd: int) -> None:
 
 
 def crash_set_model(model_id: str | None) -> None:
-    """The calling thread's model id for the crash line (None or "" = none). ~1 us: call it per
-    generation, not per token. Ids are cut to C6_CRASH_ID - 1 UTF-8 bytes."""
+    """The calling thread's model id for the crash line (None or "" = none). ~0.4 us (measured):
+    call it per generation, not per token. Ids are cut to C6_CRASH_ID - 1 UTF-8 bytes."""
     _lib.c6_crash_set_model(model_id.encode("utf-8") if model_id else _ffi.NULL)
 
 

@@ -14,8 +14,9 @@ that signal (so systemd's `Restart=on-failure` restarts it). Why a C handler: th
 built for (llama.cpp's AMX matmul on an AMX-reporting Xeon VM, ldtilecfg) kills the process inside
 native code, where no Python runs, and faulthandler alone names no model.
 
-`model_context(id)` marks the calling thread as running that model (a C slot keyed by the thread,
-about 1 us to set: done per generation or per load, never per token). A fault on a thread that
+`model_context(id)` marks the calling thread as running that model (a C slot keyed by the thread;
+entering and leaving costs ~7 us, measured on the 2-core dev box: paid once per generation, load or
+close, never per token, where one decode takes milliseconds). A fault on a thread that
 runs no model, such as one of llama.cpp's or our kernel pool's worker threads, names the last model
 any thread set and says so (`"model_from": "last"`, with `threads_in_model` telling how many threads
 run a model right now: with 1 the guess is the one).
