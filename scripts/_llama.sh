@@ -30,11 +30,17 @@ c6_decide() {  # sets C6_LLAMA_CMAKE_ARGS, C6_LLAMA_FALLBACK_CMAKE_ARGS, C6_LLAM
   export CAPIBARA6_KERNEL_ARCH_FLAGS="$C6_KERNEL_ARCH_FLAGS"   # read by kernels/build_ffi.py
 }
 
+c6_llama_dir() {  # $1 = CMake args; the cache folder of that build. A native build is only good
+  # for the CPU it was made on, so its key holds the CPU's model and flags as well.
+  local cpu=""
+  case "$1" in *GGML_NATIVE=OFF*) ;; *) cpu=$(grep -m2 -E '^(model name|flags|Features|CPU part)' /proc/cpuinfo 2>/dev/null || true) ;; esac
+  printf '%s/llama-cpp-python-%s-%s\n' "$C6_WHEELS" "$C6_LLAMA_VERSION" "$(printf '%s\n' "$C6_LLAMA_VERSION" "$1" "$(uname -m)" \
+    "$(python -c 'import sys; print(sys.implementation.cache_tag)')" "$(cc --version 2>/dev/null | head -1)" "$cpu" | sha256sum | cut -c1-16)"
+}
+
 c6_llama_wheel() {  # $1 = CMake args; prints the path of a wheel built with exactly those flags
-  local key dir
-  key=$(printf '%s\n' "$C6_LLAMA_VERSION" "$1" "$(uname -m)" "$(python -c 'import sys; print(sys.implementation.cache_tag)')" \
-        "$(cc --version 2>/dev/null | head -1)" | sha256sum | cut -c1-16)
-  dir="$C6_WHEELS/llama-cpp-python-$C6_LLAMA_VERSION-$key"
+  local dir
+  dir=$(c6_llama_dir "$1")
   if [ "${CAPIBARA6_REBUILD_LLAMA:-0}" = 1 ]; then rm -rf "$dir"; fi
   if ! ls "$dir"/llama_cpp_python-*.whl >/dev/null 2>&1; then
     c6_say "building llama.cpp (llama-cpp-python $C6_LLAMA_VERSION) with CMAKE_ARGS=\"$1\": about 6 min on 2 cores, once per flag set"
@@ -46,8 +52,18 @@ c6_llama_wheel() {  # $1 = CMake args; prints the path of a wheel built with exa
   ls "$dir"/llama_cpp_python-*.whl | head -1
 }
 
-c6_install_llama() {  # $1 = CMake args; (re)installs only when the venv holds another build
+c6_use_fallback() {  # $1 = why; switches C6_LLAMA_* to the fallback build
+  c6_say "$1: using \"$C6_LLAMA_FALLBACK_CMAKE_ARGS\""
+  eval "$(cd "$C6_SRC" && python -m server.hw fallback --state "$C6_STATE" --why "$1")"
+}
+
+c6_install_llama() {  # $1 = CMake args; (re)installs only when the venv holds another build.
+  # A build whose smoke died by a signal on this CPU before is skipped for the fallback at once.
   local whl marker
+  if [ -e "$(c6_llama_dir "$1")/CRASHED" ] && [ "$C6_LLAMA_SOURCE" != user ] && [ -n "$C6_LLAMA_FALLBACK_CMAKE_ARGS" ]; then
+    c6_use_fallback "llama.cpp built with $1 died by a signal here before ($(c6_llama_dir "$1")/CRASHED)"
+    set -- "$C6_LLAMA_CMAKE_ARGS"
+  fi
   marker="$(python -c 'import sys; print(sys.prefix)')/.capibara6-llama-wheel"
   whl=$(c6_llama_wheel "$1")
   if [ "$(cat "$marker" 2>/dev/null)" != "$whl" ] || ! python -c 'import llama_cpp' 2>/dev/null; then
@@ -78,9 +94,11 @@ c6_prove() {  # after the project is installed: smoke both, with one rebuild eac
   Fix: CAPIBARA6_PORTABLE=1 (no -march flags) and rerun; 'capibara6 doctor' shows what this CPU reports."
 
   c6_smoke llama
+  if [ "$C6_SMOKE_RC" = 3 ]; then  # remembered, so the next install goes straight to the fallback
+    echo "$C6_SMOKE_OUT" > "$(c6_llama_dir "$C6_LLAMA_CMAKE_ARGS")/CRASHED"
+  fi
   if [ "$C6_SMOKE_RC" = 3 ] && [ "$C6_LLAMA_SOURCE" != user ] && [ -n "$C6_LLAMA_FALLBACK_CMAKE_ARGS" ]; then
-    c6_say "llama.cpp built with \"$C6_LLAMA_CMAKE_ARGS\" died by a signal in its first generation: rebuilding with \"$C6_LLAMA_FALLBACK_CMAKE_ARGS\""
-    eval "$(cd "$C6_SRC" && python -m server.hw fallback --state "$C6_STATE" --why "the build with $C6_LLAMA_CMAKE_ARGS died by a signal in its smoke generation")"
+    c6_use_fallback "llama.cpp built with $C6_LLAMA_CMAKE_ARGS died by a signal in its first generation"
     c6_install_llama "$C6_LLAMA_CMAKE_ARGS"
     c6_smoke llama
   fi
