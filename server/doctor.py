@@ -25,6 +25,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -247,8 +248,12 @@ def threads_report(registry: Registry) -> dict[str, Any]:
         if spec.backend == "remote":
             continue
         n, concurrent = slot_threads(spec)
-        how = f"pinned to {spec.n_threads}" if spec.n_threads != "auto" else \
-            f"auto: {inference} inference CPU(s) / {concurrent} concurrent generation(s)"
+        if spec.n_threads != "auto":
+            how = f"pinned to {spec.n_threads}"
+        elif concurrent == 1 and spec.parallel > 1:
+            how = f"auto: all {inference} inference CPU(s); one batched decode serves its {spec.parallel} sequences"
+        else:
+            how = f"auto: {inference} inference CPU(s) / {concurrent} concurrent generation(s)"
         models[mid] = {"setting": spec.n_threads, "threads": n, "concurrent": concurrent, "why": how}
     return {"affinity": affinity, "cgroup_quota": quota, "usable": usable, "inference": inference, "why": why,
             "models": models}
@@ -299,8 +304,6 @@ def model_report(mid: str, spec: ModelSpec, base_dir: Path, do_smoke: bool, n_to
 
 def remote_check(mid: str, spec: ModelSpec, timeout_s: float = REMOTE_TIMEOUT_S) -> smoke.SmokeResult:
     """GET <url>/v1/models: reachable, and lists the model we would ask for."""
-    import time
-
     import httpx
 
     from .backends.remote import base_url
