@@ -2,19 +2,21 @@
 
 A `Plan` is a validated request. `Generation` leases the model, runs each choice in a worker
 thread (`TokenStream`) and yields `Delta` / `ChoiceEnd` events; the API layer frames them as JSON
-or SSE. Streaming callers `start()` first so that queueing, loading and prompt errors surface
-before any byte is sent (they become proper status codes), then iterate.
+or SSE. Callers `start()` (every error up to the first token raises there) or, when streaming,
+`open()` (refusals and prompt errors raise there; `on_wait` tells when the request starts to
+wait in the queue, the moment a stream sends its headers), then iterate.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 import time
 import uuid
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
-from typing import Any, AsyncIterator, Iterator, Sequence
+from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 from .backends.base import Backend, ContextLengthExceeded, GenerationOutcome, SamplingParams, TokenEvent
 from .config import Registry, ServerSettings
@@ -104,25 +106,41 @@ class Generation:
         self._stack = AsyncExitStack()
         self._backend: Backend | None = None
         self._first: tuple[int, PromptSource, TokenStream, GenerationOutcome] | None = None
+        self._pushback: TokenEvent | None = None
         self._base_seed = plan.params.seed if plan.params.seed is not None else random.getrandbits(31)
         self.metrics = service.pool.metrics
         self.timer = RequestTimer(self.metrics, plan.model, time.monotonic)
 
     async def start(self) -> None:
-        """Wait for the model, then start the first choice and surface its prompt errors."""
+        """Wait for the model, start the first choice and wait for its first event, so every
+        error before the first token (queue, load, prompt, prefill) raises here."""
+        await self.open()
+        assert self._first is not None
+        await self._peek(self._first[2])
+
+    async def open(self, on_wait: Callable[[], None] | None = None) -> None:
+        """Wait for the model, start the first choice, return once its prompt is accepted
+        (tokenized, within the limits and the context), before its prefill runs.
+
+        Refusals decided at once (QueueFull, shutting down) and prompt errors raise here.
+        `on_wait` is called before the first wait if the request has to queue for a slot or a
+        load; never when a slot is granted at once.
+        """
         m = self.metrics
+        pool = self.service.pool
+        lease = pool.lease(self.plan.model) if on_wait is None else pool.lease(self.plan.model, on_queued=on_wait)
         m.waiting.inc()
         try:
-            self._backend = await self._stack.enter_async_context(self.service.pool.lease(self.plan.model))
+            self._backend = await self._stack.enter_async_context(lease)
         finally:
             m.waiting.dec()
         self.timer.admitted()
         m.running.inc()
         self._stack.callback(self._finished)
         index, prompt = self.plan.choices()[0]
-        stream, outcome = self._launch(index, prompt)
+        stream, outcome, accepted = self._launch(index, prompt)
         self._first = (index, prompt, stream, outcome)
-        await self._peek(stream)
+        await _accepted(accepted)
 
     async def _peek(self, stream: TokenStream) -> None:
         """Wait for the first event so errors raise here; push it back for iteration."""
@@ -135,14 +153,19 @@ class Generation:
             raise _api_error(err) from err
         self._pushback = first
 
-    def _launch(self, index: int, prompt: PromptSource) -> tuple[TokenStream, GenerationOutcome]:
+    def _launch(self, index: int, prompt: PromptSource) -> tuple[TokenStream, GenerationOutcome, asyncio.Future[None]]:
+        """Start one choice in a worker thread. The future resolves when its prompt is accepted:
+        every backend checks the context when `generate()` is called and returns the token
+        iterator before any prefill, so acceptance costs a tokenization, not a prefill."""
         assert self._backend is not None
         outcome = GenerationOutcome()
         backend = self._backend
         params = replace(self.plan.params, seed=(self._base_seed + index) & 0x7FFFFFFF)
         limits = self.service.settings
+        loop = asyncio.get_running_loop()
+        accepted: asyncio.Future[None] = loop.create_future()
 
-        def job(cancel: threading.Event) -> Iterator[TokenEvent]:
+        def prepare(cancel: threading.Event) -> Iterator[TokenEvent]:
             if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
                 text, fmt_stops = backend.chat_prompt(prompt)  # type: ignore[arg-type]
                 tokens = backend.tokenize(text)
@@ -156,23 +179,32 @@ class Generation:
                 )
             room = backend.n_ctx - len(tokens)
             max_tokens = self.plan.max_tokens or max(1, min(limits.max_tokens_cap, room))
-            yield from backend.generate(tokens, replace(params, max_tokens=max_tokens, stop=stops), outcome, cancel)
+            return backend.generate(tokens, replace(params, max_tokens=max_tokens, stop=stops), outcome, cancel)
+
+        def job(cancel: threading.Event) -> Iterator[TokenEvent]:
+            try:
+                events = prepare(cancel)
+            except BaseException as err:
+                loop.call_soon_threadsafe(_settle, accepted, err)
+                raise
+            loop.call_soon_threadsafe(_settle, accepted, None)
+            yield from events
 
         stream = TokenStream(job, model=self.plan.model)  # a fatal signal in it names the model
         self._stack.push_async_callback(stream.aclose)
-        return stream, outcome
+        return stream, outcome, accepted
 
     async def events(self) -> AsyncIterator[Delta | ChoiceEnd]:
-        """Every choice's deltas and its end, in order. Call after start()."""
-        assert self._first is not None, "call start() first"
+        """Every choice's deltas and its end, in order. Call after start() or open()."""
+        assert self._first is not None, "call start() or open() first"
         for k, (index, prompt) in enumerate(self.plan.choices()):
             if k == 0:
                 _, _, stream, outcome = self._first
                 pending = self._pushback
             else:
-                stream, outcome = self._launch(index, prompt)
-                await self._peek(stream)
-                pending = self._pushback
+                stream, outcome, accepted = self._launch(index, prompt)
+                await _accepted(accepted)
+                pending = None
             if self.plan.echo:
                 yield Delta(index, _prompt_text(prompt, self._backend), echo=True)
             if pending is not None:
@@ -205,6 +237,26 @@ class Generation:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+def _settle(fut: asyncio.Future[None], err: BaseException | None) -> None:
+    """Resolve `fut` (on the loop) unless its waiter has given up already."""
+    if fut.done():
+        return
+    if err is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(err)
+
+
+async def _accepted(fut: asyncio.Future[None]) -> None:
+    """Wait for a choice's prompt to be accepted; its refusal as an OpenAI error."""
+    try:
+        await fut
+    except asyncio.CancelledError:
+        raise
+    except BaseException as err:
+        raise _api_error(err) from err
 
 
 def _prompt_text(prompt: PromptSource, backend: Backend | None) -> str:

@@ -111,15 +111,20 @@ class ModelPool:
     # -- leases ----------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def lease(self, model_id: str, *, touch: bool = True) -> AsyncIterator[Backend]:
+    async def lease(
+        self, model_id: str, *, touch: bool = True, on_queued: Callable[[], None] | None = None
+    ) -> AsyncIterator[Backend]:
         """One generation slot on a loaded instance; waits in the model's queue if needed.
 
         touch=False (health probes): an idle model's idle clock and LRU place are kept, so a
         load balancer polling /ready does not keep a model loaded forever.
+        on_queued: called once, before the first wait, when the request joins the queue (no free
+        slot, or the model must load first); never called for a refusal (QueueFull, shutdown).
+        A streaming response sends its headers then.
         """
         slot = self._slot(model_id)
         kept = (slot.last_used, slot.idle_since) if slot.instances and not slot.leases else None
-        slot, inst = await self._acquire(model_id)
+        slot, inst = await self._acquire(model_id, on_queued)
         try:
             yield inst.backend
         finally:
@@ -133,7 +138,7 @@ class ModelPool:
             raise ModelNotFound(model_id)
         return slot
 
-    async def _acquire(self, model_id: str) -> tuple[ModelSlot, Instance]:
+    async def _acquire(self, model_id: str, on_queued: Callable[[], None] | None = None) -> tuple[ModelSlot, Instance]:
         slot = self._slot(model_id)
         if self._closing:
             raise ServiceUnavailable("The server is shutting down.", code="shutting_down")
@@ -150,6 +155,8 @@ class ModelPool:
         slot.queue.push(waiter)
         slot.blocked = False  # a new request retries a load that found no room before
         self._pump(slot)
+        if on_queued is not None and not waiter.future.done():
+            on_queued()
         try:
             done = await self._wait(slot, waiter)
         except BaseException:  # cancelled: the client went away or the server stops
