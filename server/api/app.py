@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -18,11 +18,12 @@ from ..metrics import CONTENT_TYPE
 from ..errors import ApiError, BodyTooLarge, InvalidRequest, ModelNotFound, NotFound
 from ..orchestrator.routing import ensemble_cards
 from ..pool import ModelPool
-from ..serving import Plan, Service
+from ..serving import Generation, Plan, Service
 from . import admin
 from .framing import complete_json, stream_sse
 from .grammar import response_format_grammar
 from .protocol import ChatCompletionRequest, CompletionRequest
+from .streaming import EventStream
 
 T = TypeVar("T")
 
@@ -81,22 +82,10 @@ class _TooLarge(Exception):
     pass
 
 
-class EventStream(StreamingResponse):
-    """SSE response that always runs `cleanup` (lease release) once the response ends."""
-
-    def __init__(self, body: AsyncIterator[bytes], cleanup: Callable[[], Awaitable[None]]) -> None:
-        super().__init__(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._cleanup = cleanup
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._cleanup()
-
-
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Run `work`; cancel it when the client goes away (non-streaming requests, queue waits)."""
+    """Run `work`; cancel it when the client goes away. Non-streaming requests only: a stream
+    has sse-starlette's disconnect watcher (server/api/streaming.py), and two would race for
+    the same `receive()` messages."""
     task = asyncio.ensure_future(work)
     while True:
         done, _ = await asyncio.wait({task}, timeout=0.05)
@@ -109,6 +98,11 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
             except BaseException:
                 pass
             raise asyncio.CancelledError("client disconnected")
+
+
+def _set(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def _validation_error(exc: RequestValidationError) -> InvalidRequest:
@@ -275,12 +269,25 @@ def create_app(state: AppState, role: Role) -> FastAPI:
                     return await complete_json(gen, want_lp)
 
             return JSONResponse(await until_disconnect(request, run()))
+        return await open_stream(gen, want_lp, include_usage)
+
+    async def open_stream(gen: Generation, want_lp: bool, include_usage: bool) -> Response:
+        """The headers go out as soon as the request has to wait (queue, load) or its prompt is
+        accepted (before the prefill), whichever comes first. Everything decided before that
+        (QueueFull at enqueue, shutting down, a prompt over the context) is still a plain JSON
+        error with its status; what fails later is told in the stream (framing.sse_error)."""
+        waiting: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        opening = asyncio.ensure_future(gen.open(on_wait=lambda: _set(waiting)))
         try:
-            await until_disconnect(request, gen.start())
+            await asyncio.wait({opening, waiting}, return_when=asyncio.FIRST_COMPLETED)
+            if opening.done():
+                opening.result()
         except BaseException:
+            opening.cancel()
+            await asyncio.gather(opening, return_exceptions=True)
             await gen.aclose()
             raise
-        return EventStream(stream_sse(gen, want_lp, include_usage), gen.aclose)
+        return EventStream(opening, stream_sse(gen, want_lp, include_usage), gen.aclose, state.settings.sse_ping_s)
 
     if role == "consensus":  # registered first, so these routes take precedence over the two below
         from .consensus import add_consensus_routes

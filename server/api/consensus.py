@@ -3,7 +3,9 @@
 A request that names no ensemble, not `auto` and carries no `consensus` field is an ordinary
 request and goes to the standard handler (`respond`), so a plain model id behaves as on 8082.
 Everything else runs `orchestrator.service.ConsensusRun`; the response is a normal (chat)
-completion plus a `consensus` field (in the final SSE chunk when streaming).
+completion plus a `consensus` field (in the final SSE chunk when streaming). A stream sends its
+headers once the request is validated and pings while the experts run (a vote has nothing to
+send before every expert is done); a quorum that fails then is told in the stream.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from ..orchestrator.service import ConsensusRun, question_of
 from ..serving import Plan, new_id
 from .framing import SSE_DONE, sse
 from .protocol import ChatCompletionRequest, CompletionRequest
+from .streaming import EventStream
 
 Respond = Callable[[Request, Plan, bool, bool, bool], Awaitable[Response]]
 
 
 def add_consensus_routes(app: FastAPI, state: Any, respond: Respond) -> None:
     """Register /v1/chat/completions and /v1/completions on the consensus app."""
-    from .app import EventStream, chat_plan, completion_plan, until_disconnect  # app imports us lazily
+    from .app import chat_plan, completion_plan, until_disconnect  # app imports us lazily
 
     async def dispatch(request: Request, req: ChatCompletionRequest | CompletionRequest, plan: Plan, want_lp: bool) -> Response:
         stream = bool(req.stream)
@@ -40,14 +43,15 @@ def add_consensus_routes(app: FastAPI, state: Any, respond: Respond) -> None:
         endpoint = "chat" if plan.chat else "completions"
         status = 500
         try:
+            if stream:
+                status = 200
+                opening = asyncio.ensure_future(run.prepare())
+                return EventStream(opening, _sse(run, plan, req.model, include_usage), run.aclose, state.settings.sse_ping_s)
             try:
                 await until_disconnect(request, run.prepare())
             except BaseException:
                 await run.aclose()
                 raise
-            if stream:
-                status = 200
-                return EventStream(_sse(run, plan, req.model, include_usage), run.aclose)
             try:
                 body = await until_disconnect(request, _json(run, plan, req.model))
             finally:

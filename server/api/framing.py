@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, AsyncIterator
 
+from ..errors import ApiError
 from ..serving import ChoiceEnd, Delta, Generation
 
 SSE_DONE = b"data: [DONE]\n\n"
@@ -12,6 +13,11 @@ SSE_DONE = b"data: [DONE]\n\n"
 
 def sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+def sse_error(err: ApiError) -> bytes:
+    """An error once the headers are out: `data: {"error": {...}}`, which OpenAI's SDKs raise."""
+    return sse(err.body())
 
 
 def _utf8(s: str) -> list[int]:
