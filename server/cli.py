@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.cli import add_arguments as add_bench_arguments
 
     add_bench_arguments(sub.add_parser("bench", help="serving benchmark of an OpenAI-compatible URL, or --compare results"))
+    from .doctor import add_arguments as add_doctor_arguments
+
+    add_doctor_arguments(sub.add_parser("doctor", help="check this machine: CPU, builds, a smoke generation per model"))
     return parser
 
 
@@ -149,6 +152,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .bench.cli import run as run_bench
 
         return run_bench(args)
+    if args.command == "doctor":  # its own child processes; prints a report, exit 1 if anything cannot generate
+        from .doctor import run as run_doctor
+
+        return run_doctor(args)
     setup_logging(os.environ.get("CAPIBARA6_LOG_LEVEL", "INFO"))  # one JSON object per line
     try:
         config_path = Path(args.config or "models.yaml")
