@@ -1,3 +1,3 @@
 from setuptools import setup
 
-setup(cffi_modules=["kernels/build_ffi.py:ffibuilder"])
+setup(cffi_modules=["capibara6/kernels/build_ffi.py:ffibuilder"])

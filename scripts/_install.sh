@@ -16,7 +16,7 @@ python -m pip install -q --upgrade pip setuptools wheel
 
 C6_SRC="$PWD"
 C6_STATE="$VIRTUAL_ENV/capibara6-build.json"
-c6_rebuild_kernels_portable() { CAPIBARA6_PORTABLE=1 python kernels/build_ffi.py >/dev/null; }
+c6_rebuild_kernels_portable() { CAPIBARA6_PORTABLE=1 python capibara6/kernels/build_ffi.py >/dev/null; }
 . scripts/_llama.sh
 
 c6_decide

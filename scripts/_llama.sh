@@ -2,7 +2,7 @@
 # this CPU really runs, and prove them with one real generation in a child process.
 #
 # Why: on an AMX-reporting Xeon VM, llama.cpp built with GGML_NATIVE=ON faults at its first decode
-# (ldtilecfg in ggml_backend_amx_mul_mat). `python -m server.hw decide` compiles and runs a tiny
+# (ldtilecfg in ggml_backend_amx_mul_mat). `python -m capibara6.hw decide` compiles and runs a tiny
 # program per ISA extension the CPU reports (in a child: a fault is an answer) and keeps
 # GGML_NATIVE=ON only when every one runs; otherwise GGML_NATIVE=OFF with the working extensions
 # spelled out. An explicit CMAKE_ARGS wins. If the smoke generation still dies by a signal, llama.cpp
@@ -25,9 +25,9 @@ c6_die() { echo "capibara6 install: FAILED: $*" >&2; exit 1; }
 
 c6_decide() {  # sets C6_LLAMA_CMAKE_ARGS, C6_LLAMA_FALLBACK_CMAKE_ARGS, C6_LLAMA_SOURCE, C6_KERNEL_ARCH_FLAGS
   local lines
-  lines=$(cd "$C6_SRC" && python -m server.hw decide --state "$C6_STATE" --llama-version "$C6_LLAMA_VERSION") || c6_die "the CPU probe failed"
+  lines=$(cd "$C6_SRC" && python -m capibara6.hw decide --state "$C6_STATE" --llama-version "$C6_LLAMA_VERSION") || c6_die "the CPU probe failed"
   eval "$lines"
-  export CAPIBARA6_KERNEL_ARCH_FLAGS="$C6_KERNEL_ARCH_FLAGS"   # read by kernels/build_ffi.py
+  export CAPIBARA6_KERNEL_ARCH_FLAGS="$C6_KERNEL_ARCH_FLAGS"   # read by capibara6/kernels/build_ffi.py
 }
 
 c6_llama_dir() {  # $1 = CMake args; the cache folder of that build. A native build is only good
@@ -54,7 +54,7 @@ c6_llama_wheel() {  # $1 = CMake args; prints the path of a wheel built with exa
 
 c6_use_fallback() {  # $1 = why; switches C6_LLAMA_* to the fallback build
   c6_say "$1: using \"$C6_LLAMA_FALLBACK_CMAKE_ARGS\""
-  eval "$(cd "$C6_SRC" && python -m server.hw fallback --state "$C6_STATE" --why "$1")"
+  eval "$(cd "$C6_SRC" && python -m capibara6.hw fallback --state "$C6_STATE" --why "$1")"
 }
 
 c6_install_llama() {  # $1 = CMake args; (re)installs only when the venv holds another build.
@@ -74,11 +74,11 @@ c6_install_llama() {  # $1 = CMake args; (re)installs only when the venv holds a
 
 c6_smoke() {  # $1 = llama | kernels; sets C6_SMOKE_RC (0 ok, 3 died by a signal, else failed), C6_SMOKE_OUT
   set +e
-  C6_SMOKE_OUT=$(cd / && python -m server.smoke "$1")   # from /: the installed package, not the source tree
+  C6_SMOKE_OUT=$(cd / && python -m capibara6.smoke "$1")   # from /: the installed package, not the source tree
   C6_SMOKE_RC=$?
   set -e
   [ -n "$C6_SMOKE_OUT" ] || C6_SMOKE_OUT='{"ok": false, "detail": "no answer"}'
-  (cd "$C6_SRC" && python -m server.hw record-smoke --state "$C6_STATE" --target "$1" --result "$C6_SMOKE_OUT")
+  (cd "$C6_SRC" && python -m capibara6.hw record-smoke --state "$C6_STATE" --target "$1" --result "$C6_SMOKE_OUT")
 }
 
 c6_prove() {  # after the project is installed: smoke both, with one rebuild each on a signal death
@@ -87,7 +87,7 @@ c6_prove() {  # after the project is installed: smoke both, with one rebuild eac
     c6_say "our kernels died by a signal built with ${C6_KERNEL_ARCH_FLAGS:--march=native}: rebuilding them portable (no -march)"
     c6_rebuild_kernels_portable
     c6_smoke kernels
-    (cd "$C6_SRC" && python -m server.hw record-smoke --state "$C6_STATE" --target kernels --result "$C6_SMOKE_OUT" \
+    (cd "$C6_SRC" && python -m capibara6.hw record-smoke --state "$C6_STATE" --target kernels --result "$C6_SMOKE_OUT" \
       --kernel-arch-flags portable --why "the build with ${C6_KERNEL_ARCH_FLAGS:--march=native} died by a signal in its smoke test")
   fi
   [ "$C6_SMOKE_RC" = 0 ] || c6_die "our C kernels do not compute right on this CPU: $C6_SMOKE_OUT

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 if [ -x .venv/bin/capibara6 ]; then
   CAPIBARA6=(.venv/bin/capibara6)
 elif [ -x .venv/bin/python ]; then
-  CAPIBARA6=(.venv/bin/python -m server)  # same entry point, before the console script is installed
+  CAPIBARA6=(.venv/bin/python -m capibara6)  # same entry point, before the console script is installed
 else
   echo "start_${role}: no .venv here: run ./scripts/serve.sh once (it installs everything)" >&2
   exit 1

@@ -26,14 +26,14 @@ from typing import Any, Awaitable, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from server.api.protocol import ConsensusOptions  # noqa: E402
-from server.backends.base import SamplingParams  # noqa: E402
-from server.config import ServerSettings, parse_registry  # noqa: E402
-from server.orchestrator.routing import resolve  # noqa: E402
-from server.orchestrator.service import ConsensusRun, run_model  # noqa: E402
-from server.pool import ModelPool  # noqa: E402
-from server.serving import Plan, Service  # noqa: E402
-from server.threads import usable_cpus  # noqa: E402
+from capibara6.api.protocol import ConsensusOptions  # noqa: E402
+from capibara6.backends.base import SamplingParams  # noqa: E402
+from capibara6.config import ServerSettings, parse_registry  # noqa: E402
+from capibara6.orchestrator.routing import resolve  # noqa: E402
+from capibara6.orchestrator.service import ConsensusRun, run_model  # noqa: E402
+from capibara6.pool import ModelPool  # noqa: E402
+from capibara6.serving import Plan, Service  # noqa: E402
+from capibara6.threads import usable_cpus  # noqa: E402
 
 EXPERTS = ["expert-a", "expert-b", "expert-c"]
 PROMPT = "Once upon a time, in a small village by the sea,"

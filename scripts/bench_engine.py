@@ -44,7 +44,7 @@ def worker(engine: str, model: str, threads: int, n_prompt: int, n_gen: int, kv:
 
     t0 = time.perf_counter()
     if engine.startswith("native-"):
-        from server.engine.runner import Runner
+        from capibara6.engine.runner import Runner
 
         r = Runner.load(model, n_ctx=n_prompt + n_gen + 8, kv_cache=kv, n_threads=threads, ops="kernels",
                         matmul=engine.removeprefix("native-"))
@@ -138,9 +138,9 @@ def main() -> None:
     med = {e: {k: statistics.median(x[k] for x in rs) for k in ("prefill_tps", "decode_tps", "peak_rss", "rss")}
            for e, rs in res.items()}
 
-    from server.engine.gguf_file import GGUFFile
-    from server.engine.gguf_loader import read_config
-    from server.engine.kv_cache import KVCache
+    from capibara6.engine.gguf_file import GGUFFile
+    from capibara6.engine.gguf_loader import read_config
+    from capibara6.engine.kv_cache import KVCache
 
     reader = GGUFFile(model)
     cfg = read_config(reader.metadata)

@@ -52,7 +52,7 @@ def bench2(fa, fb, min_reps=5, min_time=0.25, max_reps=200, rounds=3):
 def child(nt, quick):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import numpy as np
-    import kernels
+    from capibara6 import kernels
     kernels.set_num_threads(nt)
     rng = np.random.default_rng(0)
     res = {}

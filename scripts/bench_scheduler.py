@@ -2,7 +2,7 @@
 """Continuous batching (issue 9): capibara6 batched vs unbatched vs llama.cpp's llama-server.
 
 Contestants run one after another on the same GGUF and thread count, each driven by the same
-seeded `capibara6 bench` client (server/bench) at every concurrency level:
+seeded `capibara6 bench` client (capibara6/bench) at every concurrency level:
   unbatched     capibara6, parallel 1 (LlamaCppBackend, one generation at a time)
   batched       capibara6, parallel P (LlamaCppBatchedBackend, one decode per step for all)
   llama-server  llama.cpp's server, -np P (continuous batching), when the binary exists
@@ -75,7 +75,7 @@ def capibara6_cmd(out: Path, label: str, gguf: str, args: argparse.Namespace, pa
         "pool: {max_loaded: 1, warmup: [gemma3-270m]}\n"
         f'models:\n  gemma3-270m: {{backend: llamacpp, source: {{path: "{gguf}"}}, chat_format: gemma}}\n'
     )
-    return [sys.executable, "-m", "server", "serve", "--config", str(registry), "--role", "standard", "--port", str(port)]
+    return [sys.executable, "-m", "capibara6", "serve", "--config", str(registry), "--role", "standard", "--port", str(port)]
 
 
 def llama_server_cmd(binary: str, gguf: str, args: argparse.Namespace, port: int) -> list[str]:
@@ -92,7 +92,7 @@ def run_contestant(label: str, cmd: list[str], health: str, port: int, out: Path
             wait_up(proc, f"http://127.0.0.1:{port}{health}")
             result = out / f"{label}.json"
             subprocess.run(
-                [sys.executable, "-m", "server", "bench", "--url", f"http://127.0.0.1:{port}", "--label", label,
+                [sys.executable, "-m", "capibara6", "bench", "--url", f"http://127.0.0.1:{port}", "--label", label,
                  "--endpoint", args.endpoint, "--concurrency", args.concurrency, "--requests", str(args.requests),
                  "--max-tokens", str(args.max_tokens), "--warmup", "2", "--out", str(result), "--quiet"],
                 cwd=ROOT, check=True, stdout=sys.stderr,

@@ -77,7 +77,7 @@ wait_up() {
 # run_bench LABEL PORT: the same seeded bench against whatever listens on PORT.
 run_bench() {
     log "benchmarking $1 on port $2"
-    "$PY" -m server bench --url "http://127.0.0.1:$2" --label "$1" --endpoint "$ENDPOINT" \
+    "$PY" -m capibara6 bench --url "http://127.0.0.1:$2" --label "$1" --endpoint "$ENDPOINT" \
         --concurrency "$CONC" --requests "$REQUESTS" --max-tokens "$MAX_TOKENS" \
         --out "$OUT/$1.json" ${EXTRA[@]+"${EXTRA[@]}"} >"$OUT/$1.txt"
     cat "$OUT/$1.txt" >&2
@@ -139,7 +139,7 @@ pool: {max_loaded: 1, warmup: [gemma3-270m]}
 models:
   gemma3-270m: {backend: llamacpp, source: {path: "$GGUF"}, chat_format: gemma}
 EOF
-"$PY" -m server serve --config "$OUT/models.yaml" --role standard --port "$PORT" >"$OUT/capibara6.log" 2>&1 &
+"$PY" -m capibara6 serve --config "$OUT/models.yaml" --role standard --port "$PORT" >"$OUT/capibara6.log" 2>&1 &
 CURRENT_PID=$!
 wait_up "http://127.0.0.1:$PORT/v1/models"
 run_bench capibara6 "$PORT"
@@ -167,4 +167,4 @@ else
 fi
 
 # Baseline first: ratios are other/anchor. The compare's last line (JSON) is this script's last line.
-"$PY" -m server bench --compare "${RESULTS[@]}" --plot "$OUT/compare.png" | tee "$OUT/compare.txt"
+"$PY" -m capibara6 bench --compare "${RESULTS[@]}" --plot "$OUT/compare.png" | tee "$OUT/compare.txt"

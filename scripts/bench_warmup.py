@@ -84,7 +84,7 @@ def run_mode(warmup: bool, steady: int, max_tokens: int, tmp: Path) -> dict[str,
     cfg = tmp / f"models-{'warm' if warmup else 'cold'}.yaml"
     cfg.write_text(yaml.safe_dump(registry(warmup)))
     port = free_port()
-    cmd = [sys.executable, "-m", "server", "serve", "--config", str(cfg), "--role", "streaming", "--port", str(port)]
+    cmd = [sys.executable, "-m", "capibara6", "serve", "--config", str(cfg), "--role", "streaming", "--port", str(port)]
     log = (tmp / f"{cfg.stem}.log").open("wb")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
     url = f"http://127.0.0.1:{port}"

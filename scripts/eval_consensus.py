@@ -26,15 +26,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from server.api.protocol import ConsensusOptions  # noqa: E402
-from server.backends.base import SamplingParams  # noqa: E402
-from server.config import ServerSettings, parse_registry  # noqa: E402
-from server.orchestrator.extract import extract_answer  # noqa: E402
-from server.orchestrator.fanout import ExpertAnswer, ExpertTask  # noqa: E402
-from server.orchestrator.routing import resolve  # noqa: E402
-from server.orchestrator.service import ConsensusRun, run_model  # noqa: E402
-from server.pool import ModelPool  # noqa: E402
-from server.serving import Plan, Service  # noqa: E402
+from capibara6.api.protocol import ConsensusOptions  # noqa: E402
+from capibara6.backends.base import SamplingParams  # noqa: E402
+from capibara6.config import ServerSettings, parse_registry  # noqa: E402
+from capibara6.orchestrator.extract import extract_answer  # noqa: E402
+from capibara6.orchestrator.fanout import ExpertAnswer, ExpertTask  # noqa: E402
+from capibara6.orchestrator.routing import resolve  # noqa: E402
+from capibara6.orchestrator.service import ConsensusRun, run_model  # noqa: E402
+from capibara6.pool import ModelPool  # noqa: E402
+from capibara6.serving import Plan, Service  # noqa: E402
 
 EXPERTS = ["sample-a", "sample-b", "sample-c"]
 STRATEGIES = ["vote", "judge", "synthesize"]

@@ -47,9 +47,9 @@ def main() -> None:
         a.model = str(g.assemble())
     import llama_cpp
 
-    from server.engine.gguf_loader import load_gguf
-    from server.engine.runner import Runner
-    from server.engine.tokenizer import Tokenizer
+    from capibara6.engine.gguf_loader import load_gguf
+    from capibara6.engine.runner import Runner
+    from capibara6.engine.tokenizer import Tokenizer
 
     tok = Tokenizer(a.model)
     tokens = tok.tokenize(PD_TEXT)[:PD_TOKENS]

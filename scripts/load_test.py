@@ -160,15 +160,15 @@ def start_server(tmp: Path) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
     }
     (tmp / "models.yaml").write_text(yaml.safe_dump(registry))
     ports = {r: free_port() for r in ("standard", "streaming", "consensus")}
-    cmd = [sys.executable, "-m", "server", "serve", "--config", str(tmp / "models.yaml"),
+    cmd = [sys.executable, "-m", "capibara6", "serve", "--config", str(tmp / "models.yaml"),
            "--ports", ",".join(str(p) for p in ports.values()), "--shutdown-grace-s", "5"]
-    log = (tmp / "server.log").open("wb")
+    log = (tmp / "capibara6.log").open("wb")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "CAPIBARA6_LOG_LEVEL": "WARNING"})
     urls = {r: f"http://127.0.0.1:{p}" for r, p in ports.items()}
     deadline = time.monotonic() + 120
     while True:
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"server did not start:\n{(tmp / 'server.log').read_text()[-2000:]}")
+            raise SystemExit(f"server did not start:\n{(tmp / 'capibara6.log').read_text()[-2000:]}")
         try:
             if httpx.get(urls["standard"] + "/ready", timeout=30).status_code == 200:
                 return proc, urls

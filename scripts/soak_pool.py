@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from server.backends.base import GenerationOutcome, SamplingParams  # noqa: E402
-from server.config import parse_registry  # noqa: E402
-from server.pool import ModelPool  # noqa: E402
+from capibara6.backends.base import GenerationOutcome, SamplingParams  # noqa: E402
+from capibara6.config import parse_registry  # noqa: E402
+from capibara6.pool import ModelPool  # noqa: E402
 
 MODEL = "gemma3-270m"
 GOAL_MB = 50.0

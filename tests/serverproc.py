@@ -31,8 +31,8 @@ class ServerProcess:
         self.ports = {"standard": free_port(), "streaming": free_port(), "consensus": free_port()}
         self.url = {role: f"http://127.0.0.1:{port}" for role, port in self.ports.items()}
         ports = ",".join(str(self.ports[r]) for r in ("standard", "streaming", "consensus"))
-        cmd = [sys.executable, "-m", "server", "serve", "--config", str(self.config), "--ports", ports, *(args or [])]
-        self.log = tmp / "server.log"
+        cmd = [sys.executable, "-m", "capibara6", "serve", "--config", str(self.config), "--ports", ports, *(args or [])]
+        self.log = tmp / "capibara6.log"
         self._logf = self.log.open("wb")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._logf, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
 

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import uvicorn
 
-from server.bench.cli import UnsafeTarget, check_url, main
-from server.bench.client import RequestResult
-from server.bench.compare import goal_check, plot_comparison, print_comparison, ratios
-from server.bench.prompts import make_completion_prompts, make_prompts
-from server.bench.report import build_result, summarize_level
-from server.bench.runner import BenchConfig, LevelRun, run_bench
-from server.bench.stats import percentile, stdev, summarize
+from capibara6.bench.cli import UnsafeTarget, check_url, main
+from capibara6.bench.client import RequestResult
+from capibara6.bench.compare import goal_check, plot_comparison, print_comparison, ratios
+from capibara6.bench.prompts import make_completion_prompts, make_prompts
+from capibara6.bench.report import build_result, summarize_level
+from capibara6.bench.runner import BenchConfig, LevelRun, run_bench
+from capibara6.bench.stats import percentile, stdev, summarize
 from tests.serverproc import free_port
 
 SEED = 100

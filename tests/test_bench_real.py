@@ -11,8 +11,8 @@ from typing import Iterator
 
 import pytest
 
-from server.bench.report import summarize_level
-from server.bench.runner import BenchConfig, run_bench
+from capibara6.bench.report import summarize_level
+from capibara6.bench.runner import BenchConfig, run_bench
 from tests.conftest import gemma_registry
 from tests.serverproc import ROOT, ServerProcess
 
@@ -26,7 +26,7 @@ def live(gemma_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 def test_cli_run_against_capibara6(live: ServerProcess, tmp_path: Path) -> None:
     out = tmp_path / "capibara6.json"
-    cmd = [sys.executable, "-m", "server", "bench", "--url", live.url["standard"], "--concurrency", "1,2",
+    cmd = [sys.executable, "-m", "capibara6", "bench", "--url", live.url["standard"], "--concurrency", "1,2",
            "--requests", "3", "--max-tokens", "8", "--label", "capibara6", "--out", str(out), "--quiet"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

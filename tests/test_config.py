@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from server.config import ConfigError, build_settings, load_registry, parse_ports, parse_registry
-from server.threads import auto_threads, resolve_threads
+from capibara6.config import ConfigError, build_settings, load_registry, parse_ports, parse_registry
+from capibara6.threads import auto_threads, resolve_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,12 +62,12 @@ def test_unknown_references_rejected() -> None:
 def test_cli_fails_fast_on_bad_registry(tmp_path: Path) -> None:
     bad = tmp_path / "models.yaml"
     bad.write_text(yaml.safe_dump({"models": {"m": {"source": {"path": "x"}, "n_ctx": -5}}}))
-    res = subprocess.run([sys.executable, "-m", "server", "serve", "--config", str(bad)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    res = subprocess.run([sys.executable, "-m", "capibara6", "serve", "--config", str(bad)], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "model 'm': n_ctx" in res.stderr
 
 
 def test_models_command_prints_registry() -> None:
-    res = subprocess.run([sys.executable, "-m", "server", "models"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    res = subprocess.run([sys.executable, "-m", "capibara6", "models"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "gemma3-270m" in res.stdout and "llamacpp" in res.stdout
 
 

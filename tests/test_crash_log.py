@@ -1,4 +1,4 @@
-"""A fatal signal leaves a last log line naming the model (server/crash.py, kernels/src/crash.c).
+"""A fatal signal leaves a last log line naming the model (capibara6/crash.py, capibara6/kernels/src/crash.c).
 
 Every crash happens in a child process, never in the test runner: a scripted program faults for
 real (a NULL read), aborts, or is sent a signal, and the test reads what it left on stderr. The
@@ -22,14 +22,14 @@ from typing import Any, Iterator, Sequence as Seq
 import httpx
 import pytest
 
-import kernels
-from server import crash
-from server.backends.base import SamplingParams, TokenEvent
-from server.config import parse_registry
-from server.pool import ModelPool
-from server.pool.budget import Estimate
-from server.runner import TokenStream
-from server.scheduler import Scheduler, Sequence
+from capibara6 import kernels
+from capibara6 import crash
+from capibara6.backends.base import SamplingParams, TokenEvent
+from capibara6.config import parse_registry
+from capibara6.pool import ModelPool
+from capibara6.pool.budget import Estimate
+from capibara6.runner import TokenStream
+from capibara6.scheduler import Scheduler, Sequence
 from tests.conftest import gemma_registry
 from tests.serverproc import ROOT, ServerProcess
 
@@ -37,7 +37,7 @@ from tests.serverproc import ROOT, ServerProcess
 # thread that runs "crashy-model" (or, for "nomodel", on the main thread once the worker is done).
 CHILD = r"""
 import ctypes, os, signal, sys, threading
-from server import crash
+from capibara6 import crash
 
 crash.install()
 how = sys.argv[1]
@@ -112,7 +112,7 @@ def test_fault_on_a_thread_without_a_model_names_the_last_model() -> None:
 
 def test_fault_before_any_model_says_so() -> None:
     r = subprocess.run(
-        [sys.executable, "-c", "import ctypes; from server import crash; crash.install(); ctypes.string_at(0)"],
+        [sys.executable, "-c", "import ctypes; from capibara6 import crash; crash.install(); ctypes.string_at(0)"],
         cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert r.returncode == -signal.SIGSEGV

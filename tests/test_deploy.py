@@ -18,8 +18,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.config import parse_registry
-from server.pool import ModelPool
+from capibara6.config import parse_registry
+from capibara6.pool import ModelPool
 from tests.conftest import gemma_registry
 from tests.serverproc import free_port
 
@@ -101,7 +101,7 @@ def test_units_are_hardened_and_outlast_the_grace(name: str) -> None:
 
 
 def test_env_file_names_only_real_settings() -> None:
-    from server.config import ServerSettings
+    from capibara6.config import ServerSettings
 
     known = {"CAPIBARA6_" + f.upper() for f in ServerSettings.model_fields} | {"CAPIBARA6_LOG_LEVEL"}
     names = re.findall(r"^#?(CAPIBARA6_[A-Z_]+)=", (DEPLOY / "capibara6.env").read_text(), re.M)

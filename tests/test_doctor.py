@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from server import doctor
+from capibara6 import doctor
 from tests.conftest import gemma_registry
 from tests.serverproc import ROOT
 
@@ -19,7 +19,7 @@ from tests.serverproc import ROOT
 def run_doctor(registry: dict[str, Any], tmp: Path, *extra: str) -> tuple[int, dict[str, Any]]:
     config = tmp / "models.yaml"
     config.write_text(yaml.safe_dump(registry, sort_keys=False))
-    p = subprocess.run([sys.executable, "-m", "server", "doctor", "--json", "--config", str(config), "--tokens", "4", *extra],
+    p = subprocess.run([sys.executable, "-m", "capibara6", "doctor", "--json", "--config", str(config), "--tokens", "4", *extra],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     lines = p.stdout.strip().splitlines()
     assert len(lines) == 1, (p.stdout[-2000:], p.stderr[-2000:])
@@ -38,7 +38,7 @@ def test_doctor_json_on_the_real_install(good: tuple[int, dict[str, Any]]) -> No
     assert set(report) >= {"cpu", "install", "llama_cpp", "kernels", "threads", "memory", "models"}
     cpu = report["cpu"]
     assert cpu["model"] and cpu["machine"] and cpu["reported"]
-    if cpu["probes"] is not None:  # server.hw installed: every probe answers ok or says why not
+    if cpu["probes"] is not None:  # capibara6.hw installed: every probe answers ok or says why not
         assert all(isinstance(p["ok"], bool) and p["detail"] for p in cpu["probes"].values())
     assert "recorded" in report["install"]
     ll = report["llama_cpp"]
@@ -88,7 +88,7 @@ def test_install_record_absent_says_not_recorded(tmp_path: Path) -> None:
 
 
 def test_remote_model_that_does_not_answer_is_a_failure() -> None:
-    from server.config import ModelSpec
+    from capibara6.config import ModelSpec
 
     spec = ModelSpec.model_validate({"backend": "remote", "source": {"url": "http://127.0.0.1:9"}})
     r = doctor.remote_check("far", spec, timeout_s=2)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from server.hw.decide import decide, enabled_set, X86_NEEDS
-from server.hw.probes import Probe, cpu_model, reported_features, run_probes
+from capibara6.hw.decide import decide, enabled_set, X86_NEEDS
+from capibara6.hw.probes import Probe, cpu_model, reported_features, run_probes
 
 ROOT = Path(__file__).resolve().parents[1]
 X86_ALL = ("sse42", "avx", "avx2", "fma", "f16c", "bmi2", "avx_vnni", "avx512", "avx512_vbmi", "avx512_vnni", "avx512_bf16", "amx")
@@ -184,9 +184,9 @@ def test_arm_probes_under_qemu(cpu: str, expect_ok: set[str]) -> None:
 
 
 def test_state_file_and_shell_lines(tmp_path: Path) -> None:
-    """`python -m server.hw decide` (what _install.sh evals) writes the state doctor reads."""
+    """`python -m capibara6.hw decide` (what _install.sh evals) writes the state doctor reads."""
     state = tmp_path / "build.json"
-    out = subprocess.run([sys.executable, "-m", "server.hw", "decide", "--state", str(state), "--llama-version", "0.3.36"],
+    out = subprocess.run([sys.executable, "-m", "capibara6.hw", "decide", "--state", str(state), "--llama-version", "0.3.36"],
                          cwd=ROOT, capture_output=True, text=True, check=True, env={"PATH": "/usr/bin:/bin", "CMAKE_ARGS": "-DGGML_NATIVE=OFF"})
     lines = dict(line.split("=", 1) for line in out.stdout.splitlines())
     assert set(lines) == {"C6_LLAMA_CMAKE_ARGS", "C6_LLAMA_FALLBACK_CMAKE_ARGS", "C6_LLAMA_SOURCE", "C6_KERNEL_ARCH_FLAGS"}
@@ -195,5 +195,5 @@ def test_state_file_and_shell_lines(tmp_path: Path) -> None:
     assert data["llama_cpp"]["cmake_args"] == "-DGGML_NATIVE=OFF" and data["llama_cpp"]["version"] == "0.3.36"
     assert set(data["probes"]) and all({"ok", "detail"} <= set(p) for p in data["probes"].values())
     # the recorded build, after a crash, switches to its fallback only when one exists
-    fb = subprocess.run([sys.executable, "-m", "server.hw", "fallback", "--state", str(state), "--why", "test"], cwd=ROOT, capture_output=True, text=True)
+    fb = subprocess.run([sys.executable, "-m", "capibara6.hw", "fallback", "--state", str(state), "--why", "test"], cwd=ROOT, capture_output=True, text=True)
     assert fb.returncode == 1 and "no fallback" in fb.stderr

@@ -204,8 +204,8 @@ def test_scrapes_in_parallel_with_load(msrv: ServerProcess) -> None:
 
 
 def test_label_guard_keeps_values_in_their_vocabulary(gemma_path: Path) -> None:
-    from server.config import parse_registry
-    from server.pool import ModelPool
+    from capibara6.config import parse_registry
+    from capibara6.pool import ModelPool
 
     raw = gemma_registry(gemma_path)
     raw["ensembles"] = {"duo": {"experts": [MODEL, MODEL]}}

@@ -11,8 +11,8 @@ from typing import Any, AsyncIterator, Iterator
 import httpx
 import pytest
 
-from server.backends.base import GenerationOutcome, SamplingParams, TokenEvent
-from server.readiness import ReadinessProbe
+from capibara6.backends.base import GenerationOutcome, SamplingParams, TokenEvent
+from capibara6.readiness import ReadinessProbe
 from tests.conftest import gemma_registry
 from tests.serverproc import ServerProcess
 

@@ -13,15 +13,15 @@ from typing import Any, Iterator, Sequence
 import httpx
 import pytest
 
-from server.api.app import AppState, create_app
-from server.backends.base import GenerationOutcome, SamplingParams, TokenEvent
-from server.config import ServerSettings, parse_registry
-from server.errors import ExpertsFailed
-from server.orchestrator.fanout import ExpertAnswer, ExpertTask, fan_out
-from server.orchestrator.routing import resolve
-from server.orchestrator.service import ConsensusRun
-from server.pool import ModelPool
-from server.serving import Plan
+from capibara6.api.app import AppState, create_app
+from capibara6.backends.base import GenerationOutcome, SamplingParams, TokenEvent
+from capibara6.config import ServerSettings, parse_registry
+from capibara6.errors import ExpertsFailed
+from capibara6.orchestrator.fanout import ExpertAnswer, ExpertTask, fan_out
+from capibara6.orchestrator.routing import resolve
+from capibara6.orchestrator.service import ConsensusRun
+from capibara6.pool import ModelPool
+from capibara6.serving import Plan
 
 # model id -> (answer, seconds per token, failure message)
 SCRIPT: dict[str, tuple[str, float, str | None]] = {
@@ -94,7 +94,7 @@ def chat_plan(model: str = "x") -> Plan:
 
 
 def run(state: AppState, experts: list[str], strategy: str = "vote", timeout_s: float = 0.5, min_responses: int = 1) -> ConsensusRun:
-    from server.api.protocol import ConsensusOptions
+    from capibara6.api.protocol import ConsensusOptions
 
     opts = ConsensusOptions(experts=experts, strategy=strategy, timeout_s=timeout_s, min_responses=min_responses)  # type: ignore[arg-type]
     cplan = resolve(state.registry, "quick", opts, "What is 5 + 7?")

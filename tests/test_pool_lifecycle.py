@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from server.backends.base import GenerationOutcome, SamplingParams
-from server.config import parse_registry
-from server.errors import ServiceUnavailable
-from server.pool import ModelPool
+from capibara6.backends.base import GenerationOutcome, SamplingParams
+from capibara6.config import parse_registry
+from capibara6.errors import ServiceUnavailable
+from capibara6.pool import ModelPool
 from tests.conftest import gemma_registry
 
 MODEL = "gemma3-270m"

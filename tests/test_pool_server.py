@@ -10,7 +10,7 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from server.cli import main as cli_main
+from capibara6.cli import main as cli_main
 from tests.conftest import gemma_registry
 from tests.serverproc import ServerProcess, free_port
 

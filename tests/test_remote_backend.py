@@ -11,7 +11,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from server.backends.remote import RemotePrompt, base_url
+from capibara6.backends.remote import RemotePrompt, base_url
 from tests.conftest import gemma_registry
 from tests.serverproc import ServerProcess, free_port
 

@@ -22,11 +22,11 @@ from typing import Any, Iterator
 
 import pytest
 
-from server.backends.base import ContextLengthExceeded, GenerationOutcome, SamplingParams, TokenEvent
-from server.backends.llamacpp import LlamaCppBackend
-from server.backends.llamacpp_batched import LlamaCppBatchedBackend
-from server.config import parse_registry
-from server.metrics import PREFIX_CACHE
+from capibara6.backends.base import ContextLengthExceeded, GenerationOutcome, SamplingParams, TokenEvent
+from capibara6.backends.llamacpp import LlamaCppBackend
+from capibara6.backends.llamacpp_batched import LlamaCppBatchedBackend
+from capibara6.config import parse_registry
+from capibara6.metrics import PREFIX_CACHE
 
 NEAR_TIE = 0.25  # nats; observed kernel-path drift is <= 0.1
 PROMPTS = [

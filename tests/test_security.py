@@ -15,9 +15,9 @@ import openai
 import pytest
 from openai import OpenAI
 
-from server.api.middleware import RequestContext
-from server.config import ConfigError, build_settings
-from server.logs import JsonFormatter
+from capibara6.api.middleware import RequestContext
+from capibara6.config import ConfigError, build_settings
+from capibara6.logs import JsonFormatter
 from tests.conftest import gemma_registry
 from tests.serverproc import ServerProcess
 
@@ -210,7 +210,7 @@ def test_api_key_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_open_health_off_protects_probes_too() -> None:
-    from server.api.security import ApiKeyAuth
+    from capibara6.api.security import ApiKeyAuth
 
     async def call(open_health: bool, path: str, headers: dict[str, str]) -> int:
         app = ApiKeyAuth(_echo_app, KEY, open_health=open_health)

@@ -112,7 +112,7 @@ def test_idle_server_exits_0_promptly(gemma_path: Path, tmp_path: Path, sig: sig
 def test_second_signal_skips_the_rest_of_the_grace() -> None:
     import asyncio
 
-    from server.shutdown import Drain
+    from capibara6.shutdown import Drain
 
     async def main() -> tuple[float, int, bool]:
         drain = Drain()

@@ -1,4 +1,4 @@
-"""server.smoke: real checks in child processes; a child's death by a signal is an answer."""
+"""capibara6.smoke: real checks in child processes; a child's death by a signal is an answer."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Sequence
 
 import pytest
 
-from server import smoke
+from capibara6 import smoke
 from tests.serverproc import ROOT
 
 SEGV = "import os, signal; print('C6SMOKE-STAGE prefill', flush=True); os.kill(os.getpid(), signal.SIGSEGV)"
@@ -102,7 +102,7 @@ def test_kernels_smoke_runs_every_kernel_against_numpy() -> None:
 
 def test_llama_cli_on_the_real_model(gemma_path: Path) -> None:
     """The installer's exact contract: one JSON line on stdout, exit 0, decode speed measured."""
-    p = subprocess.run([sys.executable, "-m", "server.smoke", "llama", "--model-path", str(gemma_path), "--tokens", "6"],
+    p = subprocess.run([sys.executable, "-m", "capibara6.smoke", "llama", "--model-path", str(gemma_path), "--tokens", "6"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     lines = p.stdout.strip().splitlines()

@@ -19,10 +19,10 @@ import openai
 import pytest
 from openai import OpenAI
 
-from server.api.app import AppState, create_app
-from server.backends.base import GenerationOutcome, SamplingParams, TokenEvent
-from server.config import ServerSettings, parse_registry
-from server.pool import ModelPool
+from capibara6.api.app import AppState, create_app
+from capibara6.backends.base import GenerationOutcome, SamplingParams, TokenEvent
+from capibara6.config import ServerSettings, parse_registry
+from capibara6.pool import ModelPool
 from tests.conftest import gemma_registry
 from tests.serverproc import ServerProcess
 

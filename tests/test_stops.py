@@ -1,6 +1,6 @@
 """Stop strings never leak, not even partly, and UTF-8 split across tokens is reassembled."""
 
-from server.backends.stops import StopText
+from capibara6.backends.stops import StopText
 
 
 def run(pieces: list[bytes], stops: list[str]) -> tuple[str, bool]:

@@ -72,14 +72,14 @@ def gemma_gguf() -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def gemma_model(gemma_gguf: pathlib.Path):  # type: ignore[no-untyped-def]
-    from server.engine.gguf_loader import load_gguf
+    from capibara6.engine.gguf_loader import load_gguf
 
     return load_gguf(gemma_gguf)  # matrices stay quantized, mapped from the file
 
 
 @pytest.fixture(scope="session")
 def gemma_tokenizer(gemma_gguf: pathlib.Path):  # type: ignore[no-untyped-def]
-    from server.engine.tokenizer import Tokenizer
+    from capibara6.engine.tokenizer import Tokenizer
 
     tok = Tokenizer(gemma_gguf)
     yield tok
@@ -321,7 +321,7 @@ def tiny_llama_gguf(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 
 def kernels_available() -> bool:
     try:
-        import kernels
+        from capibara6 import kernels
 
         return hasattr(kernels, "matmul") and hasattr(kernels, "attention")
     except ImportError:

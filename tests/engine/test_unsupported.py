@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
 
-from server.engine.dequant import SUPPORTED, dequantize
-from server.engine.errors import UnsupportedModel
+from capibara6.engine.dequant import SUPPORTED, dequantize
+from capibara6.engine.errors import UnsupportedModel
 
 
 def test_unsupported_tensor_type_is_a_load_error() -> None:

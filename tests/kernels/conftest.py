@@ -11,7 +11,7 @@ def rng():
 @pytest.fixture
 def threads():
     """Restore the thread count after a test."""
-    import kernels
+    from capibara6 import kernels
     n = kernels.get_num_threads()
     yield
     kernels.set_num_threads(n)

@@ -1,7 +1,7 @@
 """Numpy reference for the GGUF block formats and llama.cpp's activation quantization.
 
 Written from the ggml format definitions (block_q4_0 ... block_q6_K), independently of
-kernels/src/quant.c, and needing only numpy (it runs in the aarch64 lane too).
+capibara6/kernels/src/quant.c, and needing only numpy (it runs in the aarch64 lane too).
 """
 import numpy as np
 

@@ -14,7 +14,7 @@ import os
 import numpy as np
 import pytest
 
-import kernels
+from capibara6 import kernels
 from kernels_ref import (HAVE_ML_DTYPES, IS_ARM, SMALL, U, fp8_ref_encode, fp8_ref_table,
                       ref_attention)
 
@@ -532,9 +532,9 @@ def test_portable_build_passes_suite(tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, CAPIBARA6_PORTABLE="1", CAPIBARA6_FORCE_PORTABLE="1",
                CAPIBARA6_IN_PORTABLE_TEST="1", PYTHONPATH=str(tmp_path), PYTHONDONTWRITEBYTECODE="1")
-    subprocess.run([sys.executable, os.path.join(repo, "kernels", "build_ffi.py"), "--outdir",
+    subprocess.run([sys.executable, os.path.join(repo, "capibara6", "kernels", "build_ffi.py"), "--outdir",
                     str(tmp_path)], check=True, env=env, capture_output=True)
-    code = ("import kernels, sys; i = kernels.build_info(); "
+    code = ("import sys; from capibara6 import kernels; i = kernels.build_info(); "
             "assert kernels.__file__.startswith(sys.argv[1]), kernels.__file__; "
             "assert i['portable'] and not i['avx2'], i")
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, env=env, cwd=str(tmp_path))

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import quant_ref as ref
 
-import kernels
+from capibara6 import kernels
 
 TYPES = [ref.Q4_0, ref.Q5_0, ref.Q8_0, ref.Q4_K, ref.Q5_K, ref.Q6_K]
 

@@ -1,10 +1,10 @@
-"""cffi (API mode) builder for kernels._kernels.
+"""cffi (API mode) builder for capibara6.kernels._kernels.
 
 Used three ways:
-  * setuptools: setup.py has cffi_modules=["kernels/build_ffi.py:ffibuilder"] (pip install -e .)
-  * directly:   python kernels/build_ffi.py          -> compiles kernels/_kernels*.so in place
-  * cross:      python kernels/build_ffi.py --emit-c OUT.c  -> only writes cffi's C (scripts/test_arm.sh)
-  * elsewhere:  python kernels/build_ffi.py --outdir DIR    -> DIR/kernels/{__init__.py,_kernels*.so}
+  * setuptools: setup.py has cffi_modules=["capibara6/kernels/build_ffi.py:ffibuilder"] (pip install -e .)
+  * directly:   python capibara6/kernels/build_ffi.py          -> compiles capibara6/kernels/_kernels*.so in place
+  * cross:      python capibara6/kernels/build_ffi.py --emit-c OUT.c  -> only writes cffi's C (scripts/test_arm.sh)
+  * elsewhere:  python capibara6/kernels/build_ffi.py --outdir DIR    -> DIR/capibara6/kernels/{__init__.py,_kernels*.so}
                 (tests build the CAPIBARA6_PORTABLE=1 variant this way)
 Env: CAPIBARA6_PORTABLE=1 -> no -march/-mcpu flags; CAPIBARA6_FORCE_PORTABLE=1 -> also disable
 the NEON paths (-DC6_FORCE_PORTABLE) so the portable C is used even on aarch64;
@@ -86,7 +86,7 @@ def make_builder(fix=_rel):
     b = FFI()
     b.cdef(CDEF)
     b.set_source(
-        "kernels._kernels",
+        "capibara6.kernels._kernels",
         '#include "capibara6_kernels.h"',
         sources=[fix(os.path.join(SRC_DIR, s)) for s in SOURCES],
         include_dirs=[fix(SRC_DIR)],
@@ -107,7 +107,7 @@ def main(argv):
     import glob
     import shutil
 
-    root = os.path.dirname(HERE)  # build/ is gitignored
+    root = os.path.dirname(os.path.dirname(HERE))  # the repository; build/ is gitignored
     tmp = os.path.join(root, "build", "cffi-kernels")
     if os.environ.get("CAPIBARA6_PORTABLE") == "1" or os.environ.get("CAPIBARA6_FORCE_PORTABLE") == "1":
         tmp += "-portable"
@@ -115,8 +115,10 @@ def main(argv):
     so = make_builder(os.path.abspath).compile(tmpdir=tmp, verbose=bool(os.environ.get("VERBOSE")))
     dest_dir = HERE
     if len(argv) >= 2 and argv[0] == "--outdir":
-        dest_dir = os.path.join(os.path.abspath(argv[1]), "kernels")
+        package_dir = os.path.join(os.path.abspath(argv[1]), "capibara6")  # just the package and its kernels
+        dest_dir = os.path.join(package_dir, "kernels")
         os.makedirs(dest_dir, exist_ok=True)
+        shutil.copy2(os.path.join(os.path.dirname(HERE), "__init__.py"), package_dir)
         shutil.copy2(os.path.join(HERE, "__init__.py"), dest_dir)
     for old in glob.glob(os.path.join(dest_dir, "_kernels.*.so")):
         os.remove(old)

@@ -1,8 +1,8 @@
-"""capibara6 CPU kernels: numpy wrappers around the cffi extension kernels._kernels.
+"""capibara6 CPU kernels: numpy wrappers around the cffi extension capibara6.kernels._kernels.
 
 All float arrays are numpy float32, C-contiguous. Every op validates its arguments (TypeError for a
 wrong type/dtype, ValueError for a wrong shape/contiguity/aliasing), accepts ``out=`` and returns the
-output array. The GIL is released during every C call (cffi API mode). See kernels/README.md.
+output array. The GIL is released during every C call (cffi API mode). See capibara6/kernels/README.md.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ try:
     from ._kernels import ffi as _ffi, lib as _lib
 except ImportError as e:  # pragma: no cover
     raise ImportError(
-        "kernels._kernels is not built: run `pip install -e .` or `python kernels/build_ffi.py` "
+        "capibara6.kernels._kernels is not built: run `pip install -e .` or `python capibara6/kernels/build_ffi.py` "
         f"({e})") from e
 
 __all__ = [
@@ -381,7 +381,7 @@ CRASH_MODEL_FROM = ("none", "thread", "last")  # c6_crash_model's return value -
 
 def crash_install(fd: int) -> None:
     """Put the fatal-signal line writer (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT) in front of the
-    handlers installed now, writing to file descriptor fd; idempotent. See server/crash.py."""
+    handlers installed now, writing to file descriptor fd; idempotent. See capibara6/crash.py."""
     if _lib.c6_crash_install(int(fd)) != 0:
         raise OSError(_ffi.errno, f"crash_install: sigaction failed (fd {fd})")
 

@@ -84,7 +84,7 @@ class _TooLarge(Exception):
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Run `work`; cancel it when the client goes away. Non-streaming requests only: a stream
-    has sse-starlette's disconnect watcher (server/api/streaming.py), and two would race for
+    has sse-starlette's disconnect watcher (capibara6/api/streaming.py), and two would race for
     the same `receive()` messages."""
     task = asyncio.ensure_future(work)
     while True:
@@ -315,7 +315,7 @@ def create_app(state: AppState, role: Role) -> FastAPI:
 def wrap(app: FastAPI, settings: ServerSettings, drain: Any = None) -> ASGIApp:
     """The ASGI stack, outermost first: request id + access log, CORS (if configured), drain gate
     (503 while shutting down), API key (if configured), body size limit, the app.
-    `drain` (server.shutdown.Drain) is shared by every role of one process."""
+    `drain` (capibara6.shutdown.Drain) is shared by every role of one process."""
     from starlette.middleware.cors import CORSMiddleware
 
     from ..shutdown import Drain

@@ -51,7 +51,7 @@ class Sampler:
 
     @classmethod
     def from_params(cls, p: object) -> Sampler:
-        """From a SamplingParams-like object (attribute names as in server.backends.base)."""
+        """From a SamplingParams-like object (attribute names as in capibara6.backends.base)."""
         return cls(
             temperature=float(getattr(p, "temperature", 1.0)),
             top_k=int(getattr(p, "top_k", 0) or 0),

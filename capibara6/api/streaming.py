@@ -15,7 +15,7 @@ Why each piece is the way it is (read in sse-starlette 3.7.0, `sse_starlette/sse
   `request.is_disconnected()` on a stream). On `http.disconnect` it cancels the response's task
   group; the cancellation reaches the body wherever it waits (queue, load, prefill, next token),
   and `cleanup` then returns the queue place or the lease.
-- Shutdown belongs to our Drain (server/shutdown.py): the library's automatic drain would cancel
+- Shutdown belongs to our Drain (capibara6/shutdown.py): the library's automatic drain would cancel
   every stream at SIGTERM instead of giving running generations the grace, so it is switched off.
 - `send_timeout`: a client that has not taken a chunk for SEND_TIMEOUT_S (its socket buffers are
   full) is treated as gone, so a stalled reader cannot hold a model slot forever.
@@ -47,7 +47,7 @@ AppStatus.disable_automatic_graceful_drain()  # process-wide: our Drain decides 
 async def after(opening: Awaitable[Any], chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """`chunks` once `opening` (queue, load, expert fan-out) is done. The headers are out by now,
     so a failure of either ends the stream as one `data: {"error": ...}` event and no [DONE] (the
-    drain's cut-off says it the same way: server/api/middleware.py), never as a cut connection."""
+    drain's cut-off says it the same way: capibara6/api/middleware.py), never as a cut connection."""
     try:
         await opening
         async for chunk in chunks:

@@ -53,7 +53,7 @@ class ModelSpec(_Strict):
     chat_format: str | None = Field(None, description="llama-cpp-python chat format (e.g. gemma); None: the GGUF's template.")
     n_ctx: int = Field(4096, ge=64, le=1_048_576, description="Context window in tokens.")
     n_batch: int = Field(512, ge=1, description="Prompt tokens per llama_decode call.")
-    n_threads: int | Literal["auto"] = Field("auto", description="CPU threads per generation slot; auto: see server.threads.")
+    n_threads: int | Literal["auto"] = Field("auto", description="CPU threads per generation slot; auto: see capibara6.threads.")
     kv_cache: str | None = Field(None, description="llamacpp: f16|q8_0|q4_0; native: fp32|fp16|fp8.")
     prefill_chunk: int = Field(256, ge=1, description="Prompt tokens per prefill step (native engine, scheduler).")
     matmul: Literal["int16", "int8", "fp32"] = Field(

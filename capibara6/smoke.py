@@ -3,15 +3,15 @@
 A llama.cpp build with an instruction the CPU or its hypervisor cannot run (AMX tiles in some
 VMs, AVX-512 where it is reported but trapped) does not raise: the process dies by SIGSEGV or
 SIGILL at the first matmul, and a server that loaded the model in-process disappears without a
-log line. So every check here runs in `sys.executable -m server.smoke _child ...`, a fresh
+log line. So every check here runs in `sys.executable -m capibara6.smoke _child ...`, a fresh
 interpreter (never a fork of a threaded server), with a timeout after which its whole process
 group is killed; the caller only reads the child's exit status and its marker lines:
 
     C6SMOKE-STAGE <stage>      printed (and flushed) before each step: the last one says where it died
     C6SMOKE-RESULT <json>      the child's own result, printed once at the end
 
-CLI (scripts/_install.sh relies on it): `python -m server.smoke llama [--model-path P]
-[--tokens N]` or `python -m server.smoke kernels` prints one human line to stderr and one JSON
+CLI (scripts/_install.sh relies on it): `python -m capibara6.smoke llama [--model-path P]
+[--tokens N]` or `python -m capibara6.smoke kernels` prints one human line to stderr and one JSON
 line (SmokeResult.to_dict()) to stdout; exit 0 = ok, 3 = the child died by a signal (the
 installer then rebuilds llama.cpp with conservative flags), 1 = any other failure.
 """
@@ -148,9 +148,9 @@ def crash_advice(target: str, sig: str, stage: str | None) -> str:
     """The message for a child that died by `sig` in `stage`: the cause and the fix."""
     where = f"at {stage}" if stage else "before its first step"
     if target == "kernels":
-        return (f"our kernels died with {sig} {where}: kernels/_kernels was compiled (-march/-mcpu=native) "
+        return (f"our kernels died with {sig} {where}: capibara6/kernels/_kernels was compiled (-march/-mcpu=native) "
                 "with an instruction this CPU/hypervisor cannot run; rebuild them with "
-                "CAPIBARA6_PORTABLE=1 python kernels/build_ffi.py, or choose the flags with "
+                "CAPIBARA6_PORTABLE=1 python capibara6/kernels/build_ffi.py, or choose the flags with "
                 "CAPIBARA6_KERNEL_ARCH_FLAGS=\"-march=x86-64-v3\" (scripts/_install.sh does this automatically)")
     return (f"llama.cpp died with {sig} {where}: its build uses an instruction this CPU/hypervisor "
             f"cannot run; rebuild with CMAKE_ARGS=\"{_llama_rebuild_flags()}\" pip install --force-reinstall "
@@ -208,21 +208,21 @@ def smoke_llama_cpp(model_path: Path | None = None, n_tokens: int = 8, timeout_s
     except (ImportError, OSError, ValueError) as err:
         return SmokeResult("llama", False, f"cannot find the default model ({DEFAULT_PYPI_MODEL}): {err}; "
                            f"install it with pip install {DEFAULT_PYPI_MODEL} or pass --model-path")
-    run = runner(["-m", "server.smoke", "_child", "llama", "--model-path", str(path), "--tokens", str(n_tokens)], timeout_s)
+    run = runner(["-m", "capibara6.smoke", "_child", "llama", "--model-path", str(path), "--tokens", str(n_tokens)], timeout_s)
     return interpret("llama", run, timeout_s)
 
 
 def smoke_kernels(timeout_s: float = 120, runner: Runner = run_child) -> SmokeResult:
     """Our kernels (matmul, qmatmul on Q8_0/Q4_K/Q6_K, rmsnorm, softmax, attention) against
     float64 numpy references, in a child: fails on a wrong result or a child that dies."""
-    return interpret("kernels", runner(["-m", "server.smoke", "_child", "kernels"], timeout_s), timeout_s)
+    return interpret("kernels", runner(["-m", "capibara6.smoke", "_child", "kernels"], timeout_s), timeout_s)
 
 
 def smoke_model(model_id: str, spec: Any, base_dir: Path, n_tokens: int = 8, timeout_s: float = 300,
                 runner: Runner = run_child) -> SmokeResult:
     """One greedy generation of n_tokens through the project's own loader (load_backend +
     backend.generate), in a child. `spec` is a config.ModelSpec."""
-    args = ["-m", "server.smoke", "_child", "model", "--model-id", model_id, "--spec-json", spec.model_dump_json(),
+    args = ["-m", "capibara6.smoke", "_child", "model", "--model-id", model_id, "--spec-json", spec.model_dump_json(),
             "--base-dir", str(base_dir), "--tokens", str(n_tokens)]
     return interpret(model_id, runner(args, timeout_s), timeout_s)
 
@@ -230,7 +230,7 @@ def smoke_model(model_id: str, spec: Any, base_dir: Path, n_tokens: int = 8, tim
 def llama_info(timeout_s: float = 60, runner: Runner = run_child) -> SmokeResult:
     """What llama.cpp was built with (llama_build_info), asked in a child: importing a build
     this CPU cannot run must not take the caller down. No model is loaded."""
-    return interpret("llama-build", runner(["-m", "server.smoke", "_child", "build"], timeout_s), timeout_s)
+    return interpret("llama-build", runner(["-m", "capibara6.smoke", "_child", "build"], timeout_s), timeout_s)
 
 
 def exit_code(result: SmokeResult) -> int:
@@ -429,7 +429,7 @@ def _child_model(model_id: str, spec_json: str, base_dir: str, n_tokens: int) ->
 
 def _random_blocks(rng: Any, wtype: int, rows: int, k: int) -> Any:
     """Random GGUF blocks: random bytes in every field, with small finite fp16 scales."""
-    import kernels
+    from capibara6 import kernels
     import numpy as np
 
     values, nbytes = kernels.qtype_block(wtype)
@@ -448,7 +448,7 @@ def _kernel_checks() -> list[tuple[str, Callable[[], tuple[Any, Any]], float]]:
     import numpy as np
     from gguf import GGMLQuantizationType, quants
 
-    import kernels
+    from capibara6 import kernels
 
     rng = np.random.default_rng(6)
     f32 = np.float32
@@ -504,7 +504,7 @@ def _child_kernels() -> int:
     import numpy as np
 
     _stage("import")
-    import kernels
+    from capibara6 import kernels
 
     kernels.set_num_threads(2)  # the thread pool too, not just the calling thread
     info: dict[str, Any] = {"build": kernels.build_info()}
@@ -518,7 +518,7 @@ def _child_kernels() -> int:
             info["errors"] = worst
             _emit(False, f"kernels.{name} differs from the float64 numpy reference by {err:.3g} of max |y| "
                   f"(tolerance {tol:g}): a miscompiled or misdetected SIMD path; rebuild with "
-                  "CAPIBARA6_PORTABLE=1 python kernels/build_ffi.py and report it", info=info)
+                  "CAPIBARA6_PORTABLE=1 python capibara6/kernels/build_ffi.py and report it", info=info)
             return 1
     info["errors"] = worst
     paths = [k for k in ("neon", "avx2", "avx512", "fma") if info["build"].get(k)] or ["portable C"]
@@ -545,7 +545,7 @@ def _run_child_command(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------ CLI
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m server.smoke", description="one real generation or kernel run in a child process")
+    p = argparse.ArgumentParser(prog="python -m capibara6.smoke", description="one real generation or kernel run in a child process")
     sub = p.add_subparsers(dest="command", required=True)
     llama = sub.add_parser("llama", help="llama.cpp: load a GGUF and decode a few tokens")
     llama.add_argument("--model-path", type=Path, default=None, help=f"GGUF file (default: the one in {DEFAULT_PYPI_MODEL})")

@@ -1,5 +1,5 @@
 /* The last log line of a process killed by a fatal signal (SIGSEGV, SIGBUS, SIGILL, SIGFPE,
- * SIGABRT): one JSON object in server/logs.py's shape, naming the model the faulting thread was
+ * SIGABRT): one JSON object in capibara6/logs.py's shape, naming the model the faulting thread was
  * running, written with one write(2) before the previous handler (Python's faulthandler, whose
  * tracebacks follow) runs and the process dies by the same signal.
  *

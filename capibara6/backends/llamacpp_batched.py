@@ -2,7 +2,7 @@
 
 `LlamaCppBatchedBackend` is a Backend whose `generate()` may be called from several threads at
 once (`max_concurrency = parallel`). Each call hands a `Sequence` to the model's `Scheduler`
-(server/scheduler.py), whose thread owns the llama context and decodes every running sequence in
+(capibara6/scheduler.py), whose thread owns the llama context and decodes every running sequence in
 one `llama_decode` per step; the calling thread turns that sequence's token ids into text
 (StopText), so detokenising never delays the step loop.
 

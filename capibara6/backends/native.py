@@ -1,4 +1,4 @@
-"""`native` backend: GGUF models on the project's own kernels (server/engine), FP8 KV cache option.
+"""`native` backend: GGUF models on the project's own kernels (capibara6/engine), FP8 KV cache option.
 
 Events: one TokenEvent per generated token. An end-of-generation token (EOS, <end_of_turn>, ...)
 is not a completion token and yields an event only when text held back for a possible stop
@@ -13,16 +13,16 @@ from collections.abc import Iterator, Sequence
 
 from llama_cpp import llama_chat_format
 
-from server.backends.base import (
+from capibara6.backends.base import (
     ContextLengthExceeded,
     GenerationOutcome,
     SamplingParams,
     TokenEvent,
 )
-from server.backends.stops import StopText
-from server.engine.runner import Runner
-from server.engine.sampler import Sampler
-from server.engine.tokenizer import Tokenizer
+from capibara6.backends.stops import StopText
+from capibara6.engine.runner import Runner
+from capibara6.engine.sampler import Sampler
+from capibara6.engine.tokenizer import Tokenizer
 
 _DEFAULT_CHAT_FORMAT = {"gemma3": "gemma"}
 # The registry's kv_cache field also takes llama.cpp's spellings.

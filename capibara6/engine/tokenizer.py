@@ -13,7 +13,7 @@ import llama_cpp
 from llama_cpp import Llama
 
 try:  # the server's one-at-a-time constructor (llama-cpp-python's quiet load is not thread-safe)
-    from server.backends.llama_load import new_llama
+    from capibara6.backends.llama_load import new_llama
 except ImportError:  # pragma: no cover - engine used outside the server
 
     def new_llama(**kwargs: Any) -> Any:

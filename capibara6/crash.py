@@ -1,9 +1,9 @@
 """The server never dies silently: a fatal signal leaves a last log line naming the model.
 
 `install()` (once, at the start of `capibara6 serve`) enables `faulthandler` for every thread on
-stderr, then puts a small C handler (kernels/src/crash.c) in front of it for SIGSEGV, SIGBUS,
+stderr, then puts a small C handler (capibara6/kernels/src/crash.c) in front of it for SIGSEGV, SIGBUS,
 SIGILL, SIGFPE and SIGABRT. On a fatal signal the C handler writes one JSON line in the shape of
-server/logs.py's records, e.g.
+capibara6/logs.py's records, e.g.
 
     {"ts": "...", "level": "critical", "logger": "capibara6.crash",
      "msg": "fatal signal SIGSEGV in model gemma3-270m", "model": "gemma3-270m",
@@ -33,7 +33,7 @@ from typing import Any, Iterator, TextIO
 log = logging.getLogger("capibara6.crash")
 
 try:  # the C side is part of our kernels; without them the log still gets faulthandler's dump
-    import kernels as _kernels
+    from capibara6 import kernels as _kernels
 except ImportError:  # pragma: no cover - a broken install; install() says so
     _kernels: Any = None  # type: ignore[no-redef]
 

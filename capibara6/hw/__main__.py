@@ -1,4 +1,4 @@
-"""`python -m server.hw decide|fallback|record-smoke --state FILE`: the installer's CPU decisions.
+"""`python -m capibara6.hw decide|fallback|record-smoke --state FILE`: the installer's CPU decisions.
 
 Run by scripts/_install.sh from the repository root before the project is installed, so it uses
 the standard library only. `decide` probes and prints shell assignments for the installer to
@@ -98,7 +98,7 @@ def cmd_record_smoke(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m server.hw", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m capibara6.hw", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("decide", help="probe the CPU, record and print the build flags")
     d.add_argument("--state", type=Path, required=True)

@@ -10,10 +10,10 @@ from ..config import ModelSpec, resolve_model_path
 from .base import Backend
 
 _CLASSES: dict[str, str] = {
-    "llamacpp": "server.backends.llamacpp:LlamaCppBackend",
-    "llamacpp_batched": "server.backends.llamacpp_batched:LlamaCppBatchedBackend",
-    "native": "server.backends.native:NativeBackend",
-    "remote": "server.backends.remote:RemoteBackend",
+    "llamacpp": "capibara6.backends.llamacpp:LlamaCppBackend",
+    "llamacpp_batched": "capibara6.backends.llamacpp_batched:LlamaCppBatchedBackend",
+    "native": "capibara6.backends.native:NativeBackend",
+    "remote": "capibara6.backends.remote:RemoteBackend",
 }
 
 

@@ -378,14 +378,15 @@ class Scheduler:
             seq.pending = token
 
     def _finish(self, seq: Sequence, event: tuple[Any, ...] | None, *, drop_kv: bool = False) -> None:
-        if seq in self._running:
-            self._running.remove(seq)
+        # the slot first, then `running`: a reader that sees the count drop sees the slot settled
         if 0 <= seq.slot < len(self._slots) and self._slots[seq.slot].owner is seq:
             sl = self._slots[seq.slot]
             sl.owner, sl.last_used = None, self._clock()
             if drop_kv:
                 self.decoder.seq_rm(seq.slot, 0, -1)
                 sl.tokens = []
+        if seq in self._running:
+            self._running.remove(seq)
         if seq.sampler is not None:
             self.decoder.free_sampler(seq.sampler)
             seq.sampler = None

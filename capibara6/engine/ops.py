@@ -15,7 +15,7 @@ def load_ops(prefer: str = "auto") -> ModuleType:
     if prefer == "numpy":
         return ops_numpy
     try:
-        import kernels  # the project's C kernel library (numpy API, GIL released)
+        from capibara6 import kernels  # the project's C kernel library (numpy API, GIL released)
     except ImportError:
         if prefer == "kernels":
             raise

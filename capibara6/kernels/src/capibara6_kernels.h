@@ -45,7 +45,7 @@ static inline c6_vf c6_vmax(c6_vf a, c6_vf b) {
 static inline float c6_hmax(c6_vf v) { float m = v[0]; for (int i = 1; i < C6_VL; i++) m = v[i] > m ? v[i] : m; return m; }
 #endif
 
-/* ---- public API (mirrored in kernels/build_ffi.py cdef) ---- */
+/* ---- public API (mirrored in capibara6/kernels/build_ffi.py cdef) ---- */
 int  c6_set_num_threads(int n);          /* threads used by matmul/attention (>=1); returns n */
 int  c6_get_num_threads(void);          /* the calling thread's count (see c6_use_threads) */
 int  c6_use_threads(int n);               /* this calling thread's jobs use n threads (0: pool default) */

@@ -3,7 +3,7 @@
     RequestContext   request id (X-Request-ID in and out, on every response), one JSON access
                      log line per request (status, duration_ms, model; prompt only if log_prompts)
     DrainGate        while shutting down: 503 `shutting_down` for new requests; counts in-flight
-                     requests for the drain (server/shutdown.py)
+                     requests for the drain (capibara6/shutdown.py)
 """
 
 from __future__ import annotations

@@ -472,7 +472,7 @@ def fp32_weights_estimate(path: Path, est: Estimate) -> Estimate:
     """The native engine's fp32 mode holds every weight as float32, not the file's blocks."""
     from gguf import GGML_QUANT_SIZES
 
-    from server.engine.gguf_file import GGUFFile
+    from capibara6.engine.gguf_file import GGUFFile
 
     try:
         tensors = GGUFFile(path).tensors

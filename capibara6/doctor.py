@@ -1,14 +1,14 @@
 """`capibara6 doctor [--json] [--config models.yaml] [--no-smoke]`: can this machine serve?
 
 It reports, in order: the CPU (model, the ISA extensions it reports, and whether each really
-runs: server.hw's probes, a tiny program per extension in a child), the install decision
+runs: capibara6.hw's probes, a tiny program per extension in a child), the install decision
 scripts/_install.sh recorded in `<venv>/capibara6-build.json`, what llama.cpp was built with
 (`llama_print_system_info`, the ggml registry's extra buffer types, and the buffer types each
 model's weights really went to at load: CPU_REPACK / AMX / CPU_KLEIDIAI), our kernels' build,
 the thread count `n_threads: auto` picks and why, the memory budget, and one greedy generation
 per registry model with its decode speed.
 
-Everything that runs llama.cpp or our kernels runs in a child process (server.smoke): a build
+Everything that runs llama.cpp or our kernels runs in a child process (capibara6.smoke): a build
 this CPU cannot run (AMX in some VMs) dies by SIGSEGV/SIGILL there and is reported, instead of
 taking the doctor down. Exit status: 0 when every model generates, 1 when something cannot
 (a model, the kernels, llama.cpp itself, a model larger than the memory budget), 2 for a bad
@@ -112,7 +112,7 @@ def collect(registry: Registry, *, smoke_models: bool = True, n_tokens: int = 8,
 
 # ------------------------------------------------------------------------------------ sections
 def cpu_report() -> dict[str, Any]:
-    """CPU model, reported ISA extensions, and the probes' answers (None when server.hw is absent)."""
+    """CPU model, reported ISA extensions, and the probes' answers (None when capibara6.hw is absent)."""
     machine = platform.machine()
     try:
         from .hw.probes import cpu_model, reported_features, run_probes
@@ -187,7 +187,7 @@ def kernels_report(result: smoke.SmokeResult, record: dict[str, Any]) -> dict[st
     elif os.environ.get("CAPIBARA6_PORTABLE") == "1":
         flags_text, source = "portable", "CAPIBARA6_PORTABLE=1 (not recorded)"
     else:
-        flags_text, source = os.environ.get("CAPIBARA6_KERNEL_ARCH_FLAGS", ""), "kernels/build_ffi.py default (not recorded)"
+        flags_text, source = os.environ.get("CAPIBARA6_KERNEL_ARCH_FLAGS", ""), "capibara6/kernels/build_ffi.py default (not recorded)"
     flags = compile_flags(flags_text)
     return {"ok": result.ok, "detail": result.detail, "signal": result.signal, "seconds": result.seconds,
             "paths": result.info.get("build"), "max_rel_errors": result.info.get("errors"),
@@ -196,7 +196,7 @@ def kernels_report(result: smoke.SmokeResult, record: dict[str, Any]) -> dict[st
 
 
 def compile_flags(arch_flags: str, machine: str | None = None) -> list[str]:
-    """The -m flags kernels/build_ffi.py compiles with for a recorded `arch_flags` value:
+    """The -m flags capibara6/kernels/build_ffi.py compiles with for a recorded `arch_flags` value:
     "" = its own -march/-mcpu=native, "portable" = none, anything else = those flags."""
     if arch_flags == "portable":
         return []
@@ -226,7 +226,7 @@ def compiler_isa(flags: list[str]) -> dict[str, bool] | None:
 
 def slot_threads(spec: ModelSpec) -> tuple[int, int]:
     """(threads per generation, generations sharing the CPUs), as the pool computes them:
-    a batching llamacpp model (parallel > 1: server.backends.spec_class's rule) runs one decode
+    a batching llamacpp model (parallel > 1: capibara6.backends.spec_class's rule) runs one decode
     for all its sequences, so it is not split; other backends split between `parallel` instances."""
     concurrent = 1 if spec.backend == "llamacpp" and spec.parallel > 1 else spec.parallel
     return resolve_threads(spec.n_threads, concurrent=concurrent), concurrent
@@ -335,7 +335,7 @@ def render(report: dict[str, Any]) -> str:
     add(f"CPU        {cpu['model']} ({cpu['machine']}, {cpu['cpus_online']} CPUs online)")
     add(f"  reports  {' '.join(cpu['isa']) or '(none of the extensions we use)'}")
     if cpu["probes"] is None:
-        add("  probes   server.hw is not installed: not probed")
+        add("  probes   capibara6.hw is not installed: not probed")
     else:
         for name, p in cpu["probes"].items():
             add(f"  probe    {name:12} {'ok' if p['ok'] else 'NO':3} {p['detail']}")
