@@ -106,12 +106,18 @@ def _set(fut: asyncio.Future[None]) -> None:
 
 
 def _validation_error(exc: RequestValidationError) -> InvalidRequest:
+    """The first validation error as OpenAI words it; `param` is always the top-level field."""
     first = exc.errors()[0] if exc.errors() else {}
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
     if first.get("type") == "json_invalid":
         return InvalidRequest("The request body is not valid JSON.")
+    ctx = first.get("ctx") or {}
+    if isinstance(ctx.get("param"), str):  # the field rule's refusals (api/protocol.py)
+        return InvalidRequest(first.get("msg", "Invalid request."), param=ctx["param"])
     param = ".".join(loc) or None
-    msg = first.get("msg", "Invalid request.")
+    if first.get("type") == "extra_forbidden":
+        return InvalidRequest(f"Unrecognized request argument supplied: {param}", param=loc[0] if loc else None)
+    msg = str(first.get("msg", "Invalid request.")).removeprefix("Value error, ")
     return InvalidRequest(f"{msg}" + (f" (at '{param}')" if param else ""), param=loc[0] if loc else None)
 
 
@@ -145,6 +151,15 @@ def _sampling(req: ChatCompletionRequest | CompletionRequest, grammar: str | Non
     )
 
 
+def stream_mode(req: ChatCompletionRequest | CompletionRequest, default: bool) -> tuple[bool, bool]:
+    """(stream, include_usage). `stream` absent takes the port's default (8083: true); then
+    `stream_options` without a stream is a 400, as OpenAI answers."""
+    stream = req.stream if req.stream is not None else default
+    if req.stream_options is not None and not stream:
+        raise InvalidRequest("The 'stream_options' parameter is only allowed when 'stream' is true.", param="stream_options")
+    return stream, bool(req.stream_options and req.stream_options.include_usage)
+
+
 def chat_plan(req: ChatCompletionRequest) -> tuple[Plan, bool]:
     try:
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
@@ -158,8 +173,6 @@ def chat_plan(req: ChatCompletionRequest) -> tuple[Plan, bool]:
 
 
 def completion_plan(req: CompletionRequest) -> tuple[Plan, bool]:
-    if req.suffix:
-        raise InvalidRequest("suffix is not supported.", param="suffix")
     try:
         prompts = req.prompts()
     except ValueError as err:
@@ -297,15 +310,13 @@ def create_app(state: AppState, role: Role) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request) -> Response:
         plan, want_lp = chat_plan(req)
-        stream = req.stream if req.stream is not None else stream_default
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        stream, include_usage = stream_mode(req, stream_default)
         return await respond(request, plan, want_lp, stream, include_usage)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Response:
         plan, want_lp = completion_plan(req)
-        stream = req.stream if req.stream is not None else stream_default
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        stream, include_usage = stream_mode(req, stream_default)
         return await respond(request, plan, want_lp, stream, include_usage)
 
     app.include_router(admin.router)

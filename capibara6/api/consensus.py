@@ -30,11 +30,10 @@ Respond = Callable[[Request, Plan, bool, bool, bool], Awaitable[Response]]
 
 def add_consensus_routes(app: FastAPI, state: Any, respond: Respond) -> None:
     """Register /v1/chat/completions and /v1/completions on the consensus app."""
-    from .app import chat_plan, completion_plan, until_disconnect  # app imports us lazily
+    from .app import chat_plan, completion_plan, stream_mode, until_disconnect  # app imports us lazily
 
     async def dispatch(request: Request, req: ChatCompletionRequest | CompletionRequest, plan: Plan, want_lp: bool) -> Response:
-        stream = bool(req.stream)
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        stream, include_usage = stream_mode(req, False)
         cplan = resolve(state.registry, req.model, req.consensus, question_of(plan.prompts[0]))
         if cplan is None:
             return await respond(request, plan, want_lp, stream, include_usage)
