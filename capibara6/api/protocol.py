@@ -24,8 +24,11 @@ feature with a 200 the client cannot tell from a real one, and a warning only th
 We keep both of their lessons instead: the no-effect table lists every field OpenAI documents
 today, so an OpenAI client is never refused for a field that would change nothing, and whatever
 we do refuse is named in the error the client gets. A new OpenAI field lands in one of the
-tables with one line. Like vLLM (`validate_stream_options`) we refuse `stream_options` without a
-stream and check `logit_bias` at the edge; like llama.cpp we refuse `best_of` and `suffix`.
+tables with one line. Like vLLM (`validate_stream_options`; its tests/entrypoints/openai expect a
+BadRequestError for `stream_options` with `stream=False` and for a malformed or out-of-vocabulary
+`logit_bias` key) we refuse those; like llama.cpp (whose tools/server/tests send its own fields,
+`grammar`, `json_schema`, next to OpenAI's) our extensions are plain declared fields; like
+llama.cpp we refuse `best_of` and `suffix`, but let their no-op values through, as OpenAI does.
 """
 
 from __future__ import annotations
