@@ -16,7 +16,8 @@ from typing import Any, Literal, Mapping
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-Backend = Literal["llamacpp", "native", "remote"]
+from .types import KV_CACHE_TYPES, BackendName, KvCache, MatmulMode, Strategy
+
 Role = Literal["standard", "streaming", "consensus"]
 ROLES: tuple[Role, ...] = ("standard", "streaming", "consensus")
 DEFAULT_PORTS: dict[Role, int] = {"standard": 8082, "streaming": 8083, "consensus": 8084}
@@ -48,15 +49,15 @@ class ModelSource(_Strict):
 class ModelSpec(_Strict):
     """One registry entry. Every field may also be set in `defaults:`."""
 
-    backend: Backend = Field("llamacpp", description="llamacpp | native | remote")
+    backend: BackendName = Field("llamacpp", description="llamacpp | native | remote")
     source: ModelSource = Field(description="Where the weights (or the remote server) are.")
     chat_format: str | None = Field(None, description="llama-cpp-python chat format (e.g. gemma); None: the GGUF's template.")
     n_ctx: int = Field(4096, ge=64, le=1_048_576, description="Context window in tokens.")
     n_batch: int = Field(512, ge=1, description="Prompt tokens per llama_decode call.")
     n_threads: int | Literal["auto"] = Field("auto", description="CPU threads per generation slot; auto: see capibara6.threads.")
-    kv_cache: str | None = Field(None, description="llamacpp: f16|q8_0|q4_0; native: fp32|fp16|fp8.")
+    kv_cache: KvCache | None = Field(None, description="llamacpp: f32|f16|q8_0|q5_1|q5_0|q4_1|q4_0; native: fp32|fp16|fp8.")
     prefill_chunk: int = Field(256, ge=1, description="Prompt tokens per prefill step (native engine, scheduler).")
-    matmul: Literal["int16", "int8", "fp32"] = Field(
+    matmul: MatmulMode = Field(
         "int16", description="native: int16 or int8 activations against the file's quantized weights "
         "(int8 = llama.cpp's arithmetic), or fp32 (every weight dequantized at load).")
     parallel: int = Field(1, ge=1, le=64, description="Generations that may run at once on this model.")
@@ -72,6 +73,13 @@ class ModelSpec(_Strict):
     remote_model: str | None = Field(None, description="Model id to ask the remote server for (backend remote).")
     api_key_env: str | None = Field(None, description="Env var holding the remote server's API key.")
     owned_by: str = Field("capibara6", description="owned_by in /v1/models.")
+
+    @model_validator(mode="after")
+    def _kv_cache_fits_backend(self) -> "ModelSpec":
+        allowed = KV_CACHE_TYPES[self.backend]
+        if self.kv_cache is not None and self.kv_cache not in allowed:
+            raise ValueError(f"kv_cache {self.kv_cache!r} is not one of {list(allowed) or 'none'} for backend {self.backend}")
+        return self
 
     @model_validator(mode="after")
     def _backend_matches_source(self) -> "ModelSpec":
@@ -92,7 +100,7 @@ class EnsembleSpec(_Strict):
     """A named set of consensus experts (see docs/consensus.md); ties go to ModelSpec.priority."""
 
     experts: list[str] = Field(min_length=1, max_length=16, description="Model ids; one id may repeat (self-consistency, different seeds).")
-    strategy: Literal["fastest", "vote", "judge", "synthesize"] = Field("vote", description="How answers merge.")
+    strategy: Strategy = Field("vote", description="How answers merge.")
     judge: str | None = Field(None, description="Model that picks the most consistent answer (judge); default: the top-priority expert.")
     aggregator: str | None = Field(None, description="Model that writes the final answer (synthesize); default: the top-priority expert.")
     timeout_s: float = Field(60.0, gt=0, description="Per-expert deadline in seconds; late experts are dropped.")
@@ -245,6 +253,7 @@ class ServerSettings(BaseModel):
     sse_ping_s: float = Field(
         15.0, ge=0, description="Streams: an SSE comment `: ping` after this many silent seconds (0: never)."
     )
+    ui: bool = Field(True, description="Serve the web page on every port (GET /); --no-ui turns it off.")
 
     @model_validator(mode="after")
     def _read_key_file(self) -> "ServerSettings":

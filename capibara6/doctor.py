@@ -31,7 +31,9 @@ from typing import Any
 
 from . import smoke
 from .config import ConfigError, ModelSpec, Registry, load_registry, resolve_model_path
-from .pool.budget import GIB, budget_bytes, estimate_file, gguf_scalars, physical_memory
+from .backends import backend_class, estimate, model_path
+from .gguf_header import read_header
+from .pool.budget import GIB, budget_bytes, physical_memory
 from .threads import _cgroup_cpu_limit, inference_cpus, resolve_threads, usable_cpus
 
 STATE_FILE = "capibara6-build.json"
@@ -225,11 +227,11 @@ def compiler_isa(flags: list[str]) -> dict[str, bool] | None:
 
 
 def slot_threads(spec: ModelSpec) -> tuple[int, int]:
-    """(threads per generation, generations sharing the CPUs), as the pool computes them:
-    a batching llamacpp model (parallel > 1: capibara6.backends.spec_class's rule) runs one decode
-    for all its sequences, so it is not split; other backends split between `parallel` instances."""
-    concurrent = 1 if spec.backend == "llamacpp" and spec.parallel > 1 else spec.parallel
-    return resolve_threads(spec.n_threads, concurrent=concurrent), concurrent
+    """(threads per generation, generations sharing the CPUs), as the pool gets them from the
+    backend class: a batching instance runs one decode for all its sequences, so it is not split;
+    one-sequence instances split the CPUs between `parallel` of them."""
+    cls = backend_class(spec)
+    return cls.threads(spec), (1 if cls.max_concurrency(spec) > 1 else spec.parallel)
 
 
 def threads_report(registry: Registry) -> dict[str, Any]:
@@ -269,17 +271,20 @@ def memory_report(registry: Registry) -> dict[str, Any]:
         if spec.backend == "remote":
             continue
         try:
-            path = resolve_model_path(spec, registry.base_dir)
-            est = estimate_file(path, spec.n_ctx, spec.kv_cache)
+            path = model_path(spec, registry.base_dir)
+            assert path is not None
         except (OSError, ImportError, ValueError) as err:
             models[mid] = {"error": f"{type(err).__name__}: {err}"}
             continue
         try:
-            gguf_scalars(path)
-        except (ValueError, struct.error, OSError) as err:
+            read_header(path)
+        except (ValueError, OSError) as err:
             models[mid] = {"path": str(path), "error": f"not a readable GGUF file: {err}"}
             continue
-        need = est.first + est.extra * (spec.parallel - 1 if spec.backend == "native" else 0)
+        est = estimate(spec, registry.base_dir)
+        per_instance = backend_class(spec).max_concurrency(spec)
+        instances = -(-spec.parallel // per_instance)
+        need = est.first + est.extra * (instances - 1)
         models[mid] = {"path": str(path), "weights": est.weights, "kv": est.kv, "estimate": need}
         if need > budget:
             problems.append(f"model {mid}: needs ~{need / GIB:.2f} GiB, more than the memory budget of "

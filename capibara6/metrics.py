@@ -76,17 +76,20 @@ class Metrics:
             p + "rejected_requests", "Requests refused before reaching a model (auth, body size, shutdown).",
             ["role", "reason"], registry=r,
         )
+        # counted by the service from each choice's outcome (cached_tokens), never by a global
+        self.prefix_cache_hits = Counter(p + "prefix_cache_hits", "Requests that reused a cached prompt prefix.", ["model"], registry=r)
+        self.prefix_cache_tokens = Counter(p + "prefix_cache_tokens", "Prompt tokens reused from the prefix cache.", ["model"], registry=r)
         self._models: frozenset[str] | None = None  # registry ids, known once watch_pool ran
         self._guard()
-        r.register(_PrefixCacheCollector(PREFIX_CACHE, self.model_label))
 
     def _guard(self) -> None:
         """Swap each labelled metric for a view whose labels() keeps values in their vocabulary."""
         model = self.model_label
-        self.ttft, self.itl, self.e2e, self.queue_time, self.load_time, self.prompt_tokens, self.generation_tokens, self.loads = (
+        (self.ttft, self.itl, self.e2e, self.queue_time, self.load_time, self.prompt_tokens, self.generation_tokens,
+         self.loads, self.prefix_cache_hits, self.prefix_cache_tokens) = (
             _Vocab(m, model=model) for m in (
                 self.ttft, self.itl, self.e2e, self.queue_time, self.load_time,
-                self.prompt_tokens, self.generation_tokens, self.loads,
+                self.prompt_tokens, self.generation_tokens, self.loads, self.prefix_cache_hits, self.prefix_cache_tokens,
             )
         )
         self.requests = _Vocab(self.requests, model=model, role=_within(ROLES), endpoint=_within(ENDPOINTS), status=_status)
@@ -157,40 +160,6 @@ class PoolCollector:
             n += current in ("ready", "busy")
         loaded.add_metric([], float(n))
         yield from (loaded, state, kv)
-
-
-class PrefixCacheTally:
-    """Prefix-cache hits and reused prompt tokens per model, counted by the batched llama.cpp
-    backend (which has no Metrics handle); process-wide like the process collector, read at scrape."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts: dict[str, tuple[int, int]] = {}
-
-    def hit(self, model: str, tokens: int) -> None:
-        with self._lock:
-            hits, reused = self._counts.get(model, (0, 0))
-            self._counts[model] = (hits + 1, reused + tokens)
-
-    def snapshot(self) -> dict[str, tuple[int, int]]:
-        with self._lock:
-            return dict(self._counts)
-
-
-PREFIX_CACHE = PrefixCacheTally()
-
-
-class _PrefixCacheCollector:
-    def __init__(self, tally: PrefixCacheTally, label: Callable[[str], str]) -> None:
-        self._tally, self._label = tally, label
-
-    def collect(self) -> Iterable[CounterMetricFamily]:
-        hits = CounterMetricFamily("capibara6_prefix_cache_hits", "Requests that reused a cached prompt prefix.", labels=["model"])
-        tokens = CounterMetricFamily("capibara6_prefix_cache_tokens", "Prompt tokens reused from the prefix cache.", labels=["model"])
-        for model, (n, reused) in sorted(self._tally.snapshot().items()):
-            hits.add_metric([self._label(model)], float(n))
-            tokens.add_metric([self._label(model)], float(reused))
-        yield from (hits, tokens)
 
 
 class RequestTimer:

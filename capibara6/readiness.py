@@ -20,7 +20,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from .backends.base import GenerationOutcome, SamplingParams, TokenEvent
+from .types import GenerationOutcome, SamplingParams, TextPrompt, TokenEvent
 from .config import Registry
 from .runner import TokenStream
 
@@ -97,7 +97,7 @@ class ReadinessProbe:
             params = SamplingParams(max_tokens=1, temperature=0.0)
 
             def job(cancel: threading.Event) -> Iterator[TokenEvent]:
-                return iter(backend.generate(backend.tokenize("Hi"), params, GenerationOutcome(), cancel))
+                return iter(backend.generate(backend.prepare(TextPrompt("Hi")), params, GenerationOutcome(), cancel))
 
             stream = TokenStream(job, model=self.model)
             try:

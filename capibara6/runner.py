@@ -14,7 +14,7 @@ import threading
 from typing import Any, Callable, Iterator
 
 from . import crash
-from .backends.base import TokenEvent
+from .types import TokenEvent
 
 _DONE = object()
 

@@ -18,12 +18,25 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
-from .backends.base import Backend, ContextLengthExceeded, GenerationOutcome, SamplingParams, TokenEvent
+from .backends import capabilities
+from .backends.base import Backend
 from .config import Registry, ServerSettings
 from .errors import ApiError, ContextTooLong, InvalidRequest, ModelNotFound
 from .metrics import RequestTimer
 from .pool import ModelPool
 from .runner import TokenStream
+from .types import (
+    BackendError,
+    ChatPrompt,
+    ContextLengthExceeded,
+    GenerationOutcome,
+    Prompt,
+    SamplingParams,
+    TextPrompt,
+    TokenEvent,
+    TokenPrompt,
+    Unsupported,
+)
 
 Messages = list[dict[str, Any]]
 PromptSource = str | list[int] | Messages  # completion text, token ids, or chat messages
@@ -63,10 +76,21 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     per_prompt: dict[int, int] = field(default_factory=dict)
+    cached: dict[int, int] = field(default_factory=dict)  # prompt tokens whose KV was reused, per prompt
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, Any]:
         prompt = sum(self.per_prompt.values())
-        return {"prompt_tokens": prompt, "completion_tokens": self.completion_tokens, "total_tokens": prompt + self.completion_tokens}
+        return {"prompt_tokens": prompt, "completion_tokens": self.completion_tokens, "total_tokens": prompt + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": sum(self.cached.values())}}
+
+
+def to_prompt(source: PromptSource) -> Prompt:
+    """The HTTP layer's prompt (text, token ids or chat messages) as the backend contract's Prompt."""
+    if isinstance(source, str):
+        return TextPrompt(source)
+    if source and isinstance(source[0], dict):
+        return ChatPrompt(tuple(dict(m) for m in source))  # type: ignore[arg-type]
+    return TokenPrompt(tuple(int(i) for i in source))  # type: ignore[arg-type]
 
 
 def new_id(prefix: str) -> str:
@@ -90,7 +114,21 @@ class Service:
         if len(stops) > s.max_stop:
             raise InvalidRequest(f"{len(stops)} stop sequences; the limit is {s.max_stop}.", param="stop")
 
+    def check_capabilities(self, plan: Plan) -> None:
+        """A field the model's backend cannot honour is a 400 naming it, before any lease."""
+        spec = self.registry.models[plan.model]
+        caps = capabilities(spec)
+        refused = caps.refused(plan.params)
+        if any(isinstance(to_prompt(p), TokenPrompt) for p in plan.prompts) and not caps.token_prompts:
+            refused.append("prompt")
+        if plan.echo and not caps.echo:
+            refused.append("echo")
+        if refused:
+            err = Unsupported(plan.model, refused[0], f"its backend ({spec.backend}) cannot honour it")
+            raise InvalidRequest(str(err), param=err.param, code=err.code)
+
     def generation(self, plan: Plan) -> "Generation":
+        self.check_capabilities(plan)
         return Generation(self, plan)
 
 
@@ -166,20 +204,15 @@ class Generation:
         accepted: asyncio.Future[None] = loop.create_future()
 
         def prepare(cancel: threading.Event) -> Iterator[TokenEvent]:
-            if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
-                text, fmt_stops = backend.chat_prompt(prompt)  # type: ignore[arg-type]
-                tokens = backend.tokenize(text)
-                stops = tuple(params.stop) + tuple(s for s in fmt_stops if s not in params.stop)
-            else:
-                tokens = backend.tokenize(prompt) if isinstance(prompt, str) else list(prompt)  # type: ignore[arg-type]
-                stops = params.stop
-            if len(tokens) > limits.max_prompt_tokens:
+            prepared = backend.prepare(to_prompt(prompt))  # templating and tokens: the backend's, once
+            stops = tuple(params.stop) + tuple(s for s in prepared.stops if s not in params.stop)
+            if prepared.n_tokens > limits.max_prompt_tokens:
                 raise InvalidRequest(
-                    f"The prompt has {len(tokens)} tokens; the limit is {limits.max_prompt_tokens}.", param="prompt"
+                    f"The prompt has {prepared.n_tokens} tokens; the limit is {limits.max_prompt_tokens}.", param="prompt"
                 )
-            room = backend.n_ctx - len(tokens)
+            room = backend.n_ctx - prepared.n_tokens
             max_tokens = self.plan.max_tokens or max(1, min(limits.max_tokens_cap, room))
-            return backend.generate(tokens, replace(params, max_tokens=max_tokens, stop=stops), outcome, cancel)
+            return backend.generate(prepared, replace(params, max_tokens=max_tokens, stop=stops), outcome, cancel)
 
         def job(cancel: threading.Event) -> Iterator[TokenEvent]:
             try:
@@ -219,6 +252,10 @@ class Generation:
             await stream.aclose()
             prompt_key = index // self.plan.n
             self.usage.per_prompt[prompt_key] = outcome.prompt_tokens
+            self.usage.cached[prompt_key] = outcome.cached_tokens
+            if outcome.cached_tokens:
+                self.metrics.prefix_cache_hits.labels(self.plan.model).inc()
+                self.metrics.prefix_cache_tokens.labels(self.plan.model).inc(outcome.cached_tokens)
             self.usage.completion_tokens += outcome.completion_tokens
             yield ChoiceEnd(index, outcome.finish_reason)
 
@@ -260,12 +297,12 @@ async def _accepted(fut: asyncio.Future[None]) -> None:
 
 
 def _prompt_text(prompt: PromptSource, backend: Backend | None) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int) and backend is not None:
-        detok = getattr(backend, "detokenize", None)
-        if detok is not None:
-            return str(detok(prompt))
+    """The completions `echo`: the prompt's text (token prompts detokenized by the model)."""
+    p = to_prompt(prompt)
+    if isinstance(p, TextPrompt):
+        return p.text
+    if isinstance(p, TokenPrompt) and backend is not None:
+        return backend.detokenize(p.ids)
     return ""
 
 
@@ -275,6 +312,8 @@ def _api_error(err: BaseException) -> BaseException:
         return err
     if isinstance(err, ContextLengthExceeded):
         return ContextTooLong(str(err))
+    if isinstance(err, BackendError):
+        return InvalidRequest(str(err), param=err.param, code=err.code)
     if isinstance(err, ValueError):
         return InvalidRequest(str(err))
     return err

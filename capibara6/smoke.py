@@ -398,15 +398,13 @@ def _child_model(model_id: str, spec_json: str, base_dir: str, n_tokens: int) ->
     """Child: load_backend + backend.generate, as the pool would (threads from the registry)."""
     import threading
 
-    from .backends import load_backend, spec_class
-    from .backends.base import GenerationOutcome, SamplingParams
+    from .backends import backend_class, load_backend
     from .config import ModelSpec
-    from .threads import resolve_threads
+    from .types import GenerationOutcome, SamplingParams, TextPrompt
 
     spec = ModelSpec.model_validate_json(spec_json)
     log = _LogCapture() if spec.backend == "llamacpp" else None
-    concurrent = 1 if int(getattr(spec_class(spec), "max_concurrency", 1) or 1) > 1 else spec.parallel
-    n_threads = resolve_threads(spec.n_threads, concurrent=concurrent)
+    n_threads = backend_class(spec).threads(spec)
     _stage("load")
     backend = load_backend(model_id, spec, Path(base_dir), n_threads)
     info: dict[str, Any] = {"backend": spec.backend, "n_threads": n_threads}
@@ -414,7 +412,8 @@ def _child_model(model_id: str, spec_json: str, base_dir: str, n_tokens: int) ->
         info.update(_buffers_from_log(log.text()))
     _stage("generate")
     outcome, times, pieces = GenerationOutcome(), [], []
-    for ev in backend.generate(PROMPT, SamplingParams(max_tokens=n_tokens, temperature=0.0), outcome, threading.Event()):
+    prepared = backend.prepare(TextPrompt(PROMPT))
+    for ev in backend.generate(prepared, SamplingParams(max_tokens=n_tokens, temperature=0.0), outcome, threading.Event()):
         times.append(time.perf_counter())
         pieces.append(ev.text)
     backend.close()

@@ -27,7 +27,7 @@ from typing import Any, Awaitable, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from capibara6.api.protocol import ConsensusOptions  # noqa: E402
-from capibara6.backends.base import SamplingParams  # noqa: E402
+from capibara6.types import SamplingParams  # noqa: E402
 from capibara6.config import ServerSettings, parse_registry  # noqa: E402
 from capibara6.orchestrator.routing import resolve  # noqa: E402
 from capibara6.orchestrator.service import ConsensusRun, run_model  # noqa: E402

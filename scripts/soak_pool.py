@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from capibara6.backends.base import GenerationOutcome, SamplingParams  # noqa: E402
+from capibara6.types import GenerationOutcome, SamplingParams  # noqa: E402
 from capibara6.config import parse_registry  # noqa: E402
 from capibara6.pool import ModelPool  # noqa: E402
 

@@ -24,12 +24,12 @@ import pytest
 
 from capibara6 import kernels
 from capibara6 import crash
-from capibara6.backends.base import SamplingParams, TokenEvent
+from capibara6.types import SamplingParams, TokenEvent
 from capibara6.config import parse_registry
 from capibara6.pool import ModelPool
 from capibara6.pool.budget import Estimate
 from capibara6.runner import TokenStream
-from capibara6.scheduler import Scheduler, Sequence
+from capibara6.backends.llamacpp.scheduler import Scheduler, Sequence
 from tests.conftest import gemma_registry
 from tests.serverproc import ROOT, ServerProcess
 
@@ -38,6 +38,7 @@ from tests.serverproc import ROOT, ServerProcess
 CHILD = r"""
 import ctypes, os, signal, sys, threading
 from capibara6 import crash
+from tests.fakes import FakeBackendBase
 
 crash.install()
 how = sys.argv[1]
@@ -224,7 +225,7 @@ def test_scheduler_thread_runs_in_the_model_it_was_built_for() -> None:
 def test_pool_loads_warms_and_closes_inside_the_model_context() -> None:
     calls: list[tuple[str, str | None]] = []
 
-    class Backend:
+    class Backend(FakeBackendBase):
         model_id = "m"
         n_ctx = 64
 

@@ -11,13 +11,14 @@ from typing import Any, AsyncIterator, Iterator
 import httpx
 import pytest
 
-from capibara6.backends.base import GenerationOutcome, SamplingParams, TokenEvent
+from capibara6.types import GenerationOutcome, SamplingParams, TokenEvent
 from capibara6.readiness import ReadinessProbe
+from tests.fakes import FakeBackendBase
 from tests.conftest import gemma_registry
 from tests.serverproc import ServerProcess
 
 
-class _Backend:
+class _Backend(FakeBackendBase):
     def __init__(self, fail: bool) -> None:
         self.fail = fail
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from capibara6.api.app import AppState, create_app
-from capibara6.backends.base import GenerationOutcome, SamplingParams, TokenEvent
+from capibara6.types import GenerationOutcome, SamplingParams, TokenEvent
 from capibara6.config import ServerSettings, parse_registry
 from capibara6.errors import ExpertsFailed
 from capibara6.orchestrator.fanout import ExpertAnswer, ExpertTask, fan_out
@@ -22,6 +22,7 @@ from capibara6.orchestrator.routing import resolve
 from capibara6.orchestrator.service import ConsensusRun
 from capibara6.pool import ModelPool
 from capibara6.serving import Plan
+from tests.fakes import FakeBackendBase
 
 # model id -> (answer, seconds per token, failure message)
 SCRIPT: dict[str, tuple[str, float, str | None]] = {
@@ -33,7 +34,7 @@ SCRIPT: dict[str, tuple[str, float, str | None]] = {
 }
 
 
-class Scripted:
+class Scripted(FakeBackendBase):
     """A Backend that answers a fixed text, a word per `delay` seconds, or fails."""
 
     n_ctx = 1024
@@ -58,7 +59,7 @@ class Scripted:
         self.thread_log.append(n)
 
     def generate(self, prompt: Any, params: SamplingParams, outcome: GenerationOutcome, cancel: threading.Event) -> Iterator[TokenEvent]:
-        outcome.prompt_tokens = len(prompt)
+        outcome.prompt_tokens = prompt.n_tokens
         if self.fail:
             raise RuntimeError(self.fail)
         return self._run(outcome, cancel)

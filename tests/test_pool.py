@@ -13,11 +13,12 @@ from typing import Any, Awaitable, Callable, Iterator, Sequence, TypeVar
 
 import pytest
 
-from capibara6.backends.base import GenerationOutcome, SamplingParams, TokenEvent
+from capibara6.types import GenerationOutcome, SamplingParams, TokenEvent
 from capibara6.config import ModelSpec, parse_registry
 from capibara6.errors import ModelNotFound, QueueFull, ServiceUnavailable
 from capibara6.pool import Estimate, ModelBusy, ModelPool
 from capibara6.threads import resolve_threads
+from tests.fakes import FakeBackendBase
 
 T = TypeVar("T")
 
@@ -26,7 +27,7 @@ def run(coro: Awaitable[T]) -> T:
     return asyncio.run(coro)  # type: ignore[arg-type]
 
 
-class FakeBackend:
+class FakeBackend(FakeBackendBase):
     def __init__(self, model_id: str, n_threads: int, max_concurrency: int = 1, close_delay: float = 0.0) -> None:
         self.model_id = model_id
         self.close_delay = close_delay
@@ -55,6 +56,19 @@ class FakeBackend:
     def close(self) -> None:
         time.sleep(self.close_delay)
         self.closed = True
+
+
+class FakeClass:
+    """The class side of FakeBackend (contract v2): leases per instance and the plain thread rule."""
+
+    def __init__(self, max_concurrency: int) -> None:
+        self._mc = max_concurrency
+
+    def max_concurrency(self, spec: Any) -> int:
+        return self._mc
+
+    def threads(self, spec: Any) -> int:
+        return resolve_threads(spec.n_threads, concurrent=spec.parallel)
 
 
 class FakeLoader:
@@ -106,7 +120,8 @@ def make_pool(
     }
     loader = loader or FakeLoader()
     pool = ModelPool(
-        parse_registry(raw), loader, estimator=lambda mid, spec: Estimate(estimate, 0, 0), clock=clock, memory_budget=budget
+        parse_registry(raw), loader, estimator=lambda mid, spec: Estimate(estimate, 0, 0), clock=clock, memory_budget=budget,
+        classes=lambda spec: FakeClass(loader.max_concurrency),
     )
     return pool, loader
 

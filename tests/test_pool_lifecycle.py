@@ -11,11 +11,12 @@ from typing import Any
 
 import pytest
 
-from capibara6.backends.base import GenerationOutcome, SamplingParams
+from capibara6.types import GenerationOutcome, SamplingParams
 from capibara6.config import parse_registry
 from capibara6.errors import ServiceUnavailable
 from capibara6.pool import ModelPool
 from tests.conftest import gemma_registry
+from tests.fakes import prepared
 
 MODEL = "gemma3-270m"
 
@@ -33,7 +34,7 @@ def counter(pool: ModelPool, name: str, **labels: str) -> float:
 
 
 def generate(backend: Any, n: int, per_token_sleep: float = 0.0) -> int:
-    tokens = backend.tokenize("Once upon a time")
+    tokens = prepared(backend, "Once upon a time")
     params = SamplingParams(max_tokens=n, temperature=0.0)
     count = 0
     for _ in backend.generate(tokens, params, GenerationOutcome(), threading.Event()):

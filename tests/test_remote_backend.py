@@ -11,7 +11,8 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from capibara6.backends.remote import RemotePrompt, base_url
+from capibara6.backends.remote import base_url, estimate_tokens
+from capibara6.types import ChatPrompt, TextPrompt, TokenPrompt
 from tests.conftest import gemma_registry
 from tests.serverproc import ServerProcess, free_port
 
@@ -80,5 +81,16 @@ def test_disconnect_cancels_the_remote_generation(pair: tuple[ServerProcess, Ser
 
 def test_remote_prompt_helpers() -> None:
     assert base_url("http://h:1/v1/") == "http://h:1" and base_url("http://h:1") == "http://h:1"
-    p = RemotePrompt(text="x" * 40)
-    assert len(p) == 10 and p.text == "x" * 40 and p.messages is None
+    assert estimate_tokens(TextPrompt("x" * 40)) == 10 and estimate_tokens(TokenPrompt((1, 2, 3))) == 3
+    assert estimate_tokens(ChatPrompt(({"role": "user", "content": "x" * 40},))) == 14  # 4 tokens of role markup
+
+
+def test_remote_refuses_what_it_cannot_pass_on(pair: tuple[ServerProcess, ServerProcess]) -> None:
+    """grammar, logprobs and llama.cpp's extensions are 400s naming the field, never dropped."""
+    _, front = pair
+    url = front.url["standard"] + "/v1/chat/completions"
+    for extra, field in (({"top_k": 5}, "top_k"), ({"logprobs": True}, "logprobs"),
+                         ({"response_format": {"type": "json_object"}}, "response_format")):
+        r = httpx.post(url, json={"model": "far-gemma", "messages": Q, "max_tokens": 4, **extra}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+        assert "far-gemma" in r.json()["error"]["message"]

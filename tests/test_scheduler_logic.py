@@ -15,8 +15,8 @@ from typing import Any, Sequence as Seq
 
 import pytest
 
-from capibara6.backends.base import SamplingParams
-from capibara6.scheduler import Scheduler, Sequence
+from capibara6.types import SamplingParams
+from capibara6.backends.llamacpp.scheduler import Scheduler, Sequence
 
 
 def next_token(history: Seq[int]) -> int:

@@ -20,9 +20,10 @@ import pytest
 from openai import OpenAI
 
 from capibara6.api.app import AppState, create_app
-from capibara6.backends.base import GenerationOutcome, SamplingParams, TokenEvent
+from capibara6.types import GenerationOutcome, SamplingParams, TokenEvent
 from capibara6.config import ServerSettings, parse_registry
 from capibara6.pool import ModelPool
+from tests.fakes import FakeBackendBase
 from tests.conftest import gemma_registry
 from tests.serverproc import ServerProcess
 
@@ -259,7 +260,7 @@ def test_error_after_the_headers_ends_the_stream_as_an_error_event(srv: ServerPr
 SCRIPT = {"slow-a": (0.4, None), "slow-b": (0.4, None), "broken": (0.0, "out of cheese")}  # s per word, failure
 
 
-class Expert:
+class Expert(FakeBackendBase):
     """A Backend that answers "twelve it is" a word per `delay` seconds, or fails."""
 
     n_ctx = 1024
@@ -275,7 +276,7 @@ class Expert:
         return " ".join(str(m.get("content")) for m in messages), ()
 
     def generate(self, prompt: Any, params: SamplingParams, outcome: GenerationOutcome, cancel: threading.Event) -> Iterator[TokenEvent]:
-        outcome.prompt_tokens = len(prompt)
+        outcome.prompt_tokens = prompt.n_tokens
         if self.fail:
             raise RuntimeError(self.fail)
         return self._run(outcome, cancel)

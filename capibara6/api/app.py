@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..backends.base import SamplingParams
+from ..types import SamplingParams
 from ..config import Registry, Role, ServerSettings
 from ..metrics import CONTENT_TYPE
 from ..errors import ApiError, BodyTooLarge, InvalidRequest, ModelNotFound, NotFound

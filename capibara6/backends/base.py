@@ -1,96 +1,66 @@
-"""The one small interface every backend implements.
+"""Backend contract v2: what every backend class and instance provides, and nothing hidden.
 
-A backend owns one loaded model instance. The pool hands it out through leases; the API layer
-never touches it directly. `generate` is synchronous and runs in a worker thread: it yields one
-`TokenEvent` per sampled token and checks `cancel` between tokens so a client that disconnects
-stops its generation within a token.
+A backend class is chosen for a registry entry by `capibara6.backends.backend_class(spec)`; the
+pool and the orchestrator talk to it only through these two protocols, never by probing with
+`getattr` or branching on `spec.backend`:
+
+- class side (`BackendClass`): `capabilities(spec)` (what requests it honours, checked before any
+  lease so a refusal costs nothing), `max_concurrency(spec)` (leases one instance serves: 1, or
+  `parallel` for a batching instance), `threads(spec)` (threads per instance: decided here, once),
+  `estimate(spec, path)` (bytes before loading) and `load(model_id, spec, path, n_threads)`.
+- instance side (`Backend`): `prepare(prompt)` templates and tokenizes in one place (a remote
+  passes messages through honestly), `generate(prepared, params, outcome, cancel)` yields
+  `TokenEvent`s and checks `cancel` between tokens, `detokenize`, `set_threads` /
+  `current_threads` (None: the instance's threads are not the caller's to change, e.g. shared by
+  a batch), `kv_cache_bytes`, `memory_bytes`, `close`.
+
+`generate` is synchronous and runs in a worker thread. It raises `ContextLengthExceeded` (and any
+`BackendError`) when it is called, before any prefill, so a prompt's acceptance costs a
+tokenization, not a prefill.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
-from typing import Iterator, Protocol, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
 
+from ..types import Capabilities, Estimate, GenerationOutcome, Prepared, Prompt, SamplingParams, TokenEvent
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """Per-request sampling settings (OpenAI names, llama.cpp meanings)."""
-
-    max_tokens: int = 16
-    temperature: float = 1.0  # 0 -> greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 -> disabled
-    min_p: float = 0.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repeat_penalty: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    logprobs: int | None = None  # None: no logprobs; k >= 0: sampled token + top-k alternatives
-    grammar: str | None = None  # GBNF grammar text (response_format json_object / json_schema)
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """One sampled token. `text` is the text it adds (stop strings already cut out)."""
-
-    token_id: int
-    text: str
-    logprob: float | None = None
-    top_logprobs: dict[str, float] | None = None
-    piece: str | None = None  # the token's own text (set with logprobs: stop hold-back can delay `text`)
-
-
-@dataclass
-class GenerationOutcome:
-    """Filled in by the backend as generation proceeds; final once the iterator ends."""
-
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    finish_reason: str | None = None  # "stop" | "length" | None while running / when cancelled
-    extra: dict[str, object] = field(default_factory=dict)
-
-
-class ContextLengthExceeded(ValueError):
-    """Prompt tokens + max_tokens do not fit the model's context."""
-
-    def __init__(self, prompt_tokens: int, max_tokens: int, n_ctx: int) -> None:
-        super().__init__(
-            f"This model's maximum context length is {n_ctx} tokens. However, you requested "
-            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for "
-            "the completion). Please reduce the prompt or max_tokens."
-        )
-        self.prompt_tokens = prompt_tokens
-        self.max_tokens = max_tokens
-        self.n_ctx = n_ctx
+if TYPE_CHECKING:
+    from ..config import ModelSpec
 
 
 class Backend(Protocol):
-    """A loaded model. Not thread-safe: the pool gives one lease per concurrent generation slot."""
+    """A loaded model instance. One generation per lease; a batching one serves several at once."""
 
     model_id: str
     n_ctx: int
 
-    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
-        """Text -> token ids; special tokens in `text` (chat markup) are parsed as such."""
-        ...
-
-    def chat_prompt(self, messages: Sequence[dict[str, object]]) -> tuple[str, tuple[str, ...]]:
-        """OpenAI messages -> (prompt text, extra stop strings of the chat format)."""
+    def prepare(self, prompt: Prompt) -> Prepared:
+        """Template (chat) and tokenize; raises InvalidPrompt for what this model cannot take."""
         ...
 
     def generate(
-        self,
-        prompt: str | Sequence[int],
-        params: SamplingParams,
-        outcome: GenerationOutcome,
-        cancel: threading.Event,
+        self, prepared: Prepared, params: SamplingParams, outcome: GenerationOutcome, cancel: threading.Event
     ) -> Iterator[TokenEvent]:
-        """Yield tokens until a stop string, EOS, max_tokens or `cancel`; fill `outcome`.
+        """Yield tokens until a stop string, EOS, max_tokens or `cancel`; fill `outcome`."""
+        ...
 
-        Raises ContextLengthExceeded before generating when the request cannot fit.
-        """
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """Token ids -> text (the completions `echo` of a token prompt)."""
+        ...
+
+    def set_threads(self, n_threads: int) -> None:
+        """Threads for the next generations (consensus splits the CPUs between experts)."""
+        ...
+
+    def current_threads(self) -> int | None:
+        """This instance's own thread count; None when it is not the caller's to change."""
+        ...
+
+    def kv_cache_bytes(self) -> int:
+        """Bytes the KV cache holds now."""
         ...
 
     def memory_bytes(self) -> int:
@@ -100,3 +70,20 @@ class Backend(Protocol):
     def close(self) -> None:
         """Free every native resource now (not at garbage collection)."""
         ...
+
+
+class BackendClass(Protocol):
+    """The class side: questions answered from the registry entry alone, before anything loads."""
+
+    def capabilities(self, spec: ModelSpec) -> Capabilities: ...
+
+    def max_concurrency(self, spec: ModelSpec) -> int: ...
+
+    def threads(self, spec: ModelSpec) -> int: ...
+
+    def estimate(self, spec: ModelSpec, path: Path | None) -> Estimate: ...
+
+    def load(self, model_id: str, spec: ModelSpec, path: Path | None, n_threads: int) -> Backend: ...
+
+
+__all__ = ["Backend", "BackendClass"]

@@ -1,12 +1,13 @@
 """Remote backend: another OpenAI-compatible server (a capibara6 on another C4A VM, llama-server,
 vLLM, ...) reached over HTTP with httpx, behind the same Backend interface as a local model.
 
-There is no local tokenizer, so `tokenize` returns a `RemotePrompt`: a list of placeholder ids
-whose length estimates the token count (for our prompt-size limits) and which carries the text.
-`chat_prompt` does not apply a template: it encodes the messages themselves, so a chat request
-reaches the remote `/v1/chat/completions` as messages and the remote server applies its own
-model's chat template (the only one that is right for its model). Plain prompts go to
-`/v1/completions`. Both stream (SSE); each content delta becomes one TokenEvent, and the remote's
+There is no local tokenizer: `prepare` keeps the prompt as it came (chat messages, text or token
+ids) and estimates its size (4 bytes a token) for our prompt limit. A chat request reaches the
+remote `/v1/chat/completions` as messages and the remote server applies its own model's chat
+template (the only one that is right for its model); text and token prompts go to
+`/v1/completions`. What the remote is not asked for is refused by `capabilities`, never dropped:
+OpenAI's own fields (seed, penalties, stop, logit_bias) pass through; grammar, logprobs and
+llama.cpp's extensions (top_k, min_p, repeat_penalty) are 400s on a remote model. Both stream (SSE); each content delta becomes one TokenEvent, and the remote's
 `usage` (asked for with stream_options.include_usage) fills the outcome's token counts.
 
 Cancellation: `cancel` is checked between chunks, and a watcher shuts the socket down as soon as
@@ -20,26 +21,44 @@ import json
 import os
 import socket
 import threading
-from typing import Any, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import httpx
 
 from ..errors import InvalidRequest, ServiceUnavailable
-from .base import GenerationOutcome, SamplingParams, TokenEvent
+from ..types import (
+    ZERO_ESTIMATE,
+    Capabilities,
+    ChatPrompt,
+    Estimate,
+    GenerationOutcome,
+    Prepared,
+    Prompt,
+    SamplingParams,
+    TextPrompt,
+    TokenEvent,
+)
 
-_CHAT_MARK = "\x00capibara6-remote-chat\x00"
+if TYPE_CHECKING:
+    from ..config import ModelSpec
+
 _BYTES_PER_TOKEN = 4  # prompt-size estimate without a tokenizer
 CONNECT_TIMEOUT_S = 5.0
+CAPABILITIES = Capabilities(
+    grammar=False, logprobs=False, top_k=False, min_p=False, repeat_penalty=False, echo=False, local=False
+)
 
 
-class RemotePrompt(list):  # type: ignore[type-arg]
-    """Placeholder token ids (len = estimated tokens) carrying the real text or chat messages."""
-
-    def __init__(self, text: str | None = None, messages: list[dict[str, Any]] | None = None) -> None:
-        size = len(text or "") if messages is None else sum(len(str(m.get("content") or "")) + 4 for m in messages)
-        super().__init__([0] * max(1, size // _BYTES_PER_TOKEN))
-        self.text = text
-        self.messages = messages
+def estimate_tokens(prompt: Prompt) -> int:
+    """A prompt's size in tokens without a tokenizer (only our prompt limit uses it)."""
+    if isinstance(prompt, ChatPrompt):
+        size = sum(len(str(m.get("content") or "")) + 4 * _BYTES_PER_TOKEN for m in prompt.messages)
+    elif isinstance(prompt, TextPrompt):
+        size = len(prompt.text)
+    else:
+        return len(prompt.ids)
+    return max(1, size // _BYTES_PER_TOKEN)
 
 
 def base_url(url: str) -> str:
@@ -55,8 +74,26 @@ class RemoteBackend:
         self.remote_model = remote_model
         self._client = client
 
+    # -- class side (backends/base.py BackendClass) --------------------------------------------
+
     @classmethod
-    def load(cls, model_id: str, path: Any, spec: Any, n_threads: int) -> "RemoteBackend":
+    def capabilities(cls, spec: ModelSpec) -> Capabilities:
+        return CAPABILITIES
+
+    @classmethod
+    def max_concurrency(cls, spec: ModelSpec) -> int:
+        return 1
+
+    @classmethod
+    def threads(cls, spec: ModelSpec) -> int:
+        return 1  # no local inference
+
+    @classmethod
+    def estimate(cls, spec: ModelSpec, path: Path | None) -> Estimate:
+        return ZERO_ESTIMATE  # the weights live on the remote server
+
+    @classmethod
+    def load(cls, model_id: str, spec: ModelSpec, path: Path | None, n_threads: int) -> RemoteBackend:
         """Check that the remote answers /v1/models; no weights are loaded here (n_threads unused)."""
         headers = {}
         if spec.api_key_env:
@@ -64,6 +101,7 @@ class RemoteBackend:
             if not key:
                 raise ValueError(f"environment variable {spec.api_key_env} (api_key_env) is not set")
             headers["Authorization"] = f"Bearer {key}"
+        assert spec.source.url is not None
         url = base_url(spec.source.url)
         timeout = httpx.Timeout(connect=CONNECT_TIMEOUT_S, read=spec.queue_timeout_s + 60.0, write=30.0, pool=30.0)
         client = httpx.Client(base_url=url, headers=headers, timeout=timeout)
@@ -75,32 +113,36 @@ class RemoteBackend:
             raise ConnectionError(f"remote server {url} is not answering /v1/models: {err}") from None
         return cls(model_id, client, spec.remote_model or model_id, spec.n_ctx)
 
-    # -- Backend protocol ---------------------------------------------------------------------
+    # -- instance side (backends/base.py Backend) ----------------------------------------------
 
-    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
-        if text.startswith(_CHAT_MARK):
-            return RemotePrompt(messages=json.loads(text[len(_CHAT_MARK):]))
-        return RemotePrompt(text=text)
+    def prepare(self, prompt: Prompt) -> Prepared:
+        """The prompt as it came: the remote templates and tokenizes for its own model."""
+        text = prompt.text if isinstance(prompt, TextPrompt) else None
+        return Prepared(prompt, None, estimate_tokens(prompt), (), text)
 
-    def chat_prompt(self, messages: Sequence[dict[str, object]]) -> tuple[str, tuple[str, ...]]:
-        return _CHAT_MARK + json.dumps(list(messages), ensure_ascii=False), ()
+    def detokenize(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError("a remote model has no local vocabulary")  # capabilities: echo=False
+
+    def set_threads(self, n_threads: int) -> None:
+        return None  # nothing runs here
+
+    def current_threads(self) -> int | None:
+        return None
+
+    def kv_cache_bytes(self) -> int:
+        return 0
 
     def generate(
-        self,
-        prompt: str | Sequence[int],
-        params: SamplingParams,
-        outcome: GenerationOutcome,
-        cancel: threading.Event,
+        self, prepared: Prepared, params: SamplingParams, outcome: GenerationOutcome, cancel: threading.Event
     ) -> Iterator[TokenEvent]:
-        if isinstance(prompt, str):
-            prompt = self.tokenize(prompt)
         body = self._body(params)
-        if isinstance(prompt, RemotePrompt) and prompt.messages is not None:
-            path, body["messages"] = "/v1/chat/completions", prompt.messages
+        prompt = prepared.prompt
+        if isinstance(prompt, ChatPrompt):
+            path, body["messages"] = "/v1/chat/completions", list(prompt.messages)
         else:
             path = "/v1/completions"
-            body["prompt"] = prompt.text if isinstance(prompt, RemotePrompt) else list(prompt)
-        outcome.prompt_tokens = len(prompt)  # an estimate until the remote's usage arrives
+            body["prompt"] = prompt.text if isinstance(prompt, TextPrompt) else list(prompt.ids)
+        outcome.prompt_tokens = prepared.n_tokens  # an estimate until the remote's usage arrives
         return self._stream(path, body, outcome, cancel)
 
     def _body(self, p: SamplingParams) -> dict[str, Any]:
@@ -113,6 +155,8 @@ class RemoteBackend:
             body["seed"] = p.seed
         if p.stop:
             body["stop"] = list(p.stop)
+        if p.logit_bias:
+            body["logit_bias"] = {str(t): b for t, b in p.logit_bias}
         return body
 
     def _stream(self, path: str, body: dict[str, Any], outcome: GenerationOutcome, cancel: threading.Event) -> Iterator[TokenEvent]:

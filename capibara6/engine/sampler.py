@@ -1,5 +1,5 @@
-"""Token sampling in numpy, in llama-cpp-python's order: penalties -> top-k -> top-p -> min-p ->
-temperature -> draw. Works on a small candidate set (argpartition), never a full 262k-vocab sort.
+"""Token sampling in numpy, in llama-cpp-python's order: logit bias -> penalties -> top-k -> top-p ->
+min-p -> temperature -> draw. Works on a small candidate set (argpartition), never a full 262k-vocab sort.
 """
 
 from __future__ import annotations
@@ -38,8 +38,11 @@ class Sampler:
         frequency_penalty: float = 0.0,
         seed: int | None = None,
         logprobs: int | None = None,
+        logit_bias: tuple[tuple[int, float], ...] = (),
     ) -> None:
         self.temperature = temperature
+        self._bias_ids = np.array([i for i, _ in logit_bias], dtype=np.int64)
+        self._bias = np.array([b for _, b in logit_bias], dtype=np.float32)
         self.top_k = top_k
         self.top_p = top_p
         self.min_p = min_p
@@ -51,7 +54,7 @@ class Sampler:
 
     @classmethod
     def from_params(cls, p: object) -> Sampler:
-        """From a SamplingParams-like object (attribute names as in capibara6.backends.base)."""
+        """From a SamplingParams-like object (attribute names as in capibara6.types)."""
         return cls(
             temperature=float(getattr(p, "temperature", 1.0)),
             top_k=int(getattr(p, "top_k", 0) or 0),
@@ -62,6 +65,7 @@ class Sampler:
             frequency_penalty=float(getattr(p, "frequency_penalty", 0.0)),
             seed=getattr(p, "seed", None),
             logprobs=getattr(p, "logprobs", None),
+            logit_bias=tuple(getattr(p, "logit_bias", ()) or ()),
         )
 
     def _penalize(self, logits: np.ndarray, history: list[int]) -> np.ndarray:
@@ -81,6 +85,9 @@ class Sampler:
     def sample(self, logits: np.ndarray, history: list[int]) -> SampleResult:
         """Pick the next token from logits [vocab]; `history` is the sequence so far (for penalties)."""
         raw = np.asarray(logits, dtype=np.float32)
+        if self._bias_ids.size:  # on the raw logits, as OpenAI (and llama.cpp's chain) apply it
+            raw = raw.copy()
+            raw[self._bias_ids] += self._bias
         x = self._penalize(raw, history)
         if self.temperature <= 0.0:
             tok = int(np.argmax(x))

@@ -12,12 +12,7 @@ from typing import Any
 import llama_cpp
 from llama_cpp import Llama
 
-try:  # the server's one-at-a-time constructor (llama-cpp-python's quiet load is not thread-safe)
-    from capibara6.backends.llama_load import new_llama
-except ImportError:  # pragma: no cover - engine used outside the server
-
-    def new_llama(**kwargs: Any) -> Any:
-        return Llama(**kwargs)
+from ..llama_load import new_llama  # one construction at a time (llama-cpp-python's quiet load is not thread-safe)
 
 
 class Tokenizer:

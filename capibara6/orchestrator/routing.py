@@ -30,8 +30,8 @@ from typing import Literal
 from ..api.protocol import ConsensusOptions
 from ..config import EnsembleSpec, Registry
 from ..errors import InvalidRequest, ModelNotFound
+from ..types import Strategy
 
-Strategy = Literal["fastest", "vote", "judge", "synthesize"]
 AUTO = "auto"
 AUTO_MAX_EXPERTS = 3
 DEFAULT_TIMEOUT_S = 60.0

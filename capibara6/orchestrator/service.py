@@ -22,6 +22,7 @@ from typing import Any, AsyncIterator, Sequence
 from ..errors import ExpertsFailed
 from ..serving import ChoiceEnd, Delta, Generation, Messages, Plan, PromptSource, Service
 from ..threads import auto_threads, resolve_threads
+from ..backends import capabilities
 from .fanout import ExpertAnswer, ExpertCall, ExpertResult, ExpertTask, fan_out
 from .routing import ConsensusPlan
 from .strategies import Candidate, agreement, judge_order, judge_prompt, parse_verdict, synthesis_prompt, vote
@@ -39,27 +40,13 @@ class ExpertGeneration(Generation):
 
     def _launch(self, index: int, prompt: PromptSource) -> Any:
         backend = self._backend
-        set_threads = getattr(backend, "set_threads", None)
-        shared = int(getattr(backend, "max_concurrency", 1) or 1) > 1  # a batching instance: not ours alone
-        own = None if shared else _current_threads(backend)
-        if self._threads and set_threads is not None and own is not None and self._threads != own:
-            set_threads(self._threads)
+        assert backend is not None
+        own = backend.current_threads()  # None: not ours to change (a batch's shared context, a remote)
+        if self._threads and own is not None and self._threads != own:
+            backend.set_threads(self._threads)
             # pushed before the stream's aclose, so it runs after the worker has left the model
-            self._stack.callback(set_threads, own)
+            self._stack.callback(backend.set_threads, own)
         return super()._launch(index, prompt)
-
-
-def _current_threads(backend: Any) -> int | None:
-    """The backend's thread count now (None: unknown, so it is left alone)."""
-    own = getattr(backend, "current_threads", None)
-    if callable(own):
-        return int(own())
-    llm = getattr(backend, "llm", None)
-    if llm is None or getattr(llm, "ctx", None) is None:
-        return None
-    import llama_cpp
-
-    return int(llama_cpp.llama_n_threads(llm.ctx))
 
 
 def question_of(prompt: PromptSource) -> str:
@@ -124,7 +111,7 @@ class ConsensusRun:
         for i, model in enumerate(self.plan.experts):
             spec = registry.models[model]
             threads = None
-            if split is not None and spec.backend != "remote":
+            if split is not None and capabilities(spec).local:  # a remote expert takes no local CPU share
                 threads = min(split, resolve_threads(spec.n_threads))
             out.append(ExpertTask(i, model, (self.seed + 7919 * i) & 0x7FFFFFFF, threads))
         return out
@@ -189,8 +176,10 @@ class ConsensusRun:
         order = judge_order(len(ok), self.seed)
         texts = [r.answer.text for r in ok if r.answer]
         prompt: Messages = [{"role": "user", "content": judge_prompt(question_of(self.prompt), texts, order)}]
-        grammar = "root ::= " + " | ".join(f'"{i}"' for i in range(1, len(ok) + 1))
-        info: dict[str, Any] = {"model": judge, "order": [ok[i].task.index for i in order]}
+        # a judge whose backend has no grammar engine answers freely; parse_verdict reads its number
+        constrained = capabilities(self.service.registry.models[judge]).grammar
+        grammar = "root ::= " + " | ".join(f'"{i}"' for i in range(1, len(ok) + 1)) if constrained else None
+        info: dict[str, Any] = {"model": judge, "order": [ok[i].task.index for i in order], "constrained": constrained}
         picked = None
         try:
             ans = await asyncio.wait_for(

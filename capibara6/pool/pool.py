@@ -20,15 +20,16 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Coroutine, TypeVar
 
 from .. import crash
-from ..backends import load_backend, spec_class
-from ..backends.base import Backend, GenerationOutcome, SamplingParams
-from ..config import ModelSpec, Registry, resolve_model_path
+from ..backends import backend_class, estimate, load_backend
+from ..backends.base import Backend
+from ..config import ModelSpec, Registry
 from ..errors import ModelBusy, ModelNotFound, QueueFull, ServiceUnavailable
 from ..metrics import Metrics
 from ..threads import resolve_threads
-from .budget import GIB, ZERO, Estimate, budget_bytes, choose_victims, estimate_file
+from .budget import GIB, Estimate, budget_bytes, choose_victims
 from .queue import Waiter
-from .slots import Instance, ModelSlot, instance_capacity
+from ..types import GenerationOutcome, SamplingParams, TextPrompt
+from .slots import Instance, ModelSlot
 
 log = logging.getLogger("capibara6.pool")
 
@@ -37,6 +38,18 @@ Estimator = Callable[[str, ModelSpec], Estimate]
 Clock = Callable[[], float]
 
 T = TypeVar("T")
+
+class OneAtATime:
+    """The class side assumed for a custom loader: one lease per instance, the plain thread rule."""
+
+    @staticmethod
+    def max_concurrency(spec: ModelSpec) -> int:
+        return 1
+
+    @staticmethod
+    def threads(spec: ModelSpec) -> int:
+        return resolve_threads(spec.n_threads, concurrent=spec.parallel)
+
 
 SHUTDOWN_WAIT_S = 5.0  # close(): how long a still-running lease may keep its instance
 WARMUP_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
@@ -52,15 +65,18 @@ class ModelPool:
         metrics: Metrics | None = None,
         *,
         estimator: Estimator | None = None,
+        classes: Callable[[ModelSpec], Any] | None = None,
         clock: Clock = time.monotonic,
         memory_budget: int | None = None,
     ) -> None:
         self.registry = registry
         self.metrics = metrics or Metrics()
         self.metrics.watch_pool(self)
-        self._default_loader = loader is None
+        # the class side (threads, leases per instance) of each entry's backend; a custom loader
+        # (tests) serves one lease per instance unless its test says otherwise
+        self._classes = classes or (backend_class if loader is None else (lambda spec: OneAtATime))
         self._loader = loader or (lambda mid, spec, n: load_backend(mid, spec, registry.base_dir, n))
-        self._estimator = estimator or (lambda mid, spec: default_estimate(spec, registry))
+        self._estimator = estimator or (lambda mid, spec: estimate(spec, registry.base_dir))
         self._clock = clock
         self.max_loaded = registry.pool.max_loaded
         self.memory_budget = memory_budget if memory_budget is not None else budget_bytes(registry.pool.memory_budget_gb)
@@ -84,8 +100,7 @@ class ModelPool:
         for mid, slot in self._slots.items():
             kv = 0
             for inst in slot.instances:
-                fn = getattr(inst.backend, "kv_cache_bytes", None)
-                kv += int(fn()) if callable(fn) else 0
+                kv += inst.backend.kv_cache_bytes()
             out.append((mid, slot.state, kv))
         return out
 
@@ -260,9 +275,9 @@ class ModelPool:
             slot.loading = None
             slot.reserved = 0
         charged = need
-        if first and callable(getattr(backend, "memory_bytes", None)):
+        if first:
             charged = int(backend.memory_bytes()) or need
-        slot.instances.append(Instance(backend, instance_capacity(backend, spec.parallel), charged))
+        slot.instances.append(Instance(backend, self._capacity(spec), charged))
         if first:
             slot.idle_since = slot.last_used = self._clock()
         self.metrics.loads.labels(mid).inc()
@@ -305,15 +320,12 @@ class ModelPool:
         self._unblock_others(slot)
 
     def _threads(self, spec: ModelSpec) -> int:
-        """Threads per instance: concurrent generations split the CPUs (a batching instance runs one)."""
-        concurrent = spec.parallel
-        if self._default_loader:
-            try:
-                if int(getattr(spec_class(spec), "max_concurrency", 1) or 1) > 1:
-                    concurrent = 1
-            except (ImportError, AttributeError, KeyError):
-                pass
-        return resolve_threads(spec.n_threads, concurrent=concurrent)
+        """Threads per instance, as the backend class decides them (the one place: its `threads`)."""
+        return self._classes(spec).threads(spec)
+
+    def _capacity(self, spec: ModelSpec) -> int:
+        """Leases one instance serves: `parallel` on a batching instance, else 1."""
+        return max(1, min(spec.parallel, self._classes(spec).max_concurrency(spec)))
 
     async def load(self, model_id: str) -> str:
         """Make sure the model is loaded (admin, warmup); returns its state."""
@@ -448,38 +460,10 @@ async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
 
 def warm_generate(backend: Backend) -> None:
     """A few greedy tokens: faults the weights in and builds llama.cpp's compute graph."""
-    tokens = backend.tokenize(WARMUP_PROMPT)
+    prepared = backend.prepare(TextPrompt(WARMUP_PROMPT))
     params = SamplingParams(max_tokens=4, temperature=0.0)
-    for _ in backend.generate(tokens, params, GenerationOutcome(), threading.Event()):
+    for _ in backend.generate(prepared, params, GenerationOutcome(), threading.Event()):
         pass
-
-
-def default_estimate(spec: ModelSpec, registry: Registry) -> Estimate:
-    """From the GGUF file and the entry; 0 for remote models or files that do not resolve."""
-    if spec.backend == "remote":
-        return ZERO
-    try:
-        path = resolve_model_path(spec, registry.base_dir)
-    except (OSError, ImportError, ValueError):
-        return ZERO  # the load will fail and say why
-    est = estimate_file(path, spec.n_ctx, spec.kv_cache)
-    if spec.backend == "native" and spec.matmul == "fp32":
-        est = fp32_weights_estimate(path, est)
-    return est
-
-
-def fp32_weights_estimate(path: Path, est: Estimate) -> Estimate:
-    """The native engine's fp32 mode holds every weight as float32, not the file's blocks."""
-    from gguf import GGML_QUANT_SIZES
-
-    from capibara6.engine.gguf_file import GGUFFile
-
-    try:
-        tensors = GGUFFile(path).tensors
-    except (ValueError, OSError):
-        return est
-    n = sum(t.n_bytes // GGML_QUANT_SIZES[t.tensor_type][1] * GGML_QUANT_SIZES[t.tensor_type][0] for t in tensors)
-    return Estimate(4 * n, est.kv, est.overhead)
 
 
 def release_memory() -> None:

@@ -29,12 +29,6 @@ class Instance:
         return self.leases < self.capacity
 
 
-def instance_capacity(backend: Backend, parallel: int) -> int:
-    """A batching backend (max_concurrency > 1) serves up to min(parallel, max_concurrency) leases."""
-    mc = int(getattr(backend, "max_concurrency", 1) or 1)
-    return min(parallel, mc) if mc > 1 else 1
-
-
 @dataclass(eq=False)
 class ModelSlot:
     model_id: str

@@ -10,15 +10,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from capibara6.backends.base import (
-    ContextLengthExceeded,
-    GenerationOutcome,
-    SamplingParams,
-)
+from capibara6.types import ContextLengthExceeded, GenerationOutcome, SamplingParams
 from capibara6.backends.native import NativeBackend
 from capibara6.engine.gguf_loader import GGUFModel
 from capibara6.engine.runner import Runner
 from capibara6.engine.sampler import Sampler
+from capibara6.config import ModelSpec
+from tests.fakes import chat_text, prepared
 
 PROMPT = "The three primary colors are"
 
@@ -31,7 +29,7 @@ def backend(gemma_model: GGUFModel, gemma_tokenizer) -> NativeBackend:  # type: 
 
 def run(b: NativeBackend, prompt: str, cancel: threading.Event | None = None, **kw: object):  # type: ignore[no-untyped-def]
     out = GenerationOutcome()
-    events = list(b.generate(prompt, SamplingParams(**kw), out, cancel or threading.Event()))  # type: ignore[arg-type]
+    events = list(b.generate(prepared(b, prompt), SamplingParams(**kw), out, cancel or threading.Event()))
     return events, out
 
 
@@ -57,13 +55,13 @@ def test_stop_string_cut_and_finish_reason(backend: NativeBackend) -> None:
 
 def test_context_length_exceeded(backend: NativeBackend) -> None:
     with pytest.raises(ContextLengthExceeded):
-        backend.generate(PROMPT, SamplingParams(max_tokens=95), GenerationOutcome(), threading.Event())
+        backend.generate(prepared(backend, PROMPT), SamplingParams(max_tokens=95), GenerationOutcome(), threading.Event())
 
 
 def test_cancel_stops_within_a_token(backend: NativeBackend) -> None:
     cancel = threading.Event()
     out = GenerationOutcome()
-    it = backend.generate(PROMPT, SamplingParams(max_tokens=50, temperature=0.0), out, cancel)
+    it = backend.generate(prepared(backend, PROMPT), SamplingParams(max_tokens=50, temperature=0.0), out, cancel)
     first = next(it)
     assert first.token_id >= 0
     cancel.set()
@@ -87,10 +85,10 @@ def test_seed_reproducible(backend: NativeBackend) -> None:
 
 
 def test_chat_prompt_gemma(backend: NativeBackend) -> None:
-    prompt, stops = backend.chat_prompt([{"role": "user", "content": "Hi"}])
+    prompt, stops = chat_text(backend, [{"role": "user", "content": "Hi"}])
     assert prompt == "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
     assert stops == ("<end_of_turn>",)
-    prompt, _ = backend.chat_prompt(
+    prompt, _ = chat_text(backend, 
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
          {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]
     )
@@ -133,8 +131,9 @@ def test_prefix_reuse_matches_fresh(tiny_llama_gguf: pathlib.Path) -> None:
 
 
 def test_load_from_spec(tiny_llama_gguf: pathlib.Path) -> None:
-    spec = SimpleNamespace(n_ctx=64, kv_cache="fp8", chat_format="chatml", prefill_chunk=16)
-    b = NativeBackend.load("tiny", tiny_llama_gguf, spec, n_threads=1)
+    spec = ModelSpec(backend="native", source={"path": str(tiny_llama_gguf)}, n_ctx=64, kv_cache="fp8",
+                     chat_format="chatml", prefill_chunk=16)
+    b = NativeBackend.load("tiny", spec, tiny_llama_gguf, n_threads=1)
     try:
         assert b.n_ctx == 64 and b.runner.kv.dtype == "fp8" and b.runner.ops_name == "kernels"
         events, out = run(b, "the cat sat", max_tokens=5, temperature=0.0)
@@ -168,7 +167,7 @@ def test_server_registry_loads_native(tmp_path: pathlib.Path) -> None:
     b = load_backend("gemma3-270m-native", spec, tmp_path, 1)
     try:
         assert isinstance(b, NativeBackend) and b.runner.kv.dtype == "fp8" and b.runner.ops_name == "kernels"
-        prompt, stops = b.chat_prompt([{"role": "user", "content": "What is the capital of France?"}])
+        prompt, stops = chat_text(b, [{"role": "user", "content": "What is the capital of France?"}])
         events, out = run(b, prompt, max_tokens=8, temperature=0.0, stop=stops)
         assert out.prompt_tokens > 0 and out.finish_reason in ("stop", "length") and events
     finally:
@@ -178,14 +177,14 @@ def test_server_registry_loads_native(tmp_path: pathlib.Path) -> None:
 def test_pool_memory_estimate_follows_the_matmul_mode(gemma_gguf: pathlib.Path, tmp_path: pathlib.Path) -> None:
     """int16/int8 map the file's blocks (estimate ~ file size); fp32 holds 4 bytes per weight."""
     from capibara6.config import parse_registry
-    from capibara6.pool.pool import default_estimate
+    from capibara6.backends import estimate
 
     raw = {"models": {m: {"backend": "native", "source": {"path": str(gemma_gguf)}, "matmul": m, "n_ctx": 256}
                       for m in ("int16", "fp32")}}
     reg = parse_registry(raw, base_dir=tmp_path)
     size = gemma_gguf.stat().st_size
-    assert default_estimate(reg.models["int16"], reg).weights == size
-    fp32 = default_estimate(reg.models["fp32"], reg).weights
+    assert estimate(reg.models["int16"], reg.base_dir).weights == size
+    fp32 = estimate(reg.models["fp32"], reg.base_dir).weights
     assert 3.5 * size < fp32 < 5 * size  # 268M parameters: ~1.07 GB
 
 

@@ -8,18 +8,19 @@ from pathlib import Path
 import httpx
 from openai import OpenAI
 
-from capibara6.backends.base import GenerationOutcome, SamplingParams
+from capibara6.types import GenerationOutcome, SamplingParams
 from capibara6.backends.native import NativeBackend
 from capibara6.engine.runner import Runner
 from tests.conftest import gemma_registry
 from tests.serverproc import ServerProcess
+from tests.fakes import prepared
 
 PROMPT = "The three primary colors are"
 
 
 def test_native_over_http_matches_engine(gemma_path: Path, gemma_model, gemma_tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     direct = NativeBackend("gemma3-270m-native", Runner(gemma_model, n_ctx=256, kv_cache="fp8", ops="kernels"), gemma_tokenizer, "gemma")
-    expected = "".join(e.text for e in direct.generate(PROMPT, SamplingParams(max_tokens=12, temperature=0.0), GenerationOutcome(), threading.Event()))
+    expected = "".join(e.text for e in direct.generate(prepared(direct, PROMPT), SamplingParams(max_tokens=12, temperature=0.0), GenerationOutcome(), threading.Event()))
     native = {"backend": "native", "source": {"path": str(gemma_path)}, "chat_format": "gemma", "kv_cache": "fp8", "n_ctx": 256}
     srv = ServerProcess(gemma_registry(gemma_path, **{"gemma3-270m-native": native}), tmp_path).wait_healthy()
     try:
@@ -43,7 +44,7 @@ def test_native_parallel_instances_serve_at_once(gemma_path: Path, gemma_model, 
     """parallel: 2 gives two native instances (their weights are one mapping of the file, shared
     through the page cache): two requests run at once and each gets the engine's greedy text."""
     direct = NativeBackend("n", Runner(gemma_model, n_ctx=256, kv_cache="fp8", ops="kernels"), gemma_tokenizer, "gemma")
-    expected = "".join(e.text for e in direct.generate(PROMPT, SamplingParams(max_tokens=16, temperature=0.0), GenerationOutcome(), threading.Event()))
+    expected = "".join(e.text for e in direct.generate(prepared(direct, PROMPT), SamplingParams(max_tokens=16, temperature=0.0), GenerationOutcome(), threading.Event()))
     native = {"backend": "native", "source": {"path": str(gemma_path)}, "chat_format": "gemma", "kv_cache": "fp8",
               "n_ctx": 256, "parallel": 2}
     srv = ServerProcess(gemma_registry(gemma_path, **{"gemma3-270m-native": native}), tmp_path).wait_healthy()

@@ -13,14 +13,33 @@ import gc
 import random
 import threading
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
-from .base import ContextLengthExceeded, GenerationOutcome, SamplingParams, TokenEvent
-from .llama_load import new_llama
-from .stops import StopText
-from ..chat_templates import Formatter, get_formatter, jinja_formatter
+from ...chat_templates import Formatter, get_formatter, jinja_formatter
+from ...gguf_header import estimate_file, file_kv_cache_bytes
+from ...llama_load import new_llama
+from ...threads import resolve_threads
+from ...types import (
+    Capabilities,
+    ChatPrompt,
+    ContextLengthExceeded,
+    Estimate,
+    GenerationOutcome,
+    InvalidPrompt,
+    Prepared,
+    Prompt,
+    SamplingParams,
+    TextPrompt,
+    TokenEvent,
+)
+from ..stops import StopText
+
+if TYPE_CHECKING:
+    from ...config import ModelSpec
+
+CAPABILITIES = Capabilities()  # llama.cpp honours every sampling field we expose
 
 _KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8}
 
@@ -32,6 +51,31 @@ def _kv_kwargs(kv_cache: str | None) -> dict[str, Any]:
         raise ValueError(f"kv_cache {kv_cache!r} is not one of {sorted(_KV_TYPES)} for backend llamacpp")
     # a quantized V cache needs flash attention in llama.cpp
     return {"type_k": _KV_TYPES[kv_cache], "type_v": _KV_TYPES[kv_cache], "flash_attn": True}
+
+
+def check_token_ids(ids: Sequence[int], n_vocab: int) -> None:
+    """A token prompt must be non-empty ids of this vocabulary (else a 400, never a crash in C)."""
+    if not ids:
+        raise InvalidPrompt("the prompt is empty")
+    bad = next((i for i in ids if not 0 <= i < n_vocab), None)
+    if bad is not None:
+        raise InvalidPrompt(f"token id {bad} is outside this model's vocabulary (0..{n_vocab - 1})")
+
+
+def _bias_processor(bias: tuple[tuple[int, float], ...]) -> Any:
+    """logit_bias for Llama.generate: added to the raw logits before the sampler chain runs."""
+    if not bias:
+        return None
+    from llama_cpp import LogitsProcessorList
+
+    ids = np.array([i for i, _ in bias], dtype=np.int64)
+    values = np.array([b for _, b in bias], dtype=np.float32)
+
+    def add(_input_ids: Any, scores: np.ndarray) -> np.ndarray:
+        scores[ids] += values
+        return scores
+
+    return LogitsProcessorList([add])
 
 
 def token_logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
@@ -46,8 +90,11 @@ def token_logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, list[
 
 
 class LlamaCppBackend:
-    def __init__(self, model_id: str, llm: Any, formatter: Formatter, path: Path, kv_type: str | None = None) -> None:
+    def __init__(
+        self, model_id: str, llm: Any, formatter: Formatter, path: Path, kv_type: str | None = None, n_threads: int = 1
+    ) -> None:
         self.model_id = model_id
+        self._n_threads = n_threads
         self.llm = llm
         self.n_ctx: int = llm.n_ctx()
         self._formatter = formatter
@@ -56,8 +103,28 @@ class LlamaCppBackend:
         self._kv_type = kv_type
         self._kv_bytes: int | None = None
 
+    # -- class side (backends/base.py BackendClass) --------------------------------------------
+
     @classmethod
-    def load(cls, model_id: str, path: Path | None, spec: Any, n_threads: int) -> "LlamaCppBackend":
+    def capabilities(cls, spec: ModelSpec) -> Capabilities:
+        return CAPABILITIES
+
+    @classmethod
+    def max_concurrency(cls, spec: ModelSpec) -> int:
+        return 1  # one context, one sequence: `parallel` > 1 picks the batched class instead
+
+    @classmethod
+    def threads(cls, spec: ModelSpec) -> int:
+        """`parallel` instances generate at once, so they split the inference CPUs."""
+        return resolve_threads(spec.n_threads, concurrent=spec.parallel)
+
+    @classmethod
+    def estimate(cls, spec: ModelSpec, path: Path | None) -> Estimate:
+        assert path is not None
+        return estimate_file(path, spec.n_ctx, spec.kv_cache)
+
+    @classmethod
+    def load(cls, model_id: str, spec: ModelSpec, path: Path | None, n_threads: int) -> LlamaCppBackend:
         assert path is not None
         llm = new_llama(
             model_path=str(path),
@@ -69,7 +136,7 @@ class LlamaCppBackend:
             verbose=False,
             **_kv_kwargs(spec.kv_cache),
         )
-        return cls(model_id, llm, cls._pick_formatter(llm, spec.chat_format), path, spec.kv_cache)
+        return cls(model_id, llm, cls._pick_formatter(llm, spec.chat_format), path, spec.kv_cache, n_threads)
 
     @staticmethod
     def _pick_formatter(llm: Any, name: str | None) -> Formatter:
@@ -82,35 +149,48 @@ class LlamaCppBackend:
         eos = llm.detokenize([llm.token_eos()], special=True).decode("utf-8", "replace")
         return jinja_formatter(template, bos, eos)
 
-    # -- Backend protocol ---------------------------------------------------------------------
+    # -- instance side (backends/base.py Backend) ----------------------------------------------
 
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
+        """Special tokens in `text` (chat markup) are parsed as such."""
         return list(self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
 
-    def chat_prompt(self, messages: Sequence[dict[str, object]]) -> tuple[str, tuple[str, ...]]:
-        return self._formatter(messages)
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return str(self.llm.detokenize(list(ids), special=False).decode("utf-8", "replace"))
+
+    def prepare(self, prompt: Prompt) -> Prepared:
+        """Chat: the named (or the GGUF's) template, then tokens; text: tokens; ids: checked."""
+        if isinstance(prompt, ChatPrompt):
+            text, stops = self._formatter(list(prompt.messages))
+            tokens = self.tokenize(text)
+            return Prepared(prompt, tuple(tokens), len(tokens), stops, text)
+        if isinstance(prompt, TextPrompt):
+            tokens = self.tokenize(prompt.text)
+            return Prepared(prompt, tuple(tokens), len(tokens), (), prompt.text)
+        check_token_ids(prompt.ids, self._n_vocab)
+        return Prepared(prompt, prompt.ids, len(prompt.ids))
 
     def set_threads(self, n_threads: int) -> None:
         """Change the thread count between generations (consensus splits the CPUs)."""
         import llama_cpp
 
         llama_cpp.llama_set_n_threads(self.llm.ctx, n_threads, n_threads)
+        self._n_threads = n_threads
+
+    def current_threads(self) -> int | None:
+        return self._n_threads
 
     def generate(
-        self,
-        prompt: str | Sequence[int],
-        params: SamplingParams,
-        outcome: GenerationOutcome,
-        cancel: threading.Event,
+        self, prepared: Prepared, params: SamplingParams, outcome: GenerationOutcome, cancel: threading.Event
     ) -> Iterator[TokenEvent]:
-        tokens = self.prompt_tokens(prompt, params, outcome)
+        tokens = self.prompt_tokens(prepared, params, outcome)
         return self._run(tokens, params, outcome, cancel)
 
-    def prompt_tokens(self, prompt: str | Sequence[int], params: SamplingParams, outcome: GenerationOutcome) -> list[int]:
-        """The prompt as tokens, checked against the context before anything runs."""
-        tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+    def prompt_tokens(self, prepared: Prepared, params: SamplingParams, outcome: GenerationOutcome) -> list[int]:
+        """The prompt's tokens, checked against the context before anything runs."""
+        tokens = list(prepared.tokens or ())
         if not tokens:
-            raise ValueError("the prompt is empty")
+            raise InvalidPrompt("the prompt is empty")
         if len(tokens) + params.max_tokens > self.n_ctx:
             raise ContextLengthExceeded(len(tokens), params.max_tokens, self.n_ctx)
         outcome.prompt_tokens = len(tokens)
@@ -140,6 +220,7 @@ class LlamaCppBackend:
             frequency_penalty=params.frequency_penalty,
             presence_penalty=params.presence_penalty,
             grammar=grammar,
+            logits_processor=_bias_processor(params.logit_bias),
         )
         try:
             for token in gen:
@@ -182,8 +263,6 @@ class LlamaCppBackend:
     def kv_cache_bytes(self) -> int:
         """llama.cpp allocates K and V for every layer and all n_ctx cells at load."""
         if self._kv_bytes is None:
-            from ..pool.budget import file_kv_cache_bytes
-
             self._kv_bytes = file_kv_cache_bytes(self._path, self.n_ctx, self._kv_type)
         return self._kv_bytes
 

@@ -30,8 +30,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol, Sequence as Seq
 
-from . import crash
-from .backends.base import SamplingParams
+from ... import crash
+from ...types import SamplingParams
 
 log = logging.getLogger("capibara6.scheduler")
 

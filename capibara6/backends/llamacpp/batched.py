@@ -2,7 +2,7 @@
 
 `LlamaCppBatchedBackend` is a Backend whose `generate()` may be called from several threads at
 once (`max_concurrency = parallel`). Each call hands a `Sequence` to the model's `Scheduler`
-(capibara6/scheduler.py), whose thread owns the llama context and decodes every running sequence in
+(scheduler.py beside this file), whose thread owns the llama context and decodes every running sequence in
 one `llama_decode` per step; the calling thread turns that sequence's token ids into text
 (StopText), so detokenising never delays the step loop.
 
@@ -20,17 +20,21 @@ import queue
 import random
 import threading
 from pathlib import Path
-from typing import Any, Iterator, Sequence as Seq
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from ..metrics import PREFIX_CACHE
-from ..scheduler import Scheduler, Sequence
-from ..threads import resolve_threads
-from .base import GenerationOutcome, SamplingParams, TokenEvent
-from .llama_load import new_llama
-from .llamacpp import LlamaCppBackend, _kv_kwargs, token_logprobs
-from .stops import StopText
+from ...llama_load import new_llama
+from ...threads import resolve_threads
+from ...types import GenerationOutcome, Prepared, SamplingParams, TokenEvent
+from ..stops import StopText
+from .plain import LlamaCppBackend, _kv_kwargs, token_logprobs
+from .scheduler import Scheduler, Sequence
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence as Seq
+
+    from ...config import ModelSpec
 
 _POLL_S = 0.05  # how often a reader waiting for its next token re-checks `cancel`
 
@@ -76,9 +80,12 @@ class LlamaDecoder:
         """A sampler chain for one sequence, or None for plain greedy (argmax fast path)."""
         lc = self._lc
         penalties = (params.repeat_penalty, params.frequency_penalty, params.presence_penalty) != (1.0, 0.0, 0.0)
-        if params.temperature <= 0 and not penalties and not params.grammar:
+        if params.temperature <= 0 and not penalties and not params.grammar and not params.logit_bias:
             return None
         chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        if params.logit_bias:  # first, on the raw logits, as OpenAI defines it
+            arr = (lc.llama_logit_bias * len(params.logit_bias))(*(lc.llama_logit_bias(t, b) for t, b in params.logit_bias))
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_logit_bias(self.n_vocab, len(arr), arr))
         if penalties:
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_penalties(
                 self.n_vocab, 64, params.repeat_penalty, params.frequency_penalty, params.presence_penalty))
@@ -154,22 +161,24 @@ class LlamaDecoder:
 class LlamaCppBatchedBackend(LlamaCppBackend):
     """Tokenizer, chat format and logprob pieces come from LlamaCppBackend; generation is batched."""
 
-    max_concurrency: int = 64  # class level: "this class batches" (ModelSpec.parallel's cap); instances: parallel
-
-    def __init__(self, model_id: str, llm: Any, formatter: Any, path: Path, spec: Any, n_threads: int) -> None:
-        super().__init__(model_id, llm, formatter, path, spec.kv_cache)
+    def __init__(self, model_id: str, llm: Any, formatter: Any, path: Path, spec: ModelSpec, n_threads: int) -> None:
+        super().__init__(model_id, llm, formatter, path, spec.kv_cache, n_threads)
         self.decoder = LlamaDecoder(llm, spec, n_threads)
         self.n_ctx = self.decoder.n_cells  # kv_cache_bytes (inherited): the shared cache's cells
-        self.max_concurrency: int = spec.parallel
-        self.scheduler = Scheduler(
-            self.decoder, spec.parallel, spec.prefill_chunk, on_prefix_hit=lambda n: PREFIX_CACHE.hit(model_id, n)
-        )
+        self.scheduler = Scheduler(self.decoder, spec.parallel, spec.prefill_chunk)
 
     @classmethod
-    def load(cls, model_id: str, path: Path | None, spec: Any, n_threads: int) -> "LlamaCppBatchedBackend":
+    def max_concurrency(cls, spec: ModelSpec) -> int:
+        return spec.parallel  # one context serves every sequence
+
+    @classmethod
+    def threads(cls, spec: ModelSpec) -> int:
+        """One decode runs at a time, for all sequences: it gets every inference CPU."""
+        return resolve_threads(spec.n_threads, concurrent=1)
+
+    @classmethod
+    def load(cls, model_id: str, spec: ModelSpec, path: Path | None, n_threads: int) -> LlamaCppBatchedBackend:
         assert path is not None
-        if spec.n_threads == "auto":  # one decode runs at a time, for all sequences: it gets every inference CPU
-            n_threads = max(n_threads, resolve_threads("auto"))
         # This Llama object serves the weights, tokenizer and metadata; its own context is kept
         # minimal (llama.cpp's smallest) because generation runs in the decoder's context.
         llm = new_llama(model_path=str(path), n_ctx=256, n_batch=32, n_threads=1, logits_all=False, verbose=False)
@@ -182,14 +191,13 @@ class LlamaCppBatchedBackend(LlamaCppBackend):
     def set_threads(self, n_threads: int) -> None:
         self.decoder.set_threads(n_threads)
 
+    def current_threads(self) -> int | None:
+        return None  # shared by every sequence in the batch: not one caller's to change
+
     def generate(
-        self,
-        prompt: str | Seq[int],
-        params: SamplingParams,
-        outcome: GenerationOutcome,
-        cancel: threading.Event,
+        self, prepared: Prepared, params: SamplingParams, outcome: GenerationOutcome, cancel: threading.Event
     ) -> Iterator[TokenEvent]:
-        tokens = self.prompt_tokens(prompt, params, outcome)
+        tokens = self.prompt_tokens(prepared, params, outcome)
         seq = Sequence(tokens, params, sampler=self.decoder.new_sampler(params))
         try:
             self.scheduler.submit(seq)
@@ -219,7 +227,7 @@ class LlamaCppBatchedBackend(LlamaCppBackend):
                     raise item[1]
                 _, token, lp = item
                 outcome.completion_tokens += 1
-                outcome.extra["cached_tokens"] = seq.reused
+                outcome.cached_tokens = seq.reused
                 raw = self.llm.detokenize([token], special=False)
                 if lp is None:
                     yield TokenEvent(token, text.feed(raw))
