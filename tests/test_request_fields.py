@@ -123,6 +123,13 @@ def test_no_op_values_and_no_effect_fields_are_accepted(fsrv: ServerProcess) -> 
     # OpenAI's completions take `user` only; the other no-effect fields are accepted there too
     out = completion(fsrv, temperature=0, best_of=1, suffix="", n=1, echo=False, user="user-1", extra_body=NO_EFFECT)
     assert out.choices[0].text is not None
+    # null is absent, as in OpenAI's API (the SDK sends an explicit None as null)
+    nulls: dict[str, Any] = dict(temperature=None, top_p=None, n=None, stop=None, seed=None, presence_penalty=None,
+                                 frequency_penalty=None, logprobs=None, logit_bias=None, stream=None, stream_options=None)
+    out = chat(fsrv, **nulls, top_logprobs=None, max_completion_tokens=None, response_format=None)
+    assert out.choices[0].finish_reason in ("stop", "length")
+    usage = completion(fsrv, **nulls, echo=None, max_tokens=None).usage
+    assert usage is not None and usage.completion_tokens <= 16  # null: the default 16
     streamed = list(chat(fsrv, stream=True, stream_options={"include_usage": True, "include_obfuscation": False}))
     assert streamed[-1].usage is not None
 

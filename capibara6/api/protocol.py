@@ -99,12 +99,13 @@ COMPLETION_UNSUPPORTED: dict[str, Refusal] = {
 
 
 def _apply_rule(data: Any, unsupported: dict[str, Refusal]) -> Any:
-    """Drop the no-effect fields, refuse the unsupported ones; unknown ones stay for `extra=forbid`."""
+    """Drop the no-effect fields and nulls (null is absent, as in OpenAI's API: `temperature:
+    null` is the default), refuse the unsupported ones; unknown ones stay for `extra=forbid`."""
     if not isinstance(data, dict):
         return data
     kept = {}
     for name, value in data.items():
-        if name in NO_EFFECT:
+        if name in NO_EFFECT or (value is None and name not in unsupported):
             continue
         refusal = unsupported.get(name)
         if refusal is None:
