@@ -148,6 +148,7 @@ def _sampling(req: ChatCompletionRequest | CompletionRequest, grammar: str | Non
         seed=req.seed,
         stop=tuple(req.stop_list()),
         grammar=grammar,
+        logit_bias=req.logit_bias_pairs(),
     )
 
 
