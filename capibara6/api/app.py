@@ -321,6 +321,8 @@ def create_app(state: AppState, role: Role) -> FastAPI:
         return await respond(request, plan, want_lp, stream, include_usage)
 
     app.include_router(admin.router)
+    from .ui import mount_ui  # GET / and /ui/*: the built-in web page (capibara6/api/ui.py), unless --no-ui
+    mount_ui(app, state, role)
     return app
 
 
