@@ -40,9 +40,11 @@ build_variant() {  # $1 = output dir, $2.. = extra cflags
         -o "$out/capibara6/kernels/_kernels.cpython-311-aarch64-linux-gnu.so"
 }
 
-run_suite() {  # $1 = dir holding the kernels package
+run_suite() {  # $1 = dir holding the kernels package; QEMU_CPU=... picks another CPU model
     # run from a directory without the repo's capibara6/kernels/ so the aarch64 build is the one imported
-    (cd "$WORK" && PYTHONPATH="$1" PYTHONDONTWRITEBYTECODE=1 "${QEMU[@]}" "$ROOT/usr/bin/python3.11" \
+    local qemu=("${QEMU[@]}")
+    [[ -n "${QEMU_CPU:-}" ]] && qemu=(qemu-aarch64 -cpu "$QEMU_CPU" -L "$ROOT")
+    (cd "$WORK" && PYTHONPATH="$1" PYTHONDONTWRITEBYTECODE=1 "${qemu[@]}" "$ROOT/usr/bin/python3.11" \
         -m pytest "$REPO/tests/kernels" -q -p no:cacheprovider -o addopts="" \
         --rootdir "$WORK" -c /dev/null --confcutdir "$REPO/tests/kernels" "${@:2}")
 }
@@ -57,6 +59,9 @@ run_suite "$WORK/neon"
 echo "[arm] NEON without the dot-product extension (armv8.0: -mcpu=cortex-a72): quantized matmul tests"
 build_variant "$WORK/nodot" -mcpu=cortex-a72
 run_suite "$WORK/nodot" -k "quant"
+echo "[arm] NEON with dotprod, without i8mm (-mcpu=neoverse-n1, run on qemu's neoverse-n1, which has no i8mm): quantized matmul tests"
+build_variant "$WORK/noi8mm" -mcpu=neoverse-n1
+QEMU_CPU=neoverse-n1 run_suite "$WORK/noi8mm" -k "quant"
 t3=$(date +%s)
 if [[ "${CAPIBARA6_ARM_PORTABLE:-1}" == "1" ]]; then
     echo "[arm] portable C paths on aarch64 (-DC6_FORCE_PORTABLE)"
@@ -66,4 +71,4 @@ from capibara6 import kernels; assert kernels.build_info()['portable']"
     run_suite "$WORK/portable"
 fi
 t4=$(date +%s)
-echo "[arm] OK: NEON paths (dotprod and armv8.0; portable C unless CAPIBARA6_ARM_PORTABLE=0) tested under qemu-aarch64 (root $((t1 - t0))s, build $((t2 - t1))s, tests $((t3 - t2))s, portable $((t4 - t3))s)"
+echo "[arm] OK: NEON paths (dotprod+i8mm, dotprod without i8mm, armv8.0; portable C unless CAPIBARA6_ARM_PORTABLE=0) tested under qemu-aarch64 (root $((t1 - t0))s, build $((t2 - t1))s, tests $((t3 - t2))s, portable $((t4 - t3))s)"

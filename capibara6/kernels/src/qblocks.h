@@ -138,4 +138,111 @@ static inline __attribute__((always_inline)) __m256i kgroup32(int t, const uint8
 }
 #endif
 
+/* llvm-mca regions (scripts/bench_neon_model.py): a model build (-DC6_MCA_MODEL) marks one
+ * iteration of each hot loop with assembler comments named for its instantiation; other builds
+ * emit nothing, so their code is unchanged. */
+#if defined(C6_MCA_MODEL)
+#define C6_MCA_BEGIN(kind, T, MC) __asm volatile("# LLVM-MCA-BEGIN c6_" kind "_t%c0_m%c1" ::"i"(T), "i"(MC))
+#define C6_MCA_END(kind, T, MC) __asm volatile("# LLVM-MCA-END c6_" kind "_t%c0_m%c1" ::"i"(T), "i"(MC))
+#else
+#define C6_MCA_BEGIN(kind, T, MC) ((void)0)
+#define C6_MCA_END(kind, T, MC) ((void)0)
+#endif
+
+#if C6_USE_NEON
+/* NEON in-register block decoding (the counterpart of block32/kgroup32): 32 int8 values as two
+ * vectors, values 0-15 in lo, 16-31 in hi */
+typedef struct { int8x16_t lo, hi; } c6_i8x32;
+
+/* 16 int8 products summed into 4 int32 lanes: sdot, or widening multiplies without dotprod
+ * (|w| <= 128, |a| <= 127: two products fit in int16) */
+static inline int32x4_t c6_dotv(int32x4_t acc, int8x16_t w, int8x16_t a) {
+#if defined(__ARM_FEATURE_DOTPROD)
+    return vdotq_s32(acc, w, a);
+#else
+    int16x8_t p = vmull_s8(vget_low_s8(w), vget_low_s8(a));
+    p = vmlal_s8(p, vget_high_s8(w), vget_high_s8(a));
+    return vpadalq_s16(acc, p);
+#endif
+}
+
+static inline c6_i8x32 c6_nib32(uint8x16_t v) {
+    c6_i8x32 r = {vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0F))), vreinterpretq_s8_u8(vshrq_n_u8(v, 4))};
+    return r;
+}
+
+/* Q4_0 / Q5_0 / Q8_0 block at p. Q5_0: value = (nibble | bit5 << 4) - 16 = nibble | (bit5 ? 0 : 0xF0)
+ * as a byte; bit j of the 32-bit qh is value j's: bytes of qh spread by tbl, tested by cmtst */
+static inline __attribute__((always_inline)) c6_i8x32 c6_nblock32(int t, const uint8_t *p) {
+    if (t == T_Q8_0) {
+        c6_i8x32 r = {vld1q_s8((const int8_t *)p + 2), vld1q_s8((const int8_t *)p + 18)};
+        return r;
+    }
+    c6_i8x32 r = c6_nib32(vld1q_u8(p + (t == T_Q4_0 ? 2 : 6)));
+    if (t == T_Q4_0) {
+        r.lo = vsubq_s8(r.lo, vdupq_n_s8(8));
+        r.hi = vsubq_s8(r.hi, vdupq_n_s8(8));
+        return r;
+    }
+    uint32_t qh;
+    memcpy(&qh, p + 2, 4);
+    const uint8x16_t i0 = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1};
+    const uint8x16_t bit = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
+    uint8x16_t q = vreinterpretq_u8_u32(vdupq_n_u32(qh));
+    uint8x16_t m0 = vtstq_u8(vqtbl1q_u8(q, i0), bit), m1 = vtstq_u8(vqtbl1q_u8(q, vaddq_u8(i0, vdupq_n_u8(2))), bit);
+    const uint8x16_t f0 = vdupq_n_u8(0xF0);
+    r.lo = vreinterpretq_s8_u8(vorrq_u8(vreinterpretq_u8_s8(r.lo), vbicq_u8(f0, m0)));
+    r.hi = vreinterpretq_s8_u8(vorrq_u8(vreinterpretq_u8_s8(r.hi), vbicq_u8(f0, m1)));
+    return r;
+}
+
+/* Q4_K/Q5_K: the 8 6-bit scales (bytes 0-7) and mins (bytes 8-15) of the 12 bytes at s */
+static inline uint8x16_t c6_kscales(const uint8_t *s) {
+    uint32_t u[4];
+    memcpy(u, s, 12);
+    u[3] = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
+    uint32_t m = u[1] & 0x3f3f3f3fu;
+    u[1] = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
+    u[2] = m;
+    u[0] &= 0x3f3f3f3fu;
+    return vreinterpretq_u8_u32(vld1q_u32(u));
+}
+
+/* k-quant 256-block at b, 32-value group g (0..7), as int8 values (Q4_K/Q5_K unsigned 0..31, Q6_K
+ * signed q - 32). Integer scales: Q4_K/Q5_K one per group (c6_kscales), Q6_K one per 16 (int8 at
+ * b + 192 + 2g). qh: Q5_K's 32 high-bit bytes, Q6_K's 32-byte half holding group g. */
+static inline __attribute__((always_inline)) c6_i8x32 c6_kgroup32(int t, const uint8_t *b, int g) {
+    if (t == T_Q6_K) {
+        int n = g / 4, k = g % 4;
+        const uint8_t *ql = b + 64 * n + (k & 1) * 32, *qh = b + 128 + 32 * n;
+        uint8x16_t l0 = vld1q_u8(ql), l1 = vld1q_u8(ql + 16), h0 = vld1q_u8(qh), h1 = vld1q_u8(qh + 16);
+        const uint8x16_t lo4 = vdupq_n_u8(0x0F), three = vdupq_n_u8(3);
+        if (k < 2) { l0 = vandq_u8(l0, lo4); l1 = vandq_u8(l1, lo4); }
+        else { l0 = vshrq_n_u8(l0, 4); l1 = vshrq_n_u8(l1, 4); }
+        switch (k) {  /* (qh >> 2k) & 3, shifted into bits 4-5 */
+        case 0: h0 = vandq_u8(h0, three); h1 = vandq_u8(h1, three); break;
+        case 1: h0 = vandq_u8(vshrq_n_u8(h0, 2), three); h1 = vandq_u8(vshrq_n_u8(h1, 2), three); break;
+        case 2: h0 = vandq_u8(vshrq_n_u8(h0, 4), three); h1 = vandq_u8(vshrq_n_u8(h1, 4), three); break;
+        default: h0 = vshrq_n_u8(h0, 6); h1 = vshrq_n_u8(h1, 6); break;
+        }
+        c6_i8x32 r = {vsubq_s8(vreinterpretq_s8_u8(vsliq_n_u8(l0, h0, 4)), vdupq_n_s8(32)),
+                      vsubq_s8(vreinterpretq_s8_u8(vsliq_n_u8(l1, h1, 4)), vdupq_n_s8(32))};
+        return r;
+    }
+    int five = t == T_Q5_K;
+    const uint8_t *qs = b + (five ? 48 : 16) + 32 * (g / 2);
+    uint8x16_t v0 = vld1q_u8(qs), v1 = vld1q_u8(qs + 16);
+    const uint8x16_t lo4 = vdupq_n_u8(0x0F);
+    if (g & 1) { v0 = vshrq_n_u8(v0, 4); v1 = vshrq_n_u8(v1, 4); }
+    else { v0 = vandq_u8(v0, lo4); v1 = vandq_u8(v1, lo4); }
+    if (five) {  /* bit g of qh[l] is value l's fifth bit */
+        const uint8x16_t m = vdupq_n_u8((uint8_t)(1u << g)), b4 = vdupq_n_u8(0x10);
+        v0 = vorrq_u8(v0, vandq_u8(vtstq_u8(vld1q_u8(b + 16), m), b4));
+        v1 = vorrq_u8(v1, vandq_u8(vtstq_u8(vld1q_u8(b + 32), m), b4));
+    }
+    c6_i8x32 r = {vreinterpretq_s8_u8(v0), vreinterpretq_s8_u8(v1)};
+    return r;
+}
+#endif
+
 #endif

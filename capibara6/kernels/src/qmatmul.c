@@ -63,16 +63,6 @@ static void quant_q8_K(const float *restrict x, int8_t *restrict q, float *restr
 /* Q8_0-family row: blocks of 32 int8 at w (stride ws bytes), scales wd (or fp16 in raw Q8_0) */
 static float dot_q0(const int8_t *w, int64_t wstride, const float *wd, const uint8_t *raw_d,
                     const int8_t *a, const float *ad, int64_t nb) {
-#if C6_USE_NEON
-    float32x4_t acc = vdupq_n_f32(0.0f);
-    for (int64_t b = 0; b < nb; b++) {
-        float d = raw_d ? f16s(raw_d + b * wstride) : wd[b];
-        const int8_t *wb = w + b * wstride, *xb = a + b * 32;
-        int32x4_t s = dot16(dot16(vdupq_n_s32(0), wb, xb), wb + 16, xb + 16);
-        acc = vfmaq_n_f32(acc, vcvtq_f32_s32(s), d * ad[b]);
-    }
-    return vaddvq_f32(acc);
-#else
     float sum = 0.0f;
     for (int64_t b = 0; b < nb; b++) {
         float d = raw_d ? f16s(raw_d + b * wstride) : wd[b];
@@ -82,23 +72,11 @@ static float dot_q0(const int8_t *w, int64_t wstride, const float *wd, const uin
         sum += (float)s * (d * ad[b]);
     }
     return sum;
-#endif
 }
 
 /* k-quant row: 256-blocks, int16 scale per 16 values, float scale per block */
 static float dot_qk(const int8_t *w, const int16_t *sc, const float *wd, const int8_t *a,
                     const float *ad, int64_t nb) {
-#if C6_USE_NEON
-    float sum = 0.0f;
-    for (int64_t b = 0; b < nb; b++) {
-        int32x4_t ai = vdupq_n_s32(0);
-        const int8_t *wb = w + b * 256, *xb = a + b * 256;
-        for (int s = 0; s < 16; s++)
-            ai = vmlaq_n_s32(ai, dot16(vdupq_n_s32(0), wb + 16 * s, xb + 16 * s), sc[b * 16 + s]);
-        sum += wd[b] * ad[b] * (float)vaddvq_s32(ai);
-    }
-    return sum;
-#else
     float sum = 0.0f;
     for (int64_t b = 0; b < nb; b++) {
         int32_t isum = 0;
@@ -111,7 +89,6 @@ static float dot_qk(const int8_t *w, const int16_t *sc, const float *wd, const i
         sum += wd[b] * ad[b] * (float)isum;
     }
     return sum;
-#endif
 }
 
 /* Q4_K/Q5_K: sum over blocks of dmin * d_act * (sub-block mins . activation sub-block sums) */
@@ -235,6 +212,141 @@ static void row_all_m_x86(int t, const uint8_t *raw, const qact *a, int64_t M, i
 }
 #endif
 
+#if C6_USE_NEON
+/* NEON: up to 4 activation rows per pass over a weight row, every block type decoded in registers
+ * (c6_nblock32 / c6_kgroup32), no unpack buffer. Same integer sums as row_dot; float sums in
+ * another order. */
+static inline __attribute__((always_inline)) void q0_block_neon(int t, const uint8_t *p, const qact *a, int64_t K,
+                                                                int64_t nb, int64_t m0, int64_t b, const int MC,
+                                                                float32x4_t *acc) {
+    c6_i8x32 w = c6_nblock32(t, p);
+    float dw = f16s(p);
+    for (int i = 0; i < MC; i++) {
+        const int8_t *ap = a->q + (m0 + i) * K + b * 32;
+        int32x4_t s = c6_dotv(c6_dotv(vdupq_n_s32(0), w.lo, vld1q_s8(ap)), w.hi, vld1q_s8(ap + 16));
+        acc[i] = vfmaq_n_f32(acc[i], vcvtq_f32_s32(s), dw * a->d[(m0 + i) * nb + b]);
+    }
+}
+/* two blocks per iteration into two accumulators per row: the fma chain is not the bound */
+static inline __attribute__((always_inline)) void q0_rows_neon(int t, int bs, const uint8_t *raw, int64_t nb,
+                                                               const qact *a, int64_t K, int64_t m0, const int MC,
+                                                               float *out) {
+    float32x4_t acc0[4], acc1[4];
+    for (int i = 0; i < 4; i++) acc0[i] = acc1[i] = vdupq_n_f32(0.0f);
+    int64_t b = 0;
+    for (; b + 1 < nb; b += 2) {
+        C6_MCA_BEGIN("i8", t, MC);
+        q0_block_neon(t, raw + b * bs, a, K, nb, m0, b, MC, acc0);
+        q0_block_neon(t, raw + (b + 1) * bs, a, K, nb, m0, b + 1, MC, acc1);
+        C6_MCA_END("i8", t, MC);
+    }
+    if (b < nb) q0_block_neon(t, raw + b * bs, a, K, nb, m0, b, MC, acc0);
+    for (int i = 0; i < MC; i++) out[i] = vaddvq_f32(vaddq_f32(acc0[i], acc1[i]));
+}
+
+/* k-quants: per 256-block and row, the 4-lane dot of each 32 (Q6_K: 16) values, reduced by
+ * pairwise adds to one lane per scale, times the scales as vectors; the mins (Q4_K/Q5_K) the same
+ * way against the activations' 16-value sums. */
+static inline __attribute__((always_inline)) void qk_rows_neon(int t, int bytes, const uint8_t *raw, const qact *a,
+                                                               int64_t K, int64_t m0, const int MC, float *out) {
+    int64_t nb = K / 256;
+    const int mins = t != T_Q6_K;
+    float32x4_t acc[4] = {vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f)};
+    for (int64_t b = 0; b < nb; b++) {
+        C6_MCA_BEGIN("i8", t, MC);
+        const uint8_t *blk = raw + b * bytes;
+        int32x4_t sc[4], mn[2];
+        if (mins) {
+            uint8x16_t sm = c6_kscales(blk + 4);
+            uint16x8_t s16 = vmovl_u8(vget_low_u8(sm)), m16 = vmovl_u8(vget_high_u8(sm));
+            sc[0] = vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(s16)));
+            sc[1] = vreinterpretq_s32_u32(vmovl_u16(vget_high_u16(s16)));
+            mn[0] = vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(m16)));
+            mn[1] = vreinterpretq_s32_u32(vmovl_u16(vget_high_u16(m16)));
+        } else {
+            int8x16_t s8 = vld1q_s8((const int8_t *)blk + 192);
+            int16x8_t l = vmovl_s8(vget_low_s8(s8)), h = vmovl_s8(vget_high_s8(s8));
+            sc[0] = vmovl_s16(vget_low_s16(l));
+            sc[1] = vmovl_s16(vget_high_s16(l));
+            sc[2] = vmovl_s16(vget_low_s16(h));
+            sc[3] = vmovl_s16(vget_high_s16(h));
+        }
+        int32x4_t isum[4], part[4][4];
+#pragma GCC unroll 8
+        for (int g = 0; g < 8; g++) {
+            c6_i8x32 w = c6_kgroup32(t, blk, g);
+            for (int i = 0; i < MC; i++) {
+                const int8_t *ap = a->q + (m0 + i) * K + b * 256 + g * 32;
+                int32x4_t p;
+                if (mins) {  /* one scale per 32: one lane per group after two pairwise adds */
+                    p = c6_dotv(c6_dotv(vdupq_n_s32(0), w.lo, vld1q_s8(ap)), w.hi, vld1q_s8(ap + 16));
+                    if (g & 1) part[i][g / 2] = vpaddq_s32(part[i][g / 2], p);
+                    else part[i][g / 2] = p;
+                } else {     /* one scale per 16: lanes 2k, 2k+1 of a pairwise add hold 16-sums */
+                    int32x4_t p0 = c6_dotv(vdupq_n_s32(0), w.lo, vld1q_s8(ap));
+                    int32x4_t p1 = c6_dotv(vdupq_n_s32(0), w.hi, vld1q_s8(ap + 16));
+                    p = vpaddq_s32(p0, p1);
+                    if (g & 1) part[i][g / 2] = vpaddq_s32(part[i][g / 2], p);
+                    else part[i][g / 2] = p;
+                }
+            }
+        }
+        float d = f16s(blk + (mins ? 0 : 208)), dmin = mins ? f16s(blk + 2) : 0.0f;
+        for (int i = 0; i < MC; i++) {
+            int64_t m = m0 + i;
+            float da = a->d[m * nb + b];
+            if (mins) {
+                isum[i] = vmulq_s32(vpaddq_s32(part[i][0], part[i][1]), sc[0]);
+                isum[i] = vmlaq_s32(isum[i], vpaddq_s32(part[i][2], part[i][3]), sc[1]);
+                const int32_t *bs = a->bsum + m * (K / 16) + b * 16;
+                int32x4_t mi = vmulq_s32(vpaddq_s32(vld1q_s32(bs), vld1q_s32(bs + 4)), mn[0]);
+                mi = vmlaq_s32(mi, vpaddq_s32(vld1q_s32(bs + 8), vld1q_s32(bs + 12)), mn[1]);
+                acc[i] = vfmaq_n_f32(acc[i], vcvtq_f32_s32(isum[i]), d * da);
+                acc[i] = vfmsq_f32(acc[i], vcvtq_f32_s32(mi), vdupq_n_f32(dmin * da));
+            } else {
+                isum[i] = vmulq_s32(part[i][0], sc[0]);
+                isum[i] = vmlaq_s32(isum[i], part[i][1], sc[1]);
+                isum[i] = vmlaq_s32(isum[i], part[i][2], sc[2]);
+                isum[i] = vmlaq_s32(isum[i], part[i][3], sc[3]);
+                acc[i] = vfmaq_n_f32(acc[i], vcvtq_f32_s32(isum[i]), d * da);
+            }
+        }
+        C6_MCA_END("i8", t, MC);
+    }
+    for (int i = 0; i < MC; i++) out[i] = vaddvq_f32(acc[i]);
+}
+
+/* y[m, n] for every m of weight row n; one instantiation per (type, rows) */
+static void row_all_m_neon(int t, const uint8_t *raw, const qact *a, int64_t M, int64_t N, int64_t K,
+                           int64_t n, float *y) {
+    float o[4];
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        int mc = M - m0 < 4 ? (int)(M - m0) : 4;
+#define Q0(T, B) switch (mc) {                                                   \
+        case 1: q0_rows_neon(T, B, raw, K / 32, a, K, m0, 1, o); break;         \
+        case 2: q0_rows_neon(T, B, raw, K / 32, a, K, m0, 2, o); break;         \
+        case 3: q0_rows_neon(T, B, raw, K / 32, a, K, m0, 3, o); break;         \
+        default: q0_rows_neon(T, B, raw, K / 32, a, K, m0, 4, o); break; }
+#define QK(T, B) switch (mc) {                                                   \
+        case 1: qk_rows_neon(T, B, raw, a, K, m0, 1, o); break;                  \
+        case 2: qk_rows_neon(T, B, raw, a, K, m0, 2, o); break;                  \
+        case 3: qk_rows_neon(T, B, raw, a, K, m0, 3, o); break;                  \
+        default: qk_rows_neon(T, B, raw, a, K, m0, 4, o); break; }
+        switch (t) {
+        case T_Q4_0: Q0(T_Q4_0, 18) break;
+        case T_Q5_0: Q0(T_Q5_0, 22) break;
+        case T_Q8_0: Q0(T_Q8_0, 34) break;
+        case T_Q4_K: QK(T_Q4_K, 144) break;
+        case T_Q5_K: QK(T_Q5_K, 176) break;
+        default: QK(T_Q6_K, 210) break;
+        }
+#undef Q0
+#undef QK
+        for (int i = 0; i < mc; i++) y[(m0 + i) * N + n] = o[i];
+    }
+}
+#endif
+
 typedef struct {
     const uint8_t *w; int t; qinfo qi; int64_t row_bytes;
     qact a; float *y; int64_t M, N, K, per;
@@ -245,6 +357,8 @@ static void qmm_task(void *vctx, int64_t task) {
     int64_t n0 = task * c->per, n1 = n0 + c->per < c->N ? n0 + c->per : c->N, K = c->K;
 #ifdef C6_QX86
     for (int64_t n = n0; n < n1; n++) row_all_m_x86(c->t, c->w + n * c->row_bytes, &c->a, c->M, c->N, K, n, c->y);
+#elif C6_USE_NEON
+    for (int64_t n = n0; n < n1; n++) row_all_m_neon(c->t, c->w + n * c->row_bytes, &c->a, c->M, c->N, K, n, c->y);
 #else
     int64_t nb = K / c->qi.qk;
     qrow r = {0};

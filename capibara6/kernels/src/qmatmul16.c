@@ -10,10 +10,19 @@
  * each 16 (d*scale) and one for the chunk's min (Q4_K/Q5_K). */
 #include "qblocks.h"
 
+#if C6_USE_NEON && defined(__ARM_FEATURE_DOTPROD) && defined(__ARM_FEATURE_MATMUL_INT8)
+#define C6_I16_I8MM 1  /* the int16 dot as sdot (high bytes) + usdot (low bytes) */
+#endif
+
 typedef struct {
     int16_t *q;      /* [M, K] */
     float *d;        /* [M, K/32] */
     int32_t *asum;   /* [M, K/32] sum of the chunk's q (for the mins of Q4_K/Q5_K) */
+#ifdef C6_I16_I8MM
+    int8_t *hi;      /* [M, K] q >> 8 (signed) */
+    uint8_t *lo;     /* [M, K] q & 255: q = 256 hi + lo exactly */
+    float *dasum;    /* [M, K/32] d * asum */
+#endif
 } act16;
 
 static void quant_q16(const float *restrict x, int16_t *restrict q, float *restrict d,
@@ -133,6 +142,102 @@ static inline __attribute__((always_inline)) void rows16(int t, int bytes, const
 }
 #endif
 
+#ifdef C6_I16_I8MM
+/* NEON with i8mm: each int16 activation is split once into a signed high byte and an unsigned low
+ * byte, so w.a = 256 (w.hi) + (w.lo) exactly: sdot for the first, usdot (unsigned x signed) for the
+ * second, accumulated onto the first shifted by 8. Blocks decoded in registers; a vector float
+ * accumulator per row, one float multiplier per 32 (Q6_K: 16) values as a vector lane. */
+static inline int32x4_t dot32_i16(int8x16_t w0, int8x16_t w1, const int8_t *h, const uint8_t *l) {
+    int32x4_t s = vdotq_s32(vdotq_s32(vdupq_n_s32(0), w0, vld1q_s8(h)), w1, vld1q_s8(h + 16));
+    return vusdotq_s32(vusdotq_s32(vshlq_n_s32(s, 8), vld1q_u8(l), w0), vld1q_u8(l + 16), w1);
+}
+static inline int32x4_t dot16_i16(int8x16_t w, const int8_t *h, const uint8_t *l) {
+    return vusdotq_s32(vshlq_n_s32(vdotq_s32(vdupq_n_s32(0), w, vld1q_s8(h)), 8), vld1q_u8(l), w);
+}
+
+static inline __attribute__((always_inline)) void q0_block16(int t, const uint8_t *p, const act16 *a, int64_t K,
+                                                             int64_t m0, int64_t c, const int MC, float32x4_t *acc) {
+    c6_i8x32 w = c6_nblock32(t, p);
+    float f = f16s(p);
+    for (int i = 0; i < MC; i++) {
+        int64_t m = m0 + i, o = m * K + c * 32;
+        int32x4_t s = dot32_i16(w.lo, w.hi, a->hi + o, a->lo + o);
+        acc[i] = vfmaq_n_f32(acc[i], vcvtq_f32_s32(s), f * a->d[m * (K / 32) + c]);
+    }
+}
+
+static inline __attribute__((always_inline)) void rows16_neon(int t, int bytes, const uint8_t *raw, const act16 *a,
+                                                              int64_t K, int64_t m0, const int MC, float *out) {
+    int64_t nc = K / 32;
+    float32x4_t acc[4], acc1[4];
+    for (int i = 0; i < 4; i++) acc[i] = acc1[i] = vdupq_n_f32(0.0f);
+    if (t == T_Q4_0 || t == T_Q5_0 || t == T_Q8_0) {
+        int64_t c = 0;
+        for (; c + 1 < nc; c += 2) {  /* two blocks, two accumulators: no fma chain */
+            C6_MCA_BEGIN("i16", t, MC);
+            q0_block16(t, raw + c * bytes, a, K, m0, c, MC, acc);
+            q0_block16(t, raw + (c + 1) * bytes, a, K, m0, c + 1, MC, acc1);
+            C6_MCA_END("i16", t, MC);
+        }
+        if (c < nc) q0_block16(t, raw + c * bytes, a, K, m0, c, MC, acc);
+        for (int i = 0; i < MC; i++) out[i] = vaddvq_f32(vaddq_f32(acc[i], acc1[i]));
+        return;
+    }
+    const int mins = t != T_Q6_K;
+    for (int64_t b = 0; b < nc / 8; b++) {
+        C6_MCA_BEGIN("i16", t, MC);
+        const uint8_t *blk = raw + b * bytes;
+        float32x4_t dsc[4], dmn[2];  /* d * scale per 32 (Q6_K: per 16) values, dmin * min per 32 */
+        if (mins) {
+            uint8x16_t sm = c6_kscales(blk + 4);
+            uint16x8_t s16 = vmovl_u8(vget_low_u8(sm)), m16 = vmovl_u8(vget_high_u8(sm));
+            float d = f16s(blk), dmin = f16s(blk + 2);
+            dsc[0] = vmulq_n_f32(vcvtq_f32_u32(vmovl_u16(vget_low_u16(s16))), d);
+            dsc[1] = vmulq_n_f32(vcvtq_f32_u32(vmovl_u16(vget_high_u16(s16))), d);
+            dmn[0] = vmulq_n_f32(vcvtq_f32_u32(vmovl_u16(vget_low_u16(m16))), dmin);
+            dmn[1] = vmulq_n_f32(vcvtq_f32_u32(vmovl_u16(vget_high_u16(m16))), dmin);
+        } else {
+            int8x16_t s8 = vld1q_s8((const int8_t *)blk + 192);
+            int16x8_t l = vmovl_s8(vget_low_s8(s8)), h = vmovl_s8(vget_high_s8(s8));
+            float d = f16s(blk + 208);
+            dsc[0] = vmulq_n_f32(vcvtq_f32_s32(vmovl_s16(vget_low_s16(l))), d);
+            dsc[1] = vmulq_n_f32(vcvtq_f32_s32(vmovl_s16(vget_high_s16(l))), d);
+            dsc[2] = vmulq_n_f32(vcvtq_f32_s32(vmovl_s16(vget_low_s16(h))), d);
+            dsc[3] = vmulq_n_f32(vcvtq_f32_s32(vmovl_s16(vget_high_s16(h))), d);
+        }
+        int32x4_t part[4][4];
+#pragma GCC unroll 8
+        for (int g = 0; g < 8; g++) {
+            c6_i8x32 w = c6_kgroup32(t, blk, g);
+            for (int i = 0; i < MC; i++) {
+                int64_t o = (m0 + i) * K + b * 256 + g * 32;
+                int32x4_t p;
+                if (mins) p = dot32_i16(w.lo, w.hi, a->hi + o, a->lo + o);
+                else p = vpaddq_s32(dot16_i16(w.lo, a->hi + o, a->lo + o), dot16_i16(w.hi, a->hi + o + 16, a->lo + o + 16));
+                part[i][g / 2] = (g & 1) ? vpaddq_s32(part[i][g / 2], p) : p;
+            }
+        }
+        for (int i = 0; i < MC; i++) {
+            int64_t ci = (m0 + i) * nc + b * 8;
+            float32x4_t da0 = vld1q_f32(a->d + ci), da1 = vld1q_f32(a->d + ci + 4);
+            if (mins) {  /* lane j of a pairwise add of the pairs: group j's exact sum */
+                acc[i] = vfmaq_f32(acc[i], vcvtq_f32_s32(vpaddq_s32(part[i][0], part[i][1])), vmulq_f32(da0, dsc[0]));
+                acc1[i] = vfmaq_f32(acc1[i], vcvtq_f32_s32(vpaddq_s32(part[i][2], part[i][3])), vmulq_f32(da1, dsc[1]));
+                acc[i] = vfmsq_f32(acc[i], vld1q_f32(a->dasum + ci), dmn[0]);
+                acc1[i] = vfmsq_f32(acc1[i], vld1q_f32(a->dasum + ci + 4), dmn[1]);
+            } else {     /* part[k] lanes: 16-value sums 4k..4k+3, of chunks 2k, 2k, 2k+1, 2k+1 */
+                acc[i] = vfmaq_f32(acc[i], vcvtq_f32_s32(part[i][0]), vmulq_f32(vzip1q_f32(da0, da0), dsc[0]));
+                acc1[i] = vfmaq_f32(acc1[i], vcvtq_f32_s32(part[i][1]), vmulq_f32(vzip2q_f32(da0, da0), dsc[1]));
+                acc[i] = vfmaq_f32(acc[i], vcvtq_f32_s32(part[i][2]), vmulq_f32(vzip1q_f32(da1, da1), dsc[2]));
+                acc1[i] = vfmaq_f32(acc1[i], vcvtq_f32_s32(part[i][3]), vmulq_f32(vzip2q_f32(da1, da1), dsc[3]));
+            }
+        }
+        C6_MCA_END("i16", t, MC);
+    }
+    for (int i = 0; i < MC; i++) out[i] = vaddvq_f32(vaddq_f32(acc[i], acc1[i]));
+}
+#endif
+
 typedef struct {
     const uint8_t *w; int t; qinfo qi; int64_t row_bytes;
     act16 a; float *y; int64_t M, N, K, per;
@@ -141,7 +246,12 @@ typedef struct {
 static void q16_task(void *vctx, int64_t task) {
     const q16_ctx *c = vctx;
     int64_t n0 = task * c->per, n1 = n0 + c->per < c->N ? n0 + c->per : c->N, K = c->K;
+#if defined(C6_QX86) || defined(C6_I16_I8MM)
 #ifdef C6_QX86
+#define ROWS16_FN rows16
+#else
+#define ROWS16_FN rows16_neon
+#endif
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *raw = c->w + n * c->row_bytes;
         float o[4];
@@ -150,10 +260,10 @@ static void q16_task(void *vctx, int64_t task) {
             /* one instantiation per (type, rows) so the block decoding has no runtime branches */
 #define ROWS16(T, B)                                                                  \
             switch (mc) {                                                             \
-            case 1: rows16(T, B, raw, &c->a, K, m0, 1, o); break;            \
-            case 2: rows16(T, B, raw, &c->a, K, m0, 2, o); break;            \
-            case 3: rows16(T, B, raw, &c->a, K, m0, 3, o); break;            \
-            default: rows16(T, B, raw, &c->a, K, m0, 4, o); break;           \
+            case 1: ROWS16_FN(T, B, raw, &c->a, K, m0, 1, o); break;         \
+            case 2: ROWS16_FN(T, B, raw, &c->a, K, m0, 2, o); break;         \
+            case 3: ROWS16_FN(T, B, raw, &c->a, K, m0, 3, o); break;         \
+            default: ROWS16_FN(T, B, raw, &c->a, K, m0, 4, o); break;        \
             }
             switch (c->t) {
             case T_Q4_0: ROWS16(T_Q4_0, 18) break;
@@ -167,6 +277,7 @@ static void q16_task(void *vctx, int64_t task) {
             for (int i = 0; i < mc; i++) c->y[(m0 + i) * c->N + n] = o[i];
         }
     }
+#undef ROWS16_FN
 #else
     int64_t nb = K / c->qi.qk, nc = K / 32;
     qrow r;
@@ -208,12 +319,26 @@ int c6_qmatmul16(const float *x, const void *w, int wtype, float *y, int64_t M, 
         c6_parallel_for((N + PANEL - 1) / PANEL, panel_task, &pc);
         return 0;
     }
-    size_t qbytes = ((size_t)(M * K) * sizeof(int16_t) + 63) & ~(size_t)63;
-    char *buf = malloc(qbytes + (size_t)(M * K / 32) * (sizeof(float) + sizeof(int32_t)));
+    size_t qbytes = ((size_t)(M * K) * sizeof(int16_t) + 63) & ~(size_t)63, extra = 0;
+#ifdef C6_I16_I8MM
+    extra = 2 * (size_t)(M * K) + (size_t)(M * K / 32) * sizeof(float);  /* hi, lo, dasum */
+#endif
+    char *buf = malloc(qbytes + (size_t)(M * K / 32) * (sizeof(float) + sizeof(int32_t)) + extra);
     if (!buf) return -2;
     act16 a = {(int16_t *)buf, (float *)(buf + qbytes), NULL};
     a.asum = (int32_t *)(a.d + M * K / 32);
     for (int64_t m = 0; m < M; m++) quant_q16(x + m * K, a.q + m * K, a.d + m * (K / 32), a.asum + m * (K / 32), K);
+#ifdef C6_I16_I8MM
+    a.dasum = (float *)(a.asum + M * K / 32);
+    a.hi = (int8_t *)(a.dasum + M * K / 32);
+    a.lo = (uint8_t *)(a.hi + M * K);
+    for (int64_t j = 0; j < M * K; j += 8) {  /* K % 32 == 0 */
+        int16x8_t v = vld1q_s16(a.q + j);
+        vst1_s8(a.hi + j, vshrn_n_s16(v, 8));
+        vst1_u8(a.lo + j, vmovn_u16(vreinterpretq_u16_s16(v)));
+    }
+    for (int64_t j = 0; j < M * K / 32; j++) a.dasum[j] = a.d[j] * (float)a.asum[j];
+#endif
     int nt = c6_get_num_threads();
     int64_t per = (N + (int64_t)nt * 8 - 1) / ((int64_t)nt * 8);
     if (per < 16) per = 16;
