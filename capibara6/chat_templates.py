@@ -8,7 +8,7 @@ Both backends (llama.cpp and native) call this module, so they see identical pro
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 Messages = Sequence[dict[str, Any]]
 Formatter = Callable[[Messages], tuple[str, tuple[str, ...]]]
@@ -64,7 +64,7 @@ def jinja_formatter(template: str, bos: str, eos: str) -> Formatter:
     jf = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos, add_generation_prompt=True)
 
     def fmt(messages: Messages) -> tuple[str, tuple[str, ...]]:
-        res = jf(messages=[{**m, "content": _text(m.get("content"))} for m in messages])
+        res = jf(messages=cast(Any, [{**m, "content": _text(m.get("content"))} for m in messages]))
         prompt = res.prompt[len(bos):] if bos and res.prompt.startswith(bos) else res.prompt
         stop = res.stop if isinstance(res.stop, list) else ([res.stop] if res.stop else [])
         return prompt, tuple(stop)

@@ -42,7 +42,7 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
         if field.annotation is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=field.description)
         elif name == "cors_origins":
-            p.add_argument(flag, default=None, help=field.description + " (comma-separated)")
+            p.add_argument(flag, default=None, help=(field.description or "") + " (comma-separated)")
         else:
             p.add_argument(flag, default=None, help=field.description)
 

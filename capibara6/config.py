@@ -39,7 +39,7 @@ class ModelSource(_Strict):
     url: str | None = Field(None, description="Base URL of another OpenAI-compatible server (backend remote).")
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "ModelSource":
+    def _exactly_one(self) -> ModelSource:
         given = [k for k in ("path", "pypi", "url") if getattr(self, k)]
         if len(given) != 1:
             raise ValueError(f"give exactly one of path, pypi, url (got {given or 'none'})")
@@ -75,14 +75,14 @@ class ModelSpec(_Strict):
     owned_by: str = Field("capibara6", description="owned_by in /v1/models.")
 
     @model_validator(mode="after")
-    def _kv_cache_fits_backend(self) -> "ModelSpec":
+    def _kv_cache_fits_backend(self) -> ModelSpec:
         allowed = KV_CACHE_TYPES[self.backend]
         if self.kv_cache is not None and self.kv_cache not in allowed:
             raise ValueError(f"kv_cache {self.kv_cache!r} is not one of {list(allowed) or 'none'} for backend {self.backend}")
         return self
 
     @model_validator(mode="after")
-    def _backend_matches_source(self) -> "ModelSpec":
+    def _backend_matches_source(self) -> ModelSpec:
         if self.backend == "remote" and not self.source.url:
             raise ValueError("backend remote needs source.url")
         if self.backend != "remote" and self.source.url:
@@ -109,7 +109,7 @@ class EnsembleSpec(_Strict):
     description: str = Field("", description="Shown in /v1/models on the consensus port.")
 
     @model_validator(mode="after")
-    def _quorum_possible(self) -> "EnsembleSpec":
+    def _quorum_possible(self) -> EnsembleSpec:
         if self.min_responses > len(self.experts):
             raise ValueError(f"min_responses {self.min_responses} exceeds the {len(self.experts)} experts")
         return self
@@ -133,7 +133,7 @@ class Registry(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _references_exist(self) -> "Registry":
+    def _references_exist(self) -> Registry:
         for mid in self.pool.warmup:
             if mid not in self.models:
                 raise ValueError(f"pool.warmup names unknown model {mid!r}")
@@ -256,7 +256,7 @@ class ServerSettings(BaseModel):
     ui: bool = Field(True, description="Serve the web page on every port (GET /); --no-ui turns it off.")
 
     @model_validator(mode="after")
-    def _read_key_file(self) -> "ServerSettings":
+    def _read_key_file(self) -> ServerSettings:
         if self.api_key is None and self.api_key_file is not None:
             try:
                 self.api_key = self.api_key_file.read_text().strip() or None
@@ -296,7 +296,7 @@ def parse_ports(text: str, roles: list[Role] | None = None) -> dict[Role, int]:
             role, _, port = item.partition("=")
             if role not in ROLES:
                 raise ConfigError(f"--ports: unknown role {role!r}")
-            out[role] = int(port)  # type: ignore[index]
+            out[role] = int(port)
         else:
             if i >= len(roles):
                 raise ConfigError(f"--ports: more ports than roles ({text})")

@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import shutil
-import struct
 import subprocess
 import sys
 import time
@@ -30,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from . import smoke
-from .config import ConfigError, ModelSpec, Registry, load_registry, resolve_model_path
 from .backends import backend_class, estimate, model_path
+from .config import ConfigError, ModelSpec, Registry, load_registry
 from .gguf_header import read_header
 from .pool.budget import GIB, budget_bytes, physical_memory
-from .threads import _cgroup_cpu_limit, inference_cpus, resolve_threads, usable_cpus
+from .threads import _cgroup_cpu_limit, inference_cpus, usable_cpus
 
 STATE_FILE = "capibara6-build.json"
 REMOTE_TIMEOUT_S = 5.0
@@ -87,7 +86,7 @@ def collect(registry: Registry, *, smoke_models: bool = True, n_tokens: int = 8,
     build = smoke.llama_info(runner=runner)
     models = {mid: model_report(mid, spec, registry.base_dir, smoke_models, n_tokens, timeout_s, runner)
               for mid, spec in registry.models.items()}
-    report = {
+    report: dict[str, Any] = {
         "cpu": cpu_report(),
         "install": record,
         "llama_cpp": llama_report(build, models),

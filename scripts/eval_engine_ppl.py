@@ -20,7 +20,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.engine.conftest import PD_TEXT, PD_TOKENS, kl_rows, nll
+from tests.engine.conftest import PD_TEXT, PD_TOKENS, kl_rows, nll  # noqa: E402  (after the sys.path line)
 
 
 def llama_cpp_logits(model: str, tokens: list[int], **kw: object) -> np.ndarray:

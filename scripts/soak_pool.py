@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from capibara6.types import GenerationOutcome, SamplingParams  # noqa: E402
 from capibara6.config import parse_registry  # noqa: E402
 from capibara6.pool import ModelPool  # noqa: E402
+from capibara6.types import GenerationOutcome, SamplingParams, TextPrompt  # noqa: E402
 
 MODEL = "gemma3-270m"
 GOAL_MB = 50.0
@@ -34,9 +34,9 @@ def rss_mb() -> float:
 
 
 def generate(backend: object, tokens: int) -> int:
-    ids = backend.tokenize("Once upon a time")  # type: ignore[attr-defined]
+    ids = backend.prepare(TextPrompt("Once upon a time"))
     params = SamplingParams(max_tokens=tokens, temperature=0.0)
-    return sum(1 for _ in backend.generate(ids, params, GenerationOutcome(), threading.Event()))  # type: ignore[attr-defined]
+    return sum(1 for _ in backend.generate(ids, params, GenerationOutcome(), threading.Event()))
 
 
 async def soak(cycles: int, tokens: int, n_ctx: int, every: int = 20) -> dict[str, object]:

@@ -36,7 +36,7 @@ class ServerProcess:
         self._logf = self.log.open("wb")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._logf, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
 
-    def wait_healthy(self, timeout: float = 60.0) -> "ServerProcess":
+    def wait_healthy(self, timeout: float = 60.0) -> ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -17,20 +17,21 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence as Seq
+from typing import Any, Iterator
+from typing import Sequence as Seq
 
 import httpx
 import pytest
 
-from capibara6 import kernels
-from capibara6 import crash
-from capibara6.types import SamplingParams, TokenEvent
+from capibara6 import crash, kernels
+from capibara6.backends.llamacpp.scheduler import Scheduler, Sequence
 from capibara6.config import parse_registry
 from capibara6.pool import ModelPool
 from capibara6.pool.budget import Estimate
 from capibara6.runner import TokenStream
-from capibara6.backends.llamacpp.scheduler import Scheduler, Sequence
+from capibara6.types import SamplingParams, TokenEvent
 from tests.conftest import gemma_registry
+from tests.fakes import FakeBackendBase
 from tests.serverproc import ROOT, ServerProcess
 
 # The child: install() as `capibara6 serve` does, then die the way argv[1] says in a worker
@@ -38,7 +39,6 @@ from tests.serverproc import ROOT, ServerProcess
 CHILD = r"""
 import ctypes, os, signal, sys, threading
 from capibara6 import crash
-from tests.fakes import FakeBackendBase
 
 crash.install()
 how = sys.argv[1]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from capibara6.hw.decide import decide, enabled_set, X86_NEEDS
+from capibara6.hw.decide import X86_NEEDS, decide, enabled_set
 from capibara6.hw.probes import Probe, cpu_model, reported_features, run_probes
 
 ROOT = Path(__file__).resolve().parents[1]

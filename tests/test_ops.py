@@ -11,10 +11,10 @@ from typing import Any, AsyncIterator, Iterator
 import httpx
 import pytest
 
-from capibara6.types import GenerationOutcome, SamplingParams, TokenEvent
 from capibara6.readiness import ReadinessProbe
-from tests.fakes import FakeBackendBase
+from capibara6.types import GenerationOutcome, SamplingParams, TokenEvent
 from tests.conftest import gemma_registry
+from tests.fakes import FakeBackendBase
 from tests.serverproc import ServerProcess
 
 

@@ -14,7 +14,6 @@ import httpx
 import pytest
 
 from capibara6.api.app import AppState, create_app
-from capibara6.types import GenerationOutcome, SamplingParams, TokenEvent
 from capibara6.config import ServerSettings, parse_registry
 from capibara6.errors import ExpertsFailed
 from capibara6.orchestrator.fanout import ExpertAnswer, ExpertTask, fan_out
@@ -22,6 +21,7 @@ from capibara6.orchestrator.routing import resolve
 from capibara6.orchestrator.service import ConsensusRun
 from capibara6.pool import ModelPool
 from capibara6.serving import Plan
+from capibara6.types import GenerationOutcome, SamplingParams, TokenEvent
 from tests.fakes import FakeBackendBase
 
 # model id -> (answer, seconds per token, failure message)

@@ -13,11 +13,11 @@ from typing import Any, Awaitable, Callable, Iterator, Sequence, TypeVar
 
 import pytest
 
-from capibara6.types import GenerationOutcome, SamplingParams, TokenEvent
 from capibara6.config import ModelSpec, parse_registry
 from capibara6.errors import ModelNotFound, QueueFull, ServiceUnavailable
 from capibara6.pool import Estimate, ModelBusy, ModelPool
 from capibara6.threads import resolve_threads
+from capibara6.types import GenerationOutcome, SamplingParams, TokenEvent
 from tests.fakes import FakeBackendBase
 
 T = TypeVar("T")

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from capibara6.types import GenerationOutcome, SamplingParams
 from capibara6.config import parse_registry
 from capibara6.errors import ServiceUnavailable
 from capibara6.pool import ModelPool
+from capibara6.types import GenerationOutcome, SamplingParams
 from tests.conftest import gemma_registry
 from tests.fakes import prepared
 

@@ -22,10 +22,10 @@ from typing import Any, Iterator
 
 import pytest
 
-from capibara6.types import ContextLengthExceeded, GenerationOutcome, SamplingParams, TokenEvent
-from capibara6.backends.llamacpp.plain import LlamaCppBackend
 from capibara6.backends.llamacpp.batched import LlamaCppBatchedBackend
+from capibara6.backends.llamacpp.plain import LlamaCppBackend
 from capibara6.config import parse_registry
+from capibara6.types import ContextLengthExceeded, GenerationOutcome, SamplingParams, TokenEvent
 from tests.fakes import prepared
 
 NEAR_TIE = 0.25  # nats; observed kernel-path drift is <= 0.1
@@ -76,7 +76,7 @@ class Run:
         except BaseException as err:
             self.error = err
 
-    def join(self, timeout: float = 120) -> "Run":
+    def join(self, timeout: float = 120) -> Run:
         self.thread.join(timeout)
         assert not self.thread.is_alive(), "generation did not finish"
         assert self.error is None, self.error

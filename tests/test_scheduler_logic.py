@@ -11,12 +11,13 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
-from typing import Any, Sequence as Seq
+from typing import Any
+from typing import Sequence as Seq
 
 import pytest
 
-from capibara6.types import SamplingParams
 from capibara6.backends.llamacpp.scheduler import Scheduler, Sequence
+from capibara6.types import SamplingParams
 
 
 def next_token(history: Seq[int]) -> int:

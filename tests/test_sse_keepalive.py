@@ -20,11 +20,11 @@ import pytest
 from openai import OpenAI
 
 from capibara6.api.app import AppState, create_app
-from capibara6.types import GenerationOutcome, SamplingParams, TokenEvent
 from capibara6.config import ServerSettings, parse_registry
 from capibara6.pool import ModelPool
-from tests.fakes import FakeBackendBase
+from capibara6.types import GenerationOutcome, SamplingParams, TokenEvent
 from tests.conftest import gemma_registry
+from tests.fakes import FakeBackendBase
 from tests.serverproc import ServerProcess
 
 MODEL = "gemma3-270m"

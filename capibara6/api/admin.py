@@ -37,7 +37,7 @@ async def load(model_id: str, request: Request) -> dict[str, Any]:
     _known(request, model_id)
     pool = _pool(request)
     await pool.load(model_id)
-    return pool.describe(model_id)  # type: ignore[no-any-return]
+    return pool.describe(model_id)
 
 
 @router.post("/models/{model_id:path}/unload")

@@ -12,13 +12,13 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..types import SamplingParams
 from ..config import Registry, Role, ServerSettings
-from ..metrics import CONTENT_TYPE
 from ..errors import ApiError, BodyTooLarge, InvalidRequest, ModelNotFound, NotFound
+from ..metrics import CONTENT_TYPE
 from ..orchestrator.routing import ensemble_cards
 from ..pool import ModelPool
 from ..serving import Generation, Plan, Service
+from ..types import SamplingParams
 from . import admin
 from .framing import complete_json, stream_sse
 from .grammar import response_format_grammar
@@ -39,7 +39,7 @@ class AppState:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
-    def create(cls, registry: Registry, settings: ServerSettings, pool: ModelPool | None = None) -> "AppState":
+    def create(cls, registry: Registry, settings: ServerSettings, pool: ModelPool | None = None) -> AppState:
         pool = pool or ModelPool(registry)
         return cls(registry, settings, pool, Service(registry, pool, settings))
 

@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import re
+import sys
 import time
 import uuid
 from typing import Any
@@ -162,7 +163,7 @@ class DrainGate:
                 if not self.drain.cancelling:
                     raise
                 task = asyncio.current_task()
-                if task is not None:
+                if task is not None and sys.version_info >= (3, 11):  # 3.10 keeps no cancel count
                     task.uncancel()  # we handled the drain's cancel: end the response cleanly
                 await self._end_cancelled(scope, receive, send, started, complete, sse)
 

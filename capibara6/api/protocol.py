@@ -291,10 +291,10 @@ class CompletionRequest(_Sampling):
         if not p:
             raise ValueError("prompt must not be empty")
         if all(isinstance(x, str) for x in p):
-            return list(p)  # type: ignore[arg-type]
+            return [x for x in p if isinstance(x, str)]
         if all(isinstance(x, int) for x in p):
-            return [list(p)]  # type: ignore[arg-type]
-        return [list(x) for x in p]  # type: ignore[union-attr]
+            return [[x for x in p if isinstance(x, int)]]
+        return [list(x) for x in p if isinstance(x, list)]
 
     def token_limit(self) -> int | None:
         return self.max_tokens

@@ -30,7 +30,7 @@ from ..types import (
     TextPrompt,
     TokenEvent,
 )
-from .llamacpp.plain import check_token_ids
+from .llamacpp.plain import check_logit_bias, check_token_ids
 from .stops import StopText
 
 if TYPE_CHECKING:
@@ -123,6 +123,7 @@ class NativeBackend:
         self, prepared: Prepared, params: SamplingParams, outcome: GenerationOutcome, cancel: threading.Event
     ) -> Iterator[TokenEvent]:
         ids = list(prepared.tokens or ()) or [self.tokenizer.bos_id]
+        check_logit_bias(params.logit_bias, self.tokenizer.n_vocab)
         if len(ids) + params.max_tokens > self.n_ctx:
             raise ContextLengthExceeded(len(ids), params.max_tokens, self.n_ctx)
         outcome.prompt_tokens = len(ids)

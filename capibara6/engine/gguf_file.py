@@ -13,6 +13,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..gguf_header import StringArray, read_header
 
+
 @dataclass(frozen=True)
 class TensorView:
     name: str

@@ -7,7 +7,6 @@ from __future__ import annotations
 import codecs
 import ctypes
 import pathlib
-from typing import Any
 
 import llama_cpp
 from llama_cpp import Llama

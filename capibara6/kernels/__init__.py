@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 try:
-    from ._kernels import ffi as _ffi, lib as _lib
+    from ._kernels import ffi as _ffi
+    from ._kernels import lib as _lib
 except ImportError as e:  # pragma: no cover
     raise ImportError(
         "capibara6.kernels._kernels is not built: run `pip install -e .` or `python capibara6/kernels/build_ffi.py` "

@@ -101,7 +101,7 @@ async def fan_out(
     return [results[t.index] for t in tasks]
 
 
-async def _cancel_all(futures: dict[asyncio.Future[ExpertResult], ExpertTask]) -> None:
+async def _cancel_all(futures: dict[asyncio.Task[ExpertResult], ExpertTask]) -> None:
     live = [f for f in futures if not f.done()]
     for f in live:
         f.cancel()

@@ -25,7 +25,6 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import dataclass
-from typing import Literal
 
 from ..api.protocol import ConsensusOptions
 from ..config import EnsembleSpec, Registry

@@ -19,10 +19,10 @@ import random
 from dataclasses import replace
 from typing import Any, AsyncIterator, Sequence
 
+from ..backends import capabilities
 from ..errors import ExpertsFailed
 from ..serving import ChoiceEnd, Delta, Generation, Messages, Plan, PromptSource, Service
 from ..threads import auto_threads, resolve_threads
-from ..backends import capabilities
 from .fanout import ExpertAnswer, ExpertCall, ExpertResult, ExpertTask, fan_out
 from .routing import ConsensusPlan
 from .strategies import Candidate, agreement, judge_order, judge_prompt, parse_verdict, synthesis_prompt, vote
@@ -54,16 +54,19 @@ def question_of(prompt: PromptSource) -> str:
     if isinstance(prompt, str):
         return prompt
     if prompt and isinstance(prompt[0], dict):
-        users = [m for m in prompt if m.get("role") == "user"]  # type: ignore[union-attr]
-        return str((users or list(prompt))[-1].get("content", ""))  # type: ignore[union-attr]
+        users = [m for m in prompt if m.get("role") == "user"]
+        return str((users or list(prompt))[-1].get("content", ""))
     return ""
 
 
 async def run_model(service: Service, model: str, prompt: PromptSource, base: Plan, seed: int, threads: int | None,
                     temperature: float | None = None, **overrides: Any) -> ExpertAnswer:
     """One model call to the end (through the pool), as an ExpertAnswer."""
-    params = replace(base.params, seed=seed, **({"temperature": temperature} if temperature is not None else {}))
-    params = replace(params, **{k: v for k, v in overrides.items() if k != "max_tokens"})
+    params = replace(base.params, seed=seed)
+    if temperature is not None:
+        params = replace(params, temperature=temperature)
+    fields: dict[str, Any] = {k: v for k, v in overrides.items() if k != "max_tokens"}
+    params = replace(params, **fields)
     max_tokens = overrides.get("max_tokens", base.max_tokens)
     plan = Plan(model, base.chat, [prompt], 1, max_tokens, params)
     text: list[str] = []

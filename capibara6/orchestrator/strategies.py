@@ -35,7 +35,7 @@ class Candidate:
     key: str | None = None
 
     @classmethod
-    def of(cls, index: int, expert: str, text: str, priority: int = 0) -> "Candidate":
+    def of(cls, index: int, expert: str, text: str, priority: int = 0) -> Candidate:
         return cls(index, expert, text, priority, extract_answer(text))
 
 

@@ -22,7 +22,8 @@ Modules: `slots` (per-model state and instances), `queue` (waiters), `budget` (e
 choice), `pool` (the facade and the tasks that load, unload and reap).
 """
 
-from .pool import ModelBusy, ModelPool, warm_generate
-from .budget import Estimate
+from ..errors import ModelBusy
+from ..types import Estimate
+from .pool import ModelPool, warm_generate
 
 __all__ = ["Estimate", "ModelBusy", "ModelPool", "warm_generate"]

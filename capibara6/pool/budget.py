@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Protocol
 
-from ..types import ZERO_ESTIMATE, Estimate
+from ..types import ZERO_ESTIMATE
 
 GIB = 1024**3
 ZERO = ZERO_ESTIMATE

@@ -16,8 +16,7 @@ import logging
 import threading
 import time
 from contextlib import asynccontextmanager
-from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Coroutine, TypeVar
+from typing import Any, AsyncIterator, Callable, Coroutine, TypeVar, cast
 
 from .. import crash
 from ..backends import backend_class, estimate, load_backend
@@ -26,9 +25,9 @@ from ..config import ModelSpec, Registry
 from ..errors import ModelBusy, ModelNotFound, QueueFull, ServiceUnavailable
 from ..metrics import Metrics
 from ..threads import resolve_threads
-from .budget import GIB, Estimate, budget_bytes, choose_victims
+from ..types import Estimate, GenerationOutcome, SamplingParams, TextPrompt
+from .budget import GIB, budget_bytes, choose_victims
 from .queue import Waiter
-from ..types import GenerationOutcome, SamplingParams, TextPrompt
 from .slots import Instance, ModelSlot
 
 log = logging.getLogger("capibara6.pool")
@@ -297,7 +296,7 @@ class ModelPool:
             budget=self.memory_budget,
         )
         if victims is not None:  # taken now, before any await, so nobody leases them meanwhile
-            return [(v, v.take_instances()) for v in victims]  # type: ignore[attr-defined]
+            return [(v, v.take_instances()) for v in cast(list[ModelSlot], victims)]
         if slot.held_bytes + need > self.memory_budget:  # would not fit even in an empty pool
             why = f"needs ~{need / GIB:.2f} GiB; the pool's memory budget is {self.memory_budget / GIB:.2f} GiB"
             if first:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from ..backends.base import Backend
 from ..config import ModelSpec
-from .budget import Estimate
+from ..types import Estimate
 from .queue import WaitQueue
 
 

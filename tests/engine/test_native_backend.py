@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import pathlib
 import threading
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from capibara6.types import ContextLengthExceeded, GenerationOutcome, SamplingParams
 from capibara6.backends.native import NativeBackend
+from capibara6.config import ModelSpec
 from capibara6.engine.gguf_loader import GGUFModel
 from capibara6.engine.runner import Runner
 from capibara6.engine.sampler import Sampler
-from capibara6.config import ModelSpec
+from capibara6.types import ContextLengthExceeded, GenerationOutcome, SamplingParams
 from tests.fakes import chat_text, prepared
 
 PROMPT = "The three primary colors are"
@@ -176,8 +175,8 @@ def test_server_registry_loads_native(tmp_path: pathlib.Path) -> None:
 
 def test_pool_memory_estimate_follows_the_matmul_mode(gemma_gguf: pathlib.Path, tmp_path: pathlib.Path) -> None:
     """int16/int8 map the file's blocks (estimate ~ file size); fp32 holds 4 bytes per weight."""
-    from capibara6.config import parse_registry
     from capibara6.backends import estimate
+    from capibara6.config import parse_registry
 
     raw = {"models": {m: {"backend": "native", "source": {"path": str(gemma_gguf)}, "matmul": m, "n_ctx": 256}
                       for m in ("int16", "fp32")}}

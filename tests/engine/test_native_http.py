@@ -8,12 +8,12 @@ from pathlib import Path
 import httpx
 from openai import OpenAI
 
-from capibara6.types import GenerationOutcome, SamplingParams
 from capibara6.backends.native import NativeBackend
 from capibara6.engine.runner import Runner
+from capibara6.types import GenerationOutcome, SamplingParams
 from tests.conftest import gemma_registry
-from tests.serverproc import ServerProcess
 from tests.fakes import prepared
+from tests.serverproc import ServerProcess
 
 PROMPT = "The three primary colors are"
 

@@ -13,10 +13,9 @@ import os
 
 import numpy as np
 import pytest
+from kernels_ref import HAVE_ML_DTYPES, IS_ARM, SMALL, U, fp8_ref_encode, fp8_ref_table, ref_attention
 
 from capibara6 import kernels
-from kernels_ref import (HAVE_ML_DTYPES, IS_ARM, SMALL, U, fp8_ref_encode, fp8_ref_table,
-                      ref_attention)
 
 
 def relerr(y, ref, floor=1e-30):

@@ -22,6 +22,7 @@ from ...gguf_header import estimate_file, file_kv_cache_bytes
 from ...llama_load import new_llama
 from ...threads import resolve_threads
 from ...types import (
+    BackendError,
     Capabilities,
     ChatPrompt,
     ContextLengthExceeded,
@@ -60,6 +61,14 @@ def check_token_ids(ids: Sequence[int], n_vocab: int) -> None:
     bad = next((i for i in ids if not 0 <= i < n_vocab), None)
     if bad is not None:
         raise InvalidPrompt(f"token id {bad} is outside this model's vocabulary (0..{n_vocab - 1})")
+
+
+def check_logit_bias(bias: tuple[tuple[int, float], ...], n_vocab: int) -> None:
+    """logit_bias keys must be ids of this vocabulary (the edge checked their form, not their range)."""
+    bad = next((t for t, _ in bias if not 0 <= t < n_vocab), None)
+    if bad is not None:
+        raise BackendError(f"logit_bias names token id {bad}, outside this model's vocabulary (0..{n_vocab - 1})",
+                           param="logit_bias")
 
 
 def _bias_processor(bias: tuple[tuple[int, float], ...]) -> Any:
@@ -191,6 +200,7 @@ class LlamaCppBackend:
         tokens = list(prepared.tokens or ())
         if not tokens:
             raise InvalidPrompt("the prompt is empty")
+        check_logit_bias(params.logit_bias, self._n_vocab)
         if len(tokens) + params.max_tokens > self.n_ctx:
             raise ContextLengthExceeded(len(tokens), params.max_tokens, self.n_ctx)
         outcome.prompt_tokens = len(tokens)

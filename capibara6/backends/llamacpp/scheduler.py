@@ -28,7 +28,8 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol, Sequence as Seq
+from typing import Any, Callable, Iterator, Protocol
+from typing import Sequence as Seq
 
 from ... import crash
 from ...types import SamplingParams
@@ -75,7 +76,7 @@ class Sequence:
     prompt: list[int]
     params: SamplingParams
     sampler: Any = None
-    events: "queue.SimpleQueue[tuple[Any, ...]]" = field(default_factory=queue.SimpleQueue)
+    events: queue.SimpleQueue[tuple[Any, ...]] = field(default_factory=queue.SimpleQueue)
     abort: str | None = None  # "cancel" (drop KV) | "stop" (keep KV as cache), set by the reader
     slot: int = -1
     n_past: int = 0  # tokens of this sequence whose KV is in the cache

@@ -196,6 +196,21 @@ static inline __attribute__((always_inline)) c6_i8x32 c6_nblock32(int t, const u
     return r;
 }
 
+/* Q4_0 block at p as 16 (q - 8) (one op less than c6_nblock32: the nibbles xor 8 moved to the top
+ * of a byte are 16 times their signed value); multiply the sums by 1/16, an exact scaling */
+static inline c6_i8x32 c6_q4_0x16(const uint8_t *p) {
+    uint8x16_t x = veorq_u8(vld1q_u8(p + 2), vdupq_n_u8(0x88));
+    c6_i8x32 r = {vreinterpretq_s8_u8(vshlq_n_u8(x, 4)), vreinterpretq_s8_u8(vandq_u8(x, vdupq_n_u8(0xF0)))};
+    return r;
+}
+
+/* the fp16 scales at p0 + r * stride (r = 0..3) as 4 floats (hardware conversion, = f16s) */
+static inline float32x4_t c6_f16x4(const uint8_t *p0, int64_t stride) {
+    uint64_t h = (uint64_t)rd16(p0) | (uint64_t)rd16(p0 + stride) << 16 | (uint64_t)rd16(p0 + 2 * stride) << 32 |
+                 (uint64_t)rd16(p0 + 3 * stride) << 48;
+    return vcvt_f32_f16(vreinterpret_f16_u64(vcreate_u64(h)));
+}
+
 /* Q4_K/Q5_K: the 8 6-bit scales (bytes 0-7) and mins (bytes 8-15) of the 12 bytes at s */
 static inline uint8x16_t c6_kscales(const uint8_t *s) {
     uint32_t u[4];

@@ -244,6 +244,30 @@ static inline __attribute__((always_inline)) void q0_rows_neon(int t, int bs, co
     for (int i = 0; i < MC; i++) out[i] = vaddvq_f32(vaddq_f32(acc0[i], acc1[i]));
 }
 
+/* one activation row (decode), 4 weight rows per pass (rs bytes apart): the activations are
+ * loaded once for the 4, the 4 block sums land in one vector (pairwise adds) and are scaled by
+ * the 4 block scales as one vector */
+static inline __attribute__((always_inline)) void q0_4rows_neon(int t, int bs, const uint8_t *raw, int64_t rs,
+                                                                int64_t nb, const int8_t *aq, const float *ad,
+                                                                float *out) {
+    float32x4_t acc = vdupq_n_f32(0.0f);
+    const float unit = t == T_Q4_0 ? 0.0625f : 1.0f;  /* c6_q4_0x16 gives 16 (q - 8) */
+    for (int64_t b = 0; b < nb; b++) {
+        C6_MCA_BEGIN("i8n4", t, 1);
+        const uint8_t *p = raw + b * bs;
+        int8x16_t a0 = vld1q_s8(aq + b * 32), a1 = vld1q_s8(aq + b * 32 + 16);
+        int32x4_t s[4];
+        for (int r = 0; r < 4; r++) {
+            c6_i8x32 w = t == T_Q4_0 ? c6_q4_0x16(p + r * rs) : c6_nblock32(t, p + r * rs);
+            s[r] = c6_dotv(c6_dotv(vdupq_n_s32(0), w.lo, a0), w.hi, a1);
+        }
+        int32x4_t S = vpaddq_s32(vpaddq_s32(s[0], s[1]), vpaddq_s32(s[2], s[3]));
+        acc = vfmaq_f32(acc, vcvtq_f32_s32(S), vmulq_n_f32(c6_f16x4(p, rs), ad[b] * unit));
+        C6_MCA_END("i8n4", t, 1);
+    }
+    vst1q_f32(out, acc);
+}
+
 /* k-quants: per 256-block and row, the 4-lane dot of each 32 (Q6_K: 16) values, reduced by
  * pairwise adds to one lane per scale, times the scales as vectors; the mins (Q4_K/Q5_K) the same
  * way against the activations' 16-value sums. */
@@ -358,7 +382,20 @@ static void qmm_task(void *vctx, int64_t task) {
 #ifdef C6_QX86
     for (int64_t n = n0; n < n1; n++) row_all_m_x86(c->t, c->w + n * c->row_bytes, &c->a, c->M, c->N, K, n, c->y);
 #elif C6_USE_NEON
-    for (int64_t n = n0; n < n1; n++) row_all_m_neon(c->t, c->w + n * c->row_bytes, &c->a, c->M, c->N, K, n, c->y);
+    int64_t n = n0;
+    if (c->M == 1 && !c->qi.kquant) {  /* decode: 4 weight rows per pass (n0 % 4 == 0: see per) */
+        float o[4];
+        for (; n + 4 <= n1; n += 4) {
+            const uint8_t *raw = c->w + n * c->row_bytes;
+            switch (c->t) {
+            case T_Q4_0: q0_4rows_neon(T_Q4_0, 18, raw, c->row_bytes, K / 32, c->a.q, c->a.d, o); break;
+            case T_Q5_0: q0_4rows_neon(T_Q5_0, 22, raw, c->row_bytes, K / 32, c->a.q, c->a.d, o); break;
+            default: q0_4rows_neon(T_Q8_0, 34, raw, c->row_bytes, K / 32, c->a.q, c->a.d, o); break;
+            }
+            memcpy(c->y + n, o, sizeof o);
+        }
+    }
+    for (; n < n1; n++) row_all_m_neon(c->t, c->w + n * c->row_bytes, &c->a, c->M, c->N, K, n, c->y);
 #else
     int64_t nb = K / c->qi.qk;
     qrow r = {0};
@@ -389,6 +426,9 @@ int c6_qmatmul(const float *x, const void *w, int wtype, float *y, int64_t M, in
     int nt = c6_get_num_threads();
     int64_t per = (N + (int64_t)nt * 8 - 1) / ((int64_t)nt * 8);
     if (per < 16) per = 16;
+#if C6_USE_NEON
+    per = (per + 3) & ~(int64_t)3;  /* 4-row groups at the same n for any thread count */
+#endif
     qmm_ctx c = {w, wtype, qi, K / qi.qk * qi.bytes, a, y, M, N, K, per};
     c6_parallel_for((N + per - 1) / per, qmm_task, &c);
     free(buf);
