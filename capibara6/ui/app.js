@@ -383,6 +383,7 @@
       paint();
       showStats();
       if (isChat && answer) chat.messages.push({ role: "assistant", content: answer });
+      poll(); // the header's running/waiting now, not up to a second later
     }
   }
 
@@ -485,6 +486,7 @@
       cons.controller = null;
       $("c-stop").disabled = true;
       $("c-run").disabled = false;
+      poll();
     }
   }
 
