@@ -293,6 +293,25 @@ def test_consensus_shows_one_panel_per_expert(watched: Watched, ui_server: Serve
     assert page.inner_text("#merged-body").strip()
     page.screenshot(path=str(shots / "consensus.png"))
 
+    # Stop during a run cancels every expert (parallel 1: one generates, the other waits its turn)
+    url = ui_server.url["consensus"]
+    busy = ("capibara6_num_requests_running", "capibara6_num_requests_waiting")
+    set_fields(page, **{"c-max-tokens": 600, "c-prompt": COUNTING})
+    page.click("#c-run")
+    assert wait_until(lambda: [gauge(url, g) for g in busy] == [1, 1], timeout=60), "the experts never ran"
+    page.click("#c-stop")
+    page.wait_for_selector("#merged[data-state='stopped']", timeout=5_000)
+    assert page.locator(".expert-panel[data-status='stopped']").count() == 2
+    assert wait_until(lambda: [gauge(url, g) for g in busy] == [0, 0], timeout=5), "experts kept running"
+
+    # the chat tab takes an ensemble too, and says how the answer was made
+    page.click("#tabs a[data-view='chat']")
+    page.select_option("#model", "twin")
+    set_fields(page, max_tokens=8, prompt="Say hello.")
+    page.click("#send")
+    page.wait_for_selector(".msg.assistant[data-state='done']", timeout=120_000)
+    assert "merged by vote from 2 experts" in last_answer(page).locator(".stats").inner_text()
+
 
 def test_markup_from_the_model_and_the_user_is_shown_as_text(watched: Watched, ui_server: ServerProcess, shots: Path) -> None:
     page = watched.open(ui_server.url["standard"] + "/")
