@@ -44,10 +44,15 @@ def chromium() -> str:
 
 @pytest.fixture(scope="module")
 def ui_server(gemma_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """The test registry plus `spare` (same file, for load/unload) and `twin`, an ensemble of the
-    same model twice, so a consensus run has two experts on one small model."""
+    """The test registry plus `spare` (same file, for load/unload), `broken` (a corrupt file) and
+    `twin`, an ensemble of the same model twice, so a consensus run has two experts on one model."""
     tmp = tmp_path_factory.mktemp("ui-server")
-    registry = gemma_registry(gemma_path, spare={"source": {"path": str(gemma_path)}, "chat_format": "gemma"})
+    bad = tmp / "corrupt.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    registry = gemma_registry(
+        gemma_path, spare={"source": {"path": str(gemma_path)}, "chat_format": "gemma"},
+        broken={"source": {"path": str(bad)}, "chat_format": "gemma"},
+    )
     registry["ensembles"] = {"twin": {"experts": [MODEL, MODEL], "strategy": "vote", "timeout_s": 120}}
     proc = ServerProcess(registry, tmp).wait_healthy()
     yield proc
@@ -159,7 +164,7 @@ def test_summary_reads_the_servers_own_metrics(ui_server: ServerProcess) -> None
     url = ui_server.url["standard"]
     body = httpx.get(url + "/ui/api/summary").json()
     assert body["role"] == "standard" and body["consensus_port"] == ui_server.ports["consensus"]
-    assert [m["id"] for m in body["pool"]] == [MODEL, "spare"] and body["ensembles"] == ["twin"]
+    assert [m["id"] for m in body["pool"]] == [MODEL, "spare", "broken"] and body["ensembles"] == ["twin"]
     assert {"status", "leases", "capacity", "waiting", "memory_bytes", "backend"} <= set(body["pool"][0])
     assert body["running"] == gauge(url, "capibara6_num_requests_running")
     assert set(body["histograms"]) == {"ttft", "itl", "e2e", "queue"}
@@ -246,6 +251,22 @@ def test_stop_closes_the_stream_and_frees_the_model(watched: Watched, ui_server:
     page.wait_for_selector("#live[data-running='0']", timeout=5_000)
     assert last_answer(page).locator(".stats").inner_text().endswith("stopped")
     page.screenshot(path=str(shots / "chat-stopped.png"))
+
+
+def test_errors_are_shown_where_they_happen(watched: Watched, ui_server: ServerProcess) -> None:
+    page = watched.open(ui_server.url["standard"] + "/")
+    page.select_option("#model", "broken")  # its load fails once the stream's headers are out
+    set_fields(page, prompt="Hello?")
+    page.click("#send")
+    page.wait_for_selector(".msg.assistant[data-state='error']", timeout=30_000)
+    assert "model_unavailable" in last_answer(page).locator(".error").inner_text()
+    assert not page.is_disabled("#send") and page.is_disabled("#stop-button")
+    page.goto(ui_server.url["standard"] + "/#pool")
+    page.click("tr[data-model='broken'] button.load")
+    page.wait_for_selector("#pool-message.error", timeout=30_000)
+    assert page.inner_text("#pool-message").startswith("broken: 503 model_unavailable")
+    assert page.get_attribute("tr[data-model='broken']", "data-state") == "unloaded"
+    watched.errors = [e for e in watched.errors if "status of 503" not in e]  # the load's own 503, logged by chromium
 
 
 def test_pool_view_follows_load_and_unload(watched: Watched, ui_server: ServerProcess, shots: Path) -> None:
