@@ -383,7 +383,7 @@
       paint();
       showStats();
       if (isChat && answer) chat.messages.push({ role: "assistant", content: answer });
-      poll(); // the header's running/waiting now, not up to a second later
+      setTimeout(poll, 300); // the header's running/waiting soon after the server let go, not a second later
     }
   }
 
@@ -486,7 +486,7 @@
       cons.controller = null;
       $("c-stop").disabled = true;
       $("c-run").disabled = false;
-      poll();
+      setTimeout(poll, 300);
     }
   }
 
