@@ -27,9 +27,8 @@ from capibara6 import crash, kernels
 from capibara6.backends.llamacpp.scheduler import Scheduler, Sequence
 from capibara6.config import parse_registry
 from capibara6.pool import ModelPool
-from capibara6.pool.budget import Estimate
 from capibara6.runner import TokenStream
-from capibara6.types import SamplingParams, TokenEvent
+from capibara6.types import Estimate, SamplingParams, TokenEvent
 from tests.conftest import gemma_registry
 from tests.fakes import FakeBackendBase
 from tests.serverproc import ROOT, ServerProcess
