@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from .config import Registry
-from .runner import TokenStream
+from .token_stream import TokenStream
 from .types import GenerationOutcome, SamplingParams, TextPrompt, TokenEvent
 
 

@@ -24,7 +24,7 @@ from .config import Registry, ServerSettings
 from .errors import ApiError, ContextTooLong, InvalidRequest, ModelNotFound
 from .metrics import RequestTimer
 from .pool import ModelPool
-from .runner import TokenStream
+from .token_stream import TokenStream
 from .types import (
     BackendError,
     ChatPrompt,

@@ -24,10 +24,10 @@ import httpx
 import pytest
 
 from capibara6 import crash, kernels
-from capibara6.backends.llamacpp.scheduler import Scheduler, Sequence
+from capibara6.backends.llamacpp.scheduler import Scheduler, SeqState
 from capibara6.config import parse_registry
 from capibara6.pool import ModelPool
-from capibara6.runner import TokenStream
+from capibara6.token_stream import TokenStream
 from capibara6.types import Estimate, SamplingParams, TokenEvent
 from tests.conftest import gemma_registry
 from tests.fakes import FakeBackendBase
@@ -210,7 +210,7 @@ def test_scheduler_thread_runs_in_the_model_it_was_built_for() -> None:
     with crash.model_context("batched-model"):
         sched = Scheduler(decoder, n_slots=1, prefill_chunk=16)
     try:
-        seq = Sequence([1, 2, 3], SamplingParams(max_tokens=4))
+        seq = SeqState([1, 2, 3], SamplingParams(max_tokens=4))
         sched.submit(seq)
         deadline = time.monotonic() + 10
         while not seq.done and time.monotonic() < deadline:

@@ -95,7 +95,7 @@ def chat_plan(model: str = "x") -> Plan:
 
 
 def run(state: AppState, experts: list[str], strategy: str = "vote", timeout_s: float = 0.5, min_responses: int = 1) -> ConsensusRun:
-    from capibara6.api.protocol import ConsensusOptions
+    from capibara6.orchestrator.routing import ConsensusOptions
 
     opts = ConsensusOptions(experts=experts, strategy=strategy, timeout_s=timeout_s, min_responses=min_responses)  # type: ignore[arg-type]
     cplan = resolve(state.registry, "quick", opts, "What is 5 + 7?")

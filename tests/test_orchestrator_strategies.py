@@ -15,11 +15,10 @@ from typing import Sequence
 
 import pytest
 
-from capibara6.api.protocol import ConsensusOptions
 from capibara6.config import ConfigError, parse_registry
 from capibara6.errors import InvalidRequest, ModelNotFound
 from capibara6.orchestrator.extract import extract_answer
-from capibara6.orchestrator.routing import classify, resolve
+from capibara6.orchestrator.routing import ConsensusOptions, classify, resolve
 from capibara6.orchestrator.strategies import Candidate, judge_order, judge_prompt, parse_verdict, vote
 
 ITEMS = 20_000  # binomial sd at p~0.85: sqrt(.85*.15/20000) = 0.0025, well under the 0.02 band

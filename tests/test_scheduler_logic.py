@@ -16,7 +16,7 @@ from typing import Sequence as Seq
 
 import pytest
 
-from capibara6.backends.llamacpp.scheduler import Scheduler, Sequence
+from capibara6.backends.llamacpp.scheduler import Scheduler, SeqState
 from capibara6.types import SamplingParams
 
 
@@ -84,7 +84,7 @@ class ScriptedDecoder:
         pass
 
 
-def collect(seq: Sequence, timeout: float = 10) -> tuple[list[int], str]:
+def collect(seq: SeqState, timeout: float = 10) -> tuple[list[int], str]:
     out = []
     while True:
         item = seq.events.get(timeout=timeout)
@@ -94,8 +94,8 @@ def collect(seq: Sequence, timeout: float = 10) -> tuple[list[int], str]:
         out.append(item[1])
 
 
-def make(prompt_len: int, max_tokens: int, base: int) -> Sequence:
-    return Sequence([1, *range(base, base + prompt_len - 1)], SamplingParams(max_tokens=max_tokens))
+def make(prompt_len: int, max_tokens: int, base: int) -> SeqState:
+    return SeqState([1, *range(base, base + prompt_len - 1)], SamplingParams(max_tokens=max_tokens))
 
 
 @pytest.fixture
@@ -162,15 +162,15 @@ def test_preempting_a_prefilling_sequence_keeps_its_prompt(sched: Any) -> None:
 def test_prefix_reuse_copies_and_trims_exactly(sched: Any) -> None:
     s, d = sched(n_cells=1000, slots=3, chunk=32)
     shared = [1, *range(500, 540)]
-    a = Sequence([*shared, 7, 8], SamplingParams(max_tokens=5))
+    a = SeqState([*shared, 7, 8], SamplingParams(max_tokens=5))
     s.submit(a)
     assert collect(a)[0] == reference(a.prompt, 5)
-    b = Sequence([*shared, 9], SamplingParams(max_tokens=5))
+    b = SeqState([*shared, 9], SamplingParams(max_tokens=5))
     s.submit(b)
     assert collect(b)[0] == reference(b.prompt, 5)
     assert b.reused == len(shared)  # trimmed a's cached sequence in place
-    long = Sequence([*shared, *range(600, 700)], SamplingParams(max_tokens=800))
-    other = Sequence([*shared, *range(800, 810)], SamplingParams(max_tokens=3))
+    long = SeqState([*shared, *range(600, 700)], SamplingParams(max_tokens=800))
+    other = SeqState([*shared, *range(800, 810)], SamplingParams(max_tokens=3))
     s.submit(long)
     first = [long.events.get(timeout=5)[1] for _ in range(3)]  # long is generating when `other` arrives
     s.submit(other)

@@ -1,51 +1,26 @@
-"""HTTP layer: parse, dispatch, frame. One FastAPI app per role, all sharing one `AppState`."""
+"""HTTP layer: one FastAPI app per role, all sharing one `AppState` (api/state.py).
+
+Modules: `protocol` (request schemas and the field rule), `requests` (request -> Plan), `routes`
+(module-level routers), `responses` (the one response path and request accounting), `framing`
+(OpenAI objects and SSE lines), `streaming` (EventStream, pings), `consensus` (the merged answer on
+8084), `admin`, `ui`, `middleware` / `security` (the ASGI stack `wrap` builds).
+"""
 
 from __future__ import annotations
 
-import asyncio
-from dataclasses import dataclass, field
-from typing import Any, Awaitable, TypeVar
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..config import Registry, Role, ServerSettings
-from ..errors import ApiError, BodyTooLarge, InvalidRequest, ModelNotFound, NotFound
-from ..metrics import CONTENT_TYPE
-from ..orchestrator.routing import ensemble_cards
-from ..pool import ModelPool
-from ..serving import Generation, Plan, Service
-from ..types import SamplingParams
-from . import admin
-from .framing import complete_json, stream_sse
-from .grammar import response_format_grammar
-from .protocol import ChatCompletionRequest, CompletionRequest
-from .streaming import EventStream
-
-T = TypeVar("T")
-
-
-@dataclass
-class AppState:
-    """What every role's app shares in one process."""
-
-    registry: Registry
-    settings: ServerSettings
-    pool: ModelPool
-    service: Service
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
-
-    @classmethod
-    def create(cls, registry: Registry, settings: ServerSettings, pool: ModelPool | None = None) -> AppState:
-        pool = pool or ModelPool(registry)
-        return cls(registry, settings, pool, Service(registry, pool, settings))
-
-
-def error_response(err: ApiError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+from ..config import Role, ServerSettings
+from ..errors import ApiError, BodyTooLarge, InvalidRequest, NotFound
+from . import admin, routes
+from .responses import count_request, error_response
+from .state import AppState
 
 
 class BodyLimit:
@@ -82,29 +57,6 @@ class _TooLarge(Exception):
     pass
 
 
-async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Run `work`; cancel it when the client goes away. Non-streaming requests only: a stream
-    has sse-starlette's disconnect watcher (capibara6/api/streaming.py), and two would race for
-    the same `receive()` messages."""
-    task = asyncio.ensure_future(work)
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=0.05)
-        if done:
-            return task.result()
-        if await request.is_disconnected():
-            task.cancel()
-            try:
-                await task
-            except BaseException:
-                pass
-            raise asyncio.CancelledError("client disconnected")
-
-
-def _set(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
 def _validation_error(exc: RequestValidationError) -> InvalidRequest:
     """The first validation error as OpenAI words it; `param` is always the top-level field."""
     first = exc.errors()[0] if exc.errors() else {}
@@ -121,95 +73,23 @@ def _validation_error(exc: RequestValidationError) -> InvalidRequest:
     return InvalidRequest(f"{msg}" + (f" (at '{param}')" if param else ""), param=loc[0] if loc else None)
 
 
-def model_card(state: AppState, model_id: str) -> dict[str, Any]:
-    spec = state.registry.models[model_id]
-    return {
-        "id": model_id,
-        "object": "model",
-        "created": 0,
-        "owned_by": spec.owned_by,
-        "status": state.pool.status(model_id),
-        "backend": spec.backend,
-        "n_ctx": spec.n_ctx,
-        "tags": spec.tags,
-        "description": spec.description,
-    }
-
-
-def _sampling(req: ChatCompletionRequest | CompletionRequest, grammar: str | None) -> SamplingParams:
-    return SamplingParams(
-        temperature=req.temperature,
-        top_p=req.top_p,
-        top_k=req.top_k,
-        min_p=req.min_p,
-        presence_penalty=req.presence_penalty,
-        frequency_penalty=req.frequency_penalty,
-        repeat_penalty=req.repeat_penalty,
-        seed=req.seed,
-        stop=tuple(req.stop_list()),
-        grammar=grammar,
-        logit_bias=req.logit_bias_pairs(),
-    )
-
-
-def stream_mode(req: ChatCompletionRequest | CompletionRequest, default: bool) -> tuple[bool, bool]:
-    """(stream, include_usage). `stream` absent takes the port's default (8083: true); then
-    `stream_options` without a stream is a 400, as OpenAI answers."""
-    stream = req.stream if req.stream is not None else default
-    if req.stream_options is not None and not stream:
-        raise InvalidRequest("The 'stream_options' parameter is only allowed when 'stream' is true.", param="stream_options")
-    return stream, bool(req.stream_options and req.stream_options.include_usage)
-
-
-def chat_plan(req: ChatCompletionRequest) -> tuple[Plan, bool]:
-    try:
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-    except ValueError as err:
-        raise InvalidRequest(str(err), param="messages") from None
-    want_lp = req.logprobs
-    params = _sampling(req, response_format_grammar(req.response_format))
-    if want_lp:
-        params = SamplingParams(**{**params.__dict__, "logprobs": req.top_logprobs or 0})
-    return Plan(req.model, True, [messages], req.n, req.token_limit(), params), want_lp
-
-
-def completion_plan(req: CompletionRequest) -> tuple[Plan, bool]:
-    try:
-        prompts = req.prompts()
-    except ValueError as err:
-        raise InvalidRequest(str(err), param="prompt") from None
-    params = _sampling(req, response_format_grammar(req.response_format))
-    want_lp = req.logprobs is not None
-    if want_lp:
-        params = SamplingParams(**{**params.__dict__, "logprobs": req.logprobs})
-    return Plan(req.model, False, prompts, req.n, req.token_limit(), params, echo=req.echo), want_lp  # type: ignore[arg-type]
-
-
 def create_app(state: AppState, role: Role) -> FastAPI:
+    """One role's app: the shared routers (capibara6/api/routes.py), admin, the web page, and the
+    handlers that turn every error into OpenAI's shape (counted once, by count_request)."""
     app = FastAPI(title=f"capibara6 ({role})", docs_url=None, redoc_url=None)
     app.state.capibara6 = state
     app.state.role = role
-    stream_default = role == "streaming"
-
-    endpoint_by_path = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
-
-    def count_rejected(request: Request, status: int, body: Any = None) -> None:
-        """requests_total for completion requests refused before `respond` counted them."""
-        endpoint = endpoint_by_path.get(request.url.path)
-        if endpoint is None or getattr(request.state, "counted", False):
-            return
-        model = body.get("model") if isinstance(body, dict) else None
-        label = model if isinstance(model, str) and model in state.registry.models else "_unknown"
-        state.pool.metrics.requests.labels(label, role, endpoint, str(status)).inc()
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        count_rejected(request, exc.status)
+        count_request(request, None, exc.status)
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        count_rejected(request, 400, exc.body)
+        body = exc.body
+        model = body.get("model") if isinstance(body, dict) else None
+        count_request(request, model if isinstance(model, str) and model in state.registry.models else None, 400)
         return error_response(_validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
@@ -220,108 +100,10 @@ def create_app(state: AppState, role: Role) -> FastAPI:
         err.status = exc.status_code
         return error_response(err)
 
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(state.pool.metrics.render(), media_type=CONTENT_TYPE)
-
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/ready")
-    async def ready() -> Response:
-        from ..readiness import shared_probe  # one probe (and cache) per pool: see readiness.py
-
-        if not state.ready.is_set():
-            return JSONResponse({"status": "warming_up"}, status_code=503)
-        v = await shared_probe(state.pool, state.registry).check()
-        body = {"status": "ready" if v.ok else "not_ready", "model": v.model, "reason": v.reason}
-        return JSONResponse(body, status_code=200 if v.ok else 503)
-
-    @app.get("/v1/models")
-    async def list_models() -> dict[str, Any]:
-        data = [model_card(state, mid) for mid in state.registry.models]
-        if role == "consensus":
-            data += ensemble_cards(state.registry)
-        return {"object": "list", "data": data}
-
-    @app.get("/v1/models/{model_id:path}")
-    async def get_model(model_id: str) -> dict[str, Any]:
-        if role == "consensus" and model_id not in state.registry.models:
-            for card in ensemble_cards(state.registry):
-                if card["id"] == model_id:
-                    return card
-        if model_id not in state.registry.models:
-            raise ModelNotFound(model_id)
-        return model_card(state, model_id)
-
-    async def respond(request: Request, plan: Plan, want_lp: bool, stream: bool, include_usage: bool) -> Response:
-        endpoint = "chat" if plan.chat else "completions"
-        status = 500
-        try:
-            response = await _respond(request, plan, want_lp, stream, include_usage)
-            status = response.status_code
-            return response
-        except ApiError as err:
-            status = err.status
-            raise
-        except asyncio.CancelledError:
-            status = 499  # client closed the request
-            raise
-        finally:
-            label = plan.model if plan.model in state.registry.models else "_unknown"
-            state.pool.metrics.requests.labels(label, role, endpoint, str(status)).inc()
-            request.state.counted = True
-
-    async def _respond(request: Request, plan: Plan, want_lp: bool, stream: bool, include_usage: bool) -> Response:
-        state.service.check_limits(plan.model, plan.n, plan.max_tokens, plan.params.stop)
-        gen = state.service.generation(plan)
-        if not stream:
-            async def run() -> dict[str, Any]:
-                async with gen:
-                    await gen.start()
-                    return await complete_json(gen, want_lp)
-
-            return JSONResponse(await until_disconnect(request, run()))
-        return await open_stream(gen, want_lp, include_usage)
-
-    async def open_stream(gen: Generation, want_lp: bool, include_usage: bool) -> Response:
-        """The headers go out as soon as the request has to wait (queue, load) or its prompt is
-        accepted (before the prefill), whichever comes first. Everything decided before that
-        (QueueFull at enqueue, shutting down, a prompt over the context) is still a plain JSON
-        error with its status; what fails later is told in the stream (framing.sse_error)."""
-        waiting: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        opening = asyncio.ensure_future(gen.open(on_wait=lambda: _set(waiting)))
-        try:
-            await asyncio.wait({opening, waiting}, return_when=asyncio.FIRST_COMPLETED)
-            if opening.done():
-                opening.result()
-        except BaseException:
-            opening.cancel()
-            await asyncio.gather(opening, return_exceptions=True)
-            await gen.aclose()
-            raise
-        return EventStream(opening, stream_sse(gen, want_lp, include_usage), gen.aclose, state.settings.sse_ping_s)
-
-    if role == "consensus":  # registered first, so these routes take precedence over the two below
-        from .consensus import add_consensus_routes
-
-        add_consensus_routes(app, state, respond)
-
-    @app.post("/v1/chat/completions")
-    async def chat(req: ChatCompletionRequest, request: Request) -> Response:
-        plan, want_lp = chat_plan(req)
-        stream, include_usage = stream_mode(req, stream_default)
-        return await respond(request, plan, want_lp, stream, include_usage)
-
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request) -> Response:
-        plan, want_lp = completion_plan(req)
-        stream, include_usage = stream_mode(req, stream_default)
-        return await respond(request, plan, want_lp, stream, include_usage)
-
-    app.include_router(admin.router)
+    for router in (routes.probes, routes.models, routes.completions, admin.router):
+        app.include_router(router)
     from .ui import mount_ui  # GET / and /ui/*: the built-in web page (capibara6/api/ui.py), unless --no-ui
+
     mount_ui(app, state, role)
     return app
 

@@ -1,7 +1,8 @@
 """The consensus role's completion routes (port 8084): parse, resolve experts, dispatch, frame.
 
 A request that names no ensemble, not `auto` and carries no `consensus` field is an ordinary
-request and goes to the standard handler (`respond`), so a plain model id behaves as on 8082.
+request: `consensus_response` returns None and the route serves it as on 8082 (one route per path,
+consensus a choice made per request, not a second registration of the same paths).
 Everything else runs `orchestrator.service.ConsensusRun`; the response is a normal (chat)
 completion plus a `consensus` field (in the final SSE chunk when streaming). A stream sends its
 headers once the request is validated and pings while the experts run (a vote has nothing to
@@ -12,70 +13,54 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from ..errors import ApiError, InvalidRequest
+from ..errors import InvalidRequest
 from ..orchestrator.routing import ConsensusPlan, resolve
 from ..orchestrator.service import ConsensusRun, question_of
 from ..serving import Plan, new_id
-from .framing import SSE_DONE, sse
+from .framing import SSE_DONE, chunk_choice, final_choice, head, sse
 from .protocol import ChatCompletionRequest, CompletionRequest
+from .requests import stream_default, stream_mode
+from .responses import counted, until_disconnect
+from .state import app_state
 from .streaming import EventStream
 
-Respond = Callable[[Request, Plan, bool, bool, bool], Awaitable[Response]]
+
+async def consensus_response(
+    request: Request, req: ChatCompletionRequest | CompletionRequest, plan: Plan, want_lp: bool
+) -> Response | None:
+    """The merged answer when the request asks for consensus (an ensemble, `auto`, or a
+    `consensus` field); None when it is an ordinary request for one model."""
+    state = app_state(request)
+    cplan = resolve(state.registry, req.model, req.consensus, question_of(plan.prompts[0]))
+    if cplan is None:
+        return None
+    stream, include_usage = stream_mode(req, stream_default("consensus"))
+    _check(state, cplan, plan, want_lp)
+    run = ConsensusRun(state.service, cplan, plan)
+    label = cplan.name if cplan.name != "custom" else "_custom"
+    return await counted(request, label, _run(request, run, plan, req.model, stream, include_usage, state.settings.sse_ping_s))
 
 
-def add_consensus_routes(app: FastAPI, state: Any, respond: Respond) -> None:
-    """Register /v1/chat/completions and /v1/completions on the consensus app."""
-    from .app import chat_plan, completion_plan, stream_mode, until_disconnect  # app imports us lazily
-
-    async def dispatch(request: Request, req: ChatCompletionRequest | CompletionRequest, plan: Plan, want_lp: bool) -> Response:
-        stream, include_usage = stream_mode(req, False)
-        cplan = resolve(state.registry, req.model, req.consensus, question_of(plan.prompts[0]))
-        if cplan is None:
-            return await respond(request, plan, want_lp, stream, include_usage)
-        _check(state, cplan, plan, want_lp)
-        run = ConsensusRun(state.service, cplan, plan)
-        endpoint = "chat" if plan.chat else "completions"
-        status = 500
-        try:
-            if stream:
-                status = 200
-                opening = asyncio.ensure_future(run.prepare())
-                return EventStream(opening, _sse(run, plan, req.model, include_usage), run.aclose, state.settings.sse_ping_s)
-            try:
-                await until_disconnect(request, run.prepare())
-            except BaseException:
-                await run.aclose()
-                raise
-            try:
-                body = await until_disconnect(request, _json(run, plan, req.model))
-            finally:
-                await run.aclose()
-            status = 200
-            return JSONResponse(body)
-        except ApiError as err:
-            status = err.status
-            raise
-        except asyncio.CancelledError:
-            status = 499
-            raise
-        finally:
-            state.pool.metrics.requests.labels(cplan.name if cplan.name != "custom" else "_custom", "consensus", endpoint, str(status)).inc()
-            request.state.counted = True
-
-    @app.post("/v1/chat/completions")
-    async def chat(req: ChatCompletionRequest, request: Request) -> Response:
-        plan, want_lp = chat_plan(req)
-        return await dispatch(request, req, plan, want_lp)
-
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request) -> Response:
-        plan, want_lp = completion_plan(req)
-        return await dispatch(request, req, plan, want_lp)
+async def _run(request: Request, run: ConsensusRun, plan: Plan, model: str, stream: bool, include_usage: bool,
+               ping_s: float) -> Response:
+    if stream:
+        opening = asyncio.ensure_future(run.prepare())
+        return EventStream(opening, _sse(run, plan, model, include_usage), run.aclose, ping_s)
+    try:
+        await until_disconnect(request, run.prepare())
+    except BaseException:
+        await run.aclose()
+        raise
+    try:
+        body = await until_disconnect(request, _json(run, plan, model))
+    finally:
+        await run.aclose()
+    return JSONResponse(body)
 
 
 def _check(state: Any, cplan: ConsensusPlan, plan: Plan, want_lp: bool) -> None:
@@ -90,34 +75,20 @@ def _check(state: Any, cplan: ConsensusPlan, plan: Plan, want_lp: bool) -> None:
         state.service.check_limits(model, 1, plan.max_tokens, plan.params.stop)
 
 
-def _head(run_id: str, created: int, model: str, obj: str) -> dict[str, Any]:
-    return {"id": run_id, "object": obj, "created": created, "model": model, "system_fingerprint": "capibara6"}
-
-
 async def _json(run: ConsensusRun, plan: Plan, model: str) -> dict[str, Any]:
     text = "".join([p async for p in run.pieces()])
-    finish = run.finish_reason or "stop"
-    if plan.chat:
-        head = _head(new_id("chatcmpl"), int(time.time()), model, "chat.completion")
-        choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None}, "logprobs": None, "finish_reason": finish}
-    else:
-        head = _head(new_id("cmpl"), int(time.time()), model, "text_completion")
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-    return {**head, "choices": [choice], "usage": run.usage(), "consensus": run.report()}
+    top = head(new_id("chatcmpl" if plan.chat else "cmpl"), int(time.time()), model, plan.chat, chunk=False)
+    choice = final_choice(plan.chat, 0, text, None, run.finish_reason or "stop")
+    return {**top, "choices": [choice], "usage": run.usage(), "consensus": run.report()}
 
 
 async def _sse(run: ConsensusRun, plan: Plan, model: str, include_usage: bool) -> AsyncIterator[bytes]:
     """OpenAI chunks: role, content, a finish chunk carrying `consensus`, optional usage, [DONE]."""
-    obj = "chat.completion.chunk" if plan.chat else "text_completion"
-    head = _head(new_id("chatcmpl" if plan.chat else "cmpl"), int(time.time()), model, obj)
+    top = head(new_id("chatcmpl" if plan.chat else "cmpl"), int(time.time()), model, plan.chat, chunk=True)
     usage_null = {"usage": None} if include_usage else {}
 
     def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
-        if plan.chat:
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": delta.get("content", ""), "logprobs": None, "finish_reason": finish}
-        return sse({**head, "choices": [choice], **usage_null, **extra})
+        return sse({**top, "choices": [chunk_choice(plan.chat, 0, delta, finish)], **usage_null, **extra})
 
     if plan.chat:
         yield chunk({"role": "assistant", "content": ""})
@@ -125,5 +96,5 @@ async def _sse(run: ConsensusRun, plan: Plan, model: str, include_usage: bool) -
         yield chunk({"content": piece})
     yield chunk({}, run.finish_reason or "stop", consensus=run.report())
     if include_usage:
-        yield sse({**head, "choices": [], "usage": run.usage()})
+        yield sse({**top, "choices": [], "usage": run.usage()})
     yield SSE_DONE

@@ -55,12 +55,29 @@ def completion_logprobs(deltas: list[Delta], offset0: int = 0) -> dict[str, Any]
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
+def head(run_id: str, created: int, model: str, chat: bool, chunk: bool) -> dict[str, Any]:
+    """The fields every (chat) completion object and chunk starts with."""
+    obj = ("chat.completion.chunk" if chunk else "chat.completion") if chat else "text_completion"
+    return {"id": run_id, "object": obj, "created": created, "model": model, "system_fingerprint": "capibara6"}
+
+
+def final_choice(chat: bool, index: int, text: str, logprobs: Any, finish: str | None) -> dict[str, Any]:
+    """One choice of a complete (non-streamed) response."""
+    if chat:
+        return {"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": logprobs, "finish_reason": finish}
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+
+def chunk_choice(chat: bool, index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> dict[str, Any]:
+    """One choice of a stream chunk (chat: a delta; completions: its text)."""
+    if chat:
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+    return {"index": index, "text": delta.get("content", ""), "logprobs": logprobs, "finish_reason": finish}
+
+
 def _head(gen: Generation, chunk: bool) -> dict[str, Any]:
-    if gen.plan.chat:
-        obj = "chat.completion.chunk" if chunk else "chat.completion"
-    else:
-        obj = "text_completion"
-    return {"id": gen.id, "object": obj, "created": gen.created, "model": gen.plan.model, "system_fingerprint": "capibara6"}
+    return head(gen.id, gen.created, gen.plan.model, gen.plan.chat, chunk)
 
 
 async def complete_json(gen: Generation, want_logprobs: bool) -> dict[str, Any]:
@@ -76,38 +93,22 @@ async def complete_json(gen: Generation, want_logprobs: bool) -> dict[str, Any]:
         else:
             ends[ev.index] = ev.finish_reason
     choices = []
+    chat = gen.plan.chat
     for index in sorted(ends):
-        text = "".join(texts.get(index, []))
         ds = deltas.get(index, [])
-        if gen.plan.chat:
-            choices.append({
-                "index": index,
-                "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": chat_logprobs(ds) if want_logprobs else None,
-                "finish_reason": ends[index],
-            })
-        else:
-            choices.append({
-                "index": index,
-                "text": text,
-                "logprobs": completion_logprobs(ds) if want_logprobs else None,
-                "finish_reason": ends[index],
-            })
+        lp = (chat_logprobs(ds) if chat else completion_logprobs(ds)) if want_logprobs else None
+        choices.append(final_choice(chat, index, "".join(texts.get(index, [])), lp, ends[index]))
     return {**_head(gen, False), "choices": choices, "usage": gen.usage.as_dict()}
 
 
 async def stream_sse(gen: Generation, want_logprobs: bool, include_usage: bool) -> AsyncIterator[bytes]:
     """OpenAI's SSE: a role chunk, a chunk per token, a finish chunk, optional usage, [DONE]."""
-    head = _head(gen, True)
+    top = _head(gen, True)
     usage_null = {"usage": None} if include_usage else {}
     started: set[int] = set()
 
     def chunk(index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> bytes:
-        if gen.plan.chat:
-            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        else:
-            choice = {"index": index, "text": delta.get("content", ""), "logprobs": logprobs, "finish_reason": finish}
-        return sse({**head, "choices": [choice], **usage_null})
+        return sse({**top, "choices": [chunk_choice(gen.plan.chat, index, delta, finish, logprobs)], **usage_null})
 
     async for ev in gen.events():
         if gen.plan.chat and ev.index not in started:
@@ -124,5 +125,5 @@ async def stream_sse(gen: Generation, want_logprobs: bool, include_usage: bool) 
             lp = chat_logprobs([ev]) if gen.plan.chat else completion_logprobs([ev])
         yield chunk(ev.index, {"content": ev.text}, None, lp)
     if include_usage:
-        yield sse({**head, "choices": [], "usage": gen.usage.as_dict()})
+        yield sse({**top, "choices": [], "usage": gen.usage.as_dict()})
     yield SSE_DONE

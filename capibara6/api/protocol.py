@@ -40,6 +40,8 @@ from typing import Any, Callable, ClassVar, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from ..orchestrator.routing import ConsensusOptions  # the consensus port's request extension
+
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 LOGIT_BIAS_MAX_ENTRIES = 1024
 _TOKEN_ID = re.compile(r"0|[1-9][0-9]{0,9}")  # a token id as OpenAI writes it: a decimal string
@@ -169,19 +171,6 @@ class ResponseFormat(BaseModel):
 
     type: Literal["text", "json_object", "json_schema"] = "text"
     json_schema: JsonSchemaFormat | None = None
-
-
-class ConsensusOptions(BaseModel):
-    """capibara6 extension for the consensus port."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    experts: list[str] | None = Field(None, min_length=1, max_length=16, description="Registry ids; one may repeat.")
-    strategy: Literal["fastest", "vote", "judge", "synthesize"] | None = None
-    judge: str | None = None
-    aggregator: str | None = None
-    timeout_s: float | None = Field(None, gt=0)
-    min_responses: int | None = Field(None, ge=1)
 
 
 class _Sampling(BaseModel):

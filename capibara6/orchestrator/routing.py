@@ -26,10 +26,26 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
-from ..api.protocol import ConsensusOptions
+from pydantic import BaseModel, ConfigDict, Field
+
 from ..config import EnsembleSpec, Registry
 from ..errors import InvalidRequest, ModelNotFound
 from ..types import Strategy
+
+
+class ConsensusOptions(BaseModel):
+    """capibara6 extension for the consensus port."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    experts: list[str] | None = Field(None, min_length=1, max_length=16, description="Registry ids; one may repeat.")
+    strategy: Strategy | None = None
+    judge: str | None = None
+    aggregator: str | None = None
+    timeout_s: float | None = Field(None, gt=0)
+    min_responses: int | None = Field(None, ge=1)
+
+
 
 AUTO = "auto"
 AUTO_MAX_EXPERTS = 3

@@ -1,7 +1,7 @@
 """llama.cpp with continuous batching: up to `parallel` generations share one context.
 
 `LlamaCppBatchedBackend` is a Backend whose `generate()` may be called from several threads at
-once (`max_concurrency = parallel`). Each call hands a `Sequence` to the model's `Scheduler`
+once (`max_concurrency = parallel`). Each call hands a `SeqState` to the model's `Scheduler`
 (scheduler.py beside this file), whose thread owns the llama context and decodes every running sequence in
 one `llama_decode` per step; the calling thread turns that sequence's token ids into text
 (StopText), so detokenising never delays the step loop.
@@ -29,7 +29,7 @@ from ...threads import resolve_threads
 from ...types import GenerationOutcome, Prepared, SamplingParams, TokenEvent
 from ..stops import StopText
 from .plain import LlamaCppBackend, _kv_kwargs, token_logprobs
-from .scheduler import Scheduler, Sequence
+from .scheduler import Scheduler, SeqState
 
 if TYPE_CHECKING:
     from collections.abc import Sequence as Seq
@@ -198,7 +198,7 @@ class LlamaCppBatchedBackend(LlamaCppBackend):
         self, prepared: Prepared, params: SamplingParams, outcome: GenerationOutcome, cancel: threading.Event
     ) -> Iterator[TokenEvent]:
         tokens = self.prompt_tokens(prepared, params, outcome)
-        seq = Sequence(tokens, params, sampler=self.decoder.new_sampler(params))
+        seq = SeqState(tokens, params, sampler=self.decoder.new_sampler(params))
         try:
             self.scheduler.submit(seq)
         except BaseException:
@@ -207,7 +207,7 @@ class LlamaCppBatchedBackend(LlamaCppBackend):
         return self._read(seq, params, outcome, cancel)
 
     def _read(
-        self, seq: Sequence, params: SamplingParams, outcome: GenerationOutcome, cancel: threading.Event
+        self, seq: SeqState, params: SamplingParams, outcome: GenerationOutcome, cancel: threading.Event
     ) -> Iterator[TokenEvent]:
         text = StopText(params.stop)
         try:

@@ -1,7 +1,7 @@
 """Continuous batching with chunked prefill: many sequences, one context, one decode per step.
 
 One scheduler thread per loaded model owns the native context. Request threads `submit` a
-`Sequence` and read its events from a queue; the scheduler thread runs steps while any sequence
+`SeqState` and read its events from a queue; the scheduler thread runs steps while any sequence
 is admitted and sleeps on a condition variable otherwise (it never spins). Each step builds ONE
 batch: first one decode token for every running sequence (latency first), then prompt tokens of
 admitted-but-prefilling sequences, in arrival order, up to `prefill_chunk` tokens. So a long
@@ -70,7 +70,7 @@ class Decoder(Protocol):
 
 
 @dataclass(eq=False)
-class Sequence:
+class SeqState:
     """One generation. Mutated by the scheduler thread only, except `abort` (any thread)."""
 
     prompt: list[int]
@@ -105,7 +105,7 @@ class StepStat:
 
 @dataclass
 class _Slot:
-    owner: Sequence | None = None
+    owner: SeqState | None = None
     tokens: list[int] = field(default_factory=list)  # tokens whose KV this sequence id holds
     last_used: float = 0.0
 
@@ -129,8 +129,8 @@ class Scheduler:
         self.decoder = decoder
         self.prefill_chunk = prefill_chunk
         self._slots = [_Slot() for _ in range(n_slots)]
-        self._waiting: list[Sequence] = []  # FIFO, guarded by _cond
-        self._running: list[Sequence] = []  # admission order, scheduler thread only
+        self._waiting: list[SeqState] = []  # FIFO, guarded by _cond
+        self._running: list[SeqState] = []  # admission order, scheduler thread only
         self._cond = threading.Condition()
         self._closed = False
         self._held = 0
@@ -145,7 +145,7 @@ class Scheduler:
 
     # -- request threads ---------------------------------------------------------------------
 
-    def submit(self, seq: Sequence) -> None:
+    def submit(self, seq: SeqState) -> None:
         if seq.max_cells > self.decoder.n_cells:
             raise ValueError(f"sequence needs {seq.max_cells} KV cells; the cache has {self.decoder.n_cells}")
         with self._cond:
@@ -154,7 +154,7 @@ class Scheduler:
             self._waiting.append(seq)
             self._cond.notify()
 
-    def abort(self, seq: Sequence, reason: str) -> None:
+    def abort(self, seq: SeqState, reason: str) -> None:
         """Stop a sequence before its next step ("cancel" drops its KV, "stop" keeps it cached)."""
         with self._cond:
             if not seq.done and seq.abort is None:
@@ -233,7 +233,7 @@ class Scheduler:
         running = sum(s.budget for s in self._running)
         return running + self._first_budget(self._waiting[0]) <= self.decoder.n_cells  # cached KV can be evicted
 
-    def _first_budget(self, seq: Sequence) -> int:
+    def _first_budget(self, seq: SeqState) -> int:
         fair = self.decoder.n_cells // len(self._slots)
         return min(seq.max_cells, max(len(seq.prompt) + GROW, fair))
 
@@ -283,7 +283,7 @@ class Scheduler:
             else:
                 seq.budget += grow
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: SeqState) -> None:
         """Drop `seq`'s KV and queue it first again, its generated tokens now part of its prompt."""
         sl = self._slots[seq.slot]
         # a decoding sequence: its KV tokens + the sampled one; a prefilling one: its whole prompt
@@ -296,7 +296,7 @@ class Scheduler:
         with self._cond:
             self._waiting.insert(0, seq)
 
-    def _place(self, seq: Sequence, src: int, k: int) -> None:
+    def _place(self, seq: SeqState, src: int, k: int) -> None:
         """Give `seq` a free slot holding the first `k` prompt tokens of slot `src` (if k > 0)."""
         if src >= 0 and k > len(self._slots[src].tokens):
             src, k = -1, 0  # the source was evicted to make room
@@ -327,7 +327,7 @@ class Scheduler:
         pos: list[int] = []
         ids: list[int] = []
         logits: list[bool] = []
-        outputs: list[Sequence] = []  # one per token with logits, in batch order
+        outputs: list[SeqState] = []  # one per token with logits, in batch order
         decoding = [s for s in self._running if s.pending is not None]
         for seq in decoding:
             tokens.append(seq.pending)  # type: ignore[arg-type]
@@ -336,7 +336,7 @@ class Scheduler:
             logits.append(True)
             outputs.append(seq)
         budget = self.prefill_chunk
-        fed: list[tuple[Sequence, int]] = []
+        fed: list[tuple[SeqState, int]] = []
         for seq in self._running:
             if budget == 0:
                 break
@@ -365,7 +365,7 @@ class Scheduler:
             self._sampled(seq, index)
         self._record(StepStat(t0, self._clock(), len(decoding), sum(t for _, t in fed), tuple(s.slot for s in decoding)))
 
-    def _sampled(self, seq: Sequence, index: int) -> None:
+    def _sampled(self, seq: SeqState, index: int) -> None:
         token = self.decoder.sample(seq.sampler, index)
         if self.decoder.is_eog(token):
             self._finish(seq, ("end", "stop"))
@@ -378,7 +378,7 @@ class Scheduler:
         else:
             seq.pending = token
 
-    def _finish(self, seq: Sequence, event: tuple[Any, ...] | None, *, drop_kv: bool = False) -> None:
+    def _finish(self, seq: SeqState, event: tuple[Any, ...] | None, *, drop_kv: bool = False) -> None:
         # the slot first, then `running`: a reader that sees the count drop sees the slot settled
         if 0 <= seq.slot < len(self._slots) and self._slots[seq.slot].owner is seq:
             sl = self._slots[seq.slot]
