@@ -224,7 +224,7 @@ static inline uint8x16_t c6_kscales(const uint8_t *s) {
 }
 
 /* k-quant 256-block at b, 32-value group g (0..7), as int8 values (Q4_K/Q5_K unsigned 0..31, Q6_K
- * signed q - 32). Integer scales: Q4_K/Q5_K one per group (c6_kscales), Q6_K one per 16 (int8 at
+ * unsigned q without its -32: callers subtract 32 x the activations' 16-value sums). Integer scales: Q4_K/Q5_K one per group (c6_kscales), Q6_K one per 16 (int8 at
  * b + 192 + 2g). qh: Q5_K's 32 high-bit bytes, Q6_K's 32-byte half holding group g. */
 static inline __attribute__((always_inline)) c6_i8x32 c6_kgroup32(int t, const uint8_t *b, int g) {
     if (t == T_Q6_K) {
@@ -240,8 +240,7 @@ static inline __attribute__((always_inline)) c6_i8x32 c6_kgroup32(int t, const u
         case 2: h0 = vandq_u8(vshrq_n_u8(h0, 4), three); h1 = vandq_u8(vshrq_n_u8(h1, 4), three); break;
         default: h0 = vshrq_n_u8(h0, 6); h1 = vshrq_n_u8(h1, 6); break;
         }
-        c6_i8x32 r = {vsubq_s8(vreinterpretq_s8_u8(vsliq_n_u8(l0, h0, 4)), vdupq_n_s8(32)),
-                      vsubq_s8(vreinterpretq_s8_u8(vsliq_n_u8(l1, h1, 4)), vdupq_n_s8(32))};
+        c6_i8x32 r = {vreinterpretq_s8_u8(vsliq_n_u8(l0, h0, 4)), vreinterpretq_s8_u8(vsliq_n_u8(l1, h1, 4))};
         return r;
     }
     int five = t == T_Q5_K;

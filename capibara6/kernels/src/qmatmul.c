@@ -16,6 +16,9 @@ typedef struct {
     int8_t *q;       /* [M, K] */
     float *d;        /* [M, K/32] (Q8_0) or [M, K/256] (Q8_K) */
     int32_t *bsum;   /* Q8_K only: [M, K/16] sums of 16 consecutive q */
+#if C6_USE_NEON
+    float *dt;       /* Q8_0, NEON: [ceil(M/4)][K/32][4] d of 4 consecutive rows side by side */
+#endif
 } qact;
 
 /* Q8_0 as llama.cpp's x86 path: d = amax/127 stored as fp16, q = rne(x * 127/amax) */
@@ -216,32 +219,32 @@ static void row_all_m_x86(int t, const uint8_t *raw, const qact *a, int64_t M, i
 /* NEON: up to 4 activation rows per pass over a weight row, every block type decoded in registers
  * (c6_nblock32 / c6_kgroup32), no unpack buffer. Same integer sums as row_dot; float sums in
  * another order. */
-static inline __attribute__((always_inline)) void q0_block_neon(int t, const uint8_t *p, const qact *a, int64_t K,
-                                                                int64_t nb, int64_t m0, int64_t b, const int MC,
-                                                                float32x4_t *acc) {
-    c6_i8x32 w = c6_nblock32(t, p);
-    float dw = f16s(p);
-    for (int i = 0; i < MC; i++) {
-        const int8_t *ap = a->q + (m0 + i) * K + b * 32;
-        int32x4_t s = c6_dotv(c6_dotv(vdupq_n_s32(0), w.lo, vld1q_s8(ap)), w.hi, vld1q_s8(ap + 16));
-        acc[i] = vfmaq_n_f32(acc[i], vcvtq_f32_s32(s), dw * a->d[(m0 + i) * nb + b]);
-    }
-}
-/* two blocks per iteration into two accumulators per row: the fma chain is not the bound */
+/* Every NEON 32-block path computes each (weight row, activation row) the same way, so a row's
+ * result does not depend on M or on which rows share a pass: per block the exact integer sum S
+ * (lanes reduced by pairwise adds), then acc = fma(acc, float(S), d * da) in block order. Up to 4
+ * activation rows share one weight block here, their sums in the lanes of one vector. */
 static inline __attribute__((always_inline)) void q0_rows_neon(int t, int bs, const uint8_t *raw, int64_t nb,
                                                                const qact *a, int64_t K, int64_t m0, const int MC,
                                                                float *out) {
-    float32x4_t acc0[4], acc1[4];
-    for (int i = 0; i < 4; i++) acc0[i] = acc1[i] = vdupq_n_f32(0.0f);
-    int64_t b = 0;
-    for (; b + 1 < nb; b += 2) {
+    float32x4_t acc = vdupq_n_f32(0.0f);
+    const float *dt = a->dt + (m0 / 4) * nb * 4;  /* [nb][4]: da of rows m0..m0+3 */
+    for (int64_t b = 0; b < nb; b++) {
         C6_MCA_BEGIN("i8", t, MC);
-        q0_block_neon(t, raw + b * bs, a, K, nb, m0, b, MC, acc0);
-        q0_block_neon(t, raw + (b + 1) * bs, a, K, nb, m0, b + 1, MC, acc1);
+        const uint8_t *p = raw + b * bs;
+        c6_i8x32 w = c6_nblock32(t, p);
+        int32x4_t s[4];
+        for (int i = 0; i < 4; i++) {
+            const int8_t *ap = a->q + (m0 + i) * K + b * 32;
+            s[i] = i < MC ? c6_dotv(c6_dotv(vdupq_n_s32(0), w.lo, vld1q_s8(ap)), w.hi, vld1q_s8(ap + 16))
+                          : vdupq_n_s32(0);
+        }
+        int32x4_t S = vpaddq_s32(vpaddq_s32(s[0], s[1]), vpaddq_s32(s[2], s[3]));
+        acc = vfmaq_f32(acc, vcvtq_f32_s32(S), vmulq_n_f32(vld1q_f32(dt + b * 4), f16s(p)));
         C6_MCA_END("i8", t, MC);
     }
-    if (b < nb) q0_block_neon(t, raw + b * bs, a, K, nb, m0, b, MC, acc0);
-    for (int i = 0; i < MC; i++) out[i] = vaddvq_f32(vaddq_f32(acc0[i], acc1[i]));
+    float o[4];
+    vst1q_f32(o, acc);
+    for (int i = 0; i < MC; i++) out[i] = o[i];
 }
 
 /* one activation row (decode), 4 weight rows per pass (rs bytes apart): the activations are
@@ -249,20 +252,20 @@ static inline __attribute__((always_inline)) void q0_rows_neon(int t, int bs, co
  * the 4 block scales as one vector */
 static inline __attribute__((always_inline)) void q0_4rows_neon(int t, int bs, const uint8_t *raw, int64_t rs,
                                                                 int64_t nb, const int8_t *aq, const float *ad,
-                                                                float *out) {
+                                                                const int32_t *a8, float *out) {
     float32x4_t acc = vdupq_n_f32(0.0f);
-    const float unit = t == T_Q4_0 ? 0.0625f : 1.0f;  /* c6_q4_0x16 gives 16 (q - 8) */
     for (int64_t b = 0; b < nb; b++) {
         C6_MCA_BEGIN("i8n4", t, 1);
         const uint8_t *p = raw + b * bs;
         int8x16_t a0 = vld1q_s8(aq + b * 32), a1 = vld1q_s8(aq + b * 32 + 16);
-        int32x4_t s[4];
+        /* Q4_0: the nibbles as they are, the sums start at -8 sum(a) (-2 sum(a) in each lane) */
+        int32x4_t z = t == T_Q4_0 ? vld1q_dup_s32(a8 + b) : vdupq_n_s32(0), s[4];
         for (int r = 0; r < 4; r++) {
-            c6_i8x32 w = t == T_Q4_0 ? c6_q4_0x16(p + r * rs) : c6_nblock32(t, p + r * rs);
-            s[r] = c6_dotv(c6_dotv(vdupq_n_s32(0), w.lo, a0), w.hi, a1);
+            c6_i8x32 w = t == T_Q4_0 ? c6_nib32(vld1q_u8(p + r * rs + 2)) : c6_nblock32(t, p + r * rs);
+            s[r] = c6_dotv(c6_dotv(z, w.lo, a0), w.hi, a1);
         }
         int32x4_t S = vpaddq_s32(vpaddq_s32(s[0], s[1]), vpaddq_s32(s[2], s[3]));
-        acc = vfmaq_f32(acc, vcvtq_f32_s32(S), vmulq_n_f32(c6_f16x4(p, rs), ad[b] * unit));
+        acc = vfmaq_f32(acc, vcvtq_f32_s32(S), vmulq_n_f32(c6_f16x4(p, rs), ad[b]));
         C6_MCA_END("i8n4", t, 1);
     }
     vst1q_f32(out, acc);
@@ -327,11 +330,12 @@ static inline __attribute__((always_inline)) void qk_rows_neon(int t, int bytes,
                 mi = vmlaq_s32(mi, vpaddq_s32(vld1q_s32(bs + 8), vld1q_s32(bs + 12)), mn[1]);
                 acc[i] = vfmaq_n_f32(acc[i], vcvtq_f32_s32(isum[i]), d * da);
                 acc[i] = vfmsq_f32(acc[i], vcvtq_f32_s32(mi), vdupq_n_f32(dmin * da));
-            } else {
-                isum[i] = vmulq_s32(part[i][0], sc[0]);
-                isum[i] = vmlaq_s32(isum[i], part[i][1], sc[1]);
-                isum[i] = vmlaq_s32(isum[i], part[i][2], sc[2]);
-                isum[i] = vmlaq_s32(isum[i], part[i][3], sc[3]);
+            } else {     /* Q6_K: sum((q - 32) a) = sum(q a) - 32 sum(a), per 16 values */
+                const int32_t *bs = a->bsum + m * (K / 16) + b * 16;
+                isum[i] = vmulq_s32(vmlsq_n_s32(part[i][0], vld1q_s32(bs), 32), sc[0]);
+                isum[i] = vmlaq_s32(isum[i], vmlsq_n_s32(part[i][1], vld1q_s32(bs + 4), 32), sc[1]);
+                isum[i] = vmlaq_s32(isum[i], vmlsq_n_s32(part[i][2], vld1q_s32(bs + 8), 32), sc[2]);
+                isum[i] = vmlaq_s32(isum[i], vmlsq_n_s32(part[i][3], vld1q_s32(bs + 12), 32), sc[3]);
                 acc[i] = vfmaq_n_f32(acc[i], vcvtq_f32_s32(isum[i]), d * da);
             }
         }
@@ -388,9 +392,9 @@ static void qmm_task(void *vctx, int64_t task) {
         for (; n + 4 <= n1; n += 4) {
             const uint8_t *raw = c->w + n * c->row_bytes;
             switch (c->t) {
-            case T_Q4_0: q0_4rows_neon(T_Q4_0, 18, raw, c->row_bytes, K / 32, c->a.q, c->a.d, o); break;
-            case T_Q5_0: q0_4rows_neon(T_Q5_0, 22, raw, c->row_bytes, K / 32, c->a.q, c->a.d, o); break;
-            default: q0_4rows_neon(T_Q8_0, 34, raw, c->row_bytes, K / 32, c->a.q, c->a.d, o); break;
+            case T_Q4_0: q0_4rows_neon(T_Q4_0, 18, raw, c->row_bytes, K / 32, c->a.q, c->a.d, c->a.bsum, o); break;
+            case T_Q5_0: q0_4rows_neon(T_Q5_0, 22, raw, c->row_bytes, K / 32, c->a.q, c->a.d, c->a.bsum, o); break;
+            default: q0_4rows_neon(T_Q8_0, 34, raw, c->row_bytes, K / 32, c->a.q, c->a.d, c->a.bsum, o); break;
             }
             memcpy(c->y + n, o, sizeof o);
         }
@@ -415,7 +419,11 @@ int c6_qmatmul(const float *x, const void *w, int wtype, float *y, int64_t M, in
     int64_t ab = qi.kquant ? 256 : 32;
     /* activations: q [M*K] int8 | d [M*K/ab] | bsum [M*K/16] (one malloc: M can be large) */
     size_t qbytes = ((size_t)(M * K) + 63) & ~(size_t)63;
-    char *buf = malloc(qbytes + (size_t)(M * K / ab) * sizeof(float) + (size_t)(M * K / 16) * sizeof(int32_t));
+    size_t extra = 0;
+#if C6_USE_NEON
+    extra = (size_t)((M + 3) / 4 * 4 * (K / 32)) * sizeof(float);
+#endif
+    char *buf = malloc(qbytes + (size_t)(M * K / ab) * sizeof(float) + (size_t)(M * K / 16) * sizeof(int32_t) + extra);
     if (!buf) return -2;
     qact a = {(int8_t *)buf, (float *)(buf + qbytes), NULL};
     a.bsum = (int32_t *)(a.d + M * K / ab);
@@ -423,6 +431,19 @@ int c6_qmatmul(const float *x, const void *w, int wtype, float *y, int64_t M, in
         if (qi.kquant) quant_q8_K(x + m * K, a.q + m * K, a.d + m * (K / 256), a.bsum + m * (K / 16), K);
         else quant_q8_0(x + m * K, a.q + m * K, a.d + m * (K / 32), K);
     }
+#if C6_USE_NEON
+    a.dt = (float *)(a.bsum + M * K / 16);
+    if (!qi.kquant)
+        for (int64_t m = 0; m < (M + 3) / 4 * 4; m++)
+            for (int64_t b = 0; b < K / 32; b++)
+                a.dt[(m / 4) * (K / 32) * 4 + b * 4 + m % 4] = m < M ? a.d[m * (K / 32) + b] : 0.0f;
+    if (wtype == T_Q4_0 && M == 1)  /* bsum[b] = -2 sum(q) of block b: q0_4rows_neon's start */
+        for (int64_t b = 0; b < K / 32; b++) {
+            int32_t t = 0;
+            for (int j = 0; j < 32; j++) t += a.q[b * 32 + j];
+            a.bsum[b] = -2 * t;
+        }
+#endif
     int nt = c6_get_num_threads();
     int64_t per = (N + (int64_t)nt * 8 - 1) / ((int64_t)nt * 8);
     if (per < 16) per = 16;

@@ -22,6 +22,10 @@ typedef struct {
     int8_t *hi;      /* [M, K] q >> 8 (signed) */
     uint8_t *lo;     /* [M, K] q & 255: q = 256 hi + lo exactly */
     float *dasum;    /* [M, K/32] d * asum */
+    int32_t *a32;    /* [M, K/16] 32 x the sum of each 16 q (Q6_K's -32) */
+    float *dt;       /* [ceil(M/4)][K/32][4] d of 4 consecutive rows side by side */
+    int32_t *h8;     /* Q4_0: [M, K/32, 4 copies, 4 lanes] -2 x the sum of the chunk's hi (-8 sum over 4 lanes) */
+    float *l8t;      /* Q4_0: as dt, 8 x the sum of the chunk's lo */
 #endif
 } act16;
 
@@ -147,23 +151,68 @@ static inline __attribute__((always_inline)) void rows16(int t, int bytes, const
  * byte, so w.a = 256 (w.hi) + (w.lo) exactly: sdot for the first, usdot (unsigned x signed) for the
  * second, accumulated onto the first shifted by 8. Blocks decoded in registers; a vector float
  * accumulator per row, one float multiplier per 32 (Q6_K: 16) values as a vector lane. */
-static inline int32x4_t dot32_i16(int8x16_t w0, int8x16_t w1, const int8_t *h, const uint8_t *l) {
-    int32x4_t s = vdotq_s32(vdotq_s32(vdupq_n_s32(0), w0, vld1q_s8(h)), w1, vld1q_s8(h + 16));
+static inline int32x4_t dot32_i16(int32x4_t z, int8x16_t w0, int8x16_t w1, const int8_t *h, const uint8_t *l) {
+    int32x4_t s = vdotq_s32(vdotq_s32(z, w0, vld1q_s8(h)), w1, vld1q_s8(h + 16));
     return vusdotq_s32(vusdotq_s32(vshlq_n_s32(s, 8), vld1q_u8(l), w0), vld1q_u8(l + 16), w1);
 }
 static inline int32x4_t dot16_i16(int8x16_t w, const int8_t *h, const uint8_t *l) {
     return vusdotq_s32(vshlq_n_s32(vdotq_s32(vdupq_n_s32(0), w, vld1q_s8(h)), 8), vld1q_u8(l), w);
 }
 
-static inline __attribute__((always_inline)) void q0_block16(int t, const uint8_t *p, const act16 *a, int64_t K,
-                                                             int64_t m0, int64_t c, const int MC, float32x4_t *acc) {
-    c6_i8x32 w = c6_nblock32(t, p);
-    float f = f16s(p);
-    for (int i = 0; i < MC; i++) {
-        int64_t m = m0 + i, o = m * K + c * 32;
-        int32x4_t s = dot32_i16(w.lo, w.hi, a->hi + o, a->lo + o);
-        acc[i] = vfmaq_n_f32(acc[i], vcvtq_f32_s32(s), f * a->d[m * (K / 32) + c]);
+/* up to 4 activation rows against one weight row's 32-blocks; each (weight row, activation row)
+ * computed as in q0_4rows16_neon (see q0_rows_neon in qmatmul.c): results independent of M */
+static inline __attribute__((always_inline)) void q0_rows16_neon(int t, int bs, const uint8_t *raw, const act16 *a,
+                                                                 int64_t K, int64_t m0, const int MC, float *out) {
+    int64_t nc = K / 32;
+    float32x4_t acc = vdupq_n_f32(0.0f);
+    const float *dt = a->dt + (m0 / 4) * nc * 4, *l8 = a->l8t + (m0 / 4) * nc * 4;
+    for (int64_t c = 0; c < nc; c++) {
+        C6_MCA_BEGIN("i16", t, MC);
+        const uint8_t *p = raw + c * bs;
+        /* Q4_0: the nibbles q as they are; sum((q - 8) a) = 256 (sum(q hi) - 8 sum(hi)) + sum(q lo)
+         * - 8 sum(lo): the high part starts at -8 sum(hi) (exact), the low part's term in float */
+        c6_i8x32 w = t == T_Q4_0 ? c6_nib32(vld1q_u8(p + 2)) : c6_nblock32(t, p);
+        int32x4_t s[4];
+        for (int i = 0; i < 4; i++) {
+            int64_t o = (m0 + i) * K + c * 32;
+            int32x4_t z = t == T_Q4_0 && i < MC ? vld1q_s32(a->h8 + ((m0 + i) * nc + c) * 16) : vdupq_n_s32(0);
+            s[i] = i < MC ? dot32_i16(z, w.lo, w.hi, a->hi + o, a->lo + o) : vdupq_n_s32(0);
+        }
+        int32x4_t S = vpaddq_s32(vpaddq_s32(s[0], s[1]), vpaddq_s32(s[2], s[3]));
+        float32x4_t f = vmulq_n_f32(vld1q_f32(dt + c * 4), f16s(p));
+        acc = vfmaq_f32(acc, vcvtq_f32_s32(S), f);
+        if (t == T_Q4_0) acc = vfmsq_f32(acc, f, vld1q_f32(l8 + c * 4));
+        C6_MCA_END("i16", t, MC);
     }
+    float o[4];
+    vst1q_f32(o, acc);
+    for (int i = 0; i < MC; i++) out[i] = o[i];
+}
+
+/* one activation row (decode), 4 weight rows per pass (rs bytes apart), as q0_4rows_neon for 8 bits */
+static inline __attribute__((always_inline)) void q0_4rows16_neon(int t, int bs, const uint8_t *raw, int64_t rs,
+                                                                  const act16 *a, int64_t K, float *out) {
+    float32x4_t acc = vdupq_n_f32(0.0f);
+    for (int64_t c = 0; c < K / 32; c++) {
+        C6_MCA_BEGIN("i16n4", t, 1);
+        const uint8_t *p = raw + c * bs;
+        int8x16_t h0 = vld1q_s8(a->hi + c * 32), h1 = vld1q_s8(a->hi + c * 32 + 16);
+        uint8x16_t l0 = vld1q_u8(a->lo + c * 32), l1 = vld1q_u8(a->lo + c * 32 + 16);
+        int32x4_t s[4];
+        for (int r = 0; r < 4; r++) {  /* Q4_0 as q0_rows16_neon; each row's start loaded from its own
+                                        * copy (a load, where a register copy would take a vector pipe) */
+            c6_i8x32 w = t == T_Q4_0 ? c6_nib32(vld1q_u8(p + r * rs + 2)) : c6_nblock32(t, p + r * rs);
+            int32x4_t z = t == T_Q4_0 ? vld1q_s32(a->h8 + c * 16 + r * 4) : vdupq_n_s32(0);
+            int32x4_t h = vdotq_s32(vdotq_s32(z, w.lo, h0), w.hi, h1);
+            s[r] = vusdotq_s32(vusdotq_s32(vshlq_n_s32(h, 8), l0, w.lo), l1, w.hi);
+        }
+        int32x4_t S = vpaddq_s32(vpaddq_s32(s[0], s[1]), vpaddq_s32(s[2], s[3]));
+        float32x4_t f = vmulq_n_f32(c6_f16x4(p, rs), a->d[c]);
+        acc = vfmaq_f32(acc, vcvtq_f32_s32(S), f);
+        if (t == T_Q4_0) acc = vfmsq_f32(acc, f, vdupq_n_f32(a->l8t[c * 4]));
+        C6_MCA_END("i16n4", t, 1);
+    }
+    vst1q_f32(out, acc);
 }
 
 static inline __attribute__((always_inline)) void rows16_neon(int t, int bytes, const uint8_t *raw, const act16 *a,
@@ -172,15 +221,7 @@ static inline __attribute__((always_inline)) void rows16_neon(int t, int bytes, 
     float32x4_t acc[4], acc1[4];
     for (int i = 0; i < 4; i++) acc[i] = acc1[i] = vdupq_n_f32(0.0f);
     if (t == T_Q4_0 || t == T_Q5_0 || t == T_Q8_0) {
-        int64_t c = 0;
-        for (; c + 1 < nc; c += 2) {  /* two blocks, two accumulators: no fma chain */
-            C6_MCA_BEGIN("i16", t, MC);
-            q0_block16(t, raw + c * bytes, a, K, m0, c, MC, acc);
-            q0_block16(t, raw + (c + 1) * bytes, a, K, m0, c + 1, MC, acc1);
-            C6_MCA_END("i16", t, MC);
-        }
-        if (c < nc) q0_block16(t, raw + c * bytes, a, K, m0, c, MC, acc);
-        for (int i = 0; i < MC; i++) out[i] = vaddvq_f32(vaddq_f32(acc[i], acc1[i]));
+        q0_rows16_neon(t, bytes, raw, a, K, m0, MC, out);
         return;
     }
     const int mins = t != T_Q6_K;
@@ -212,7 +253,7 @@ static inline __attribute__((always_inline)) void rows16_neon(int t, int bytes, 
             for (int i = 0; i < MC; i++) {
                 int64_t o = (m0 + i) * K + b * 256 + g * 32;
                 int32x4_t p;
-                if (mins) p = dot32_i16(w.lo, w.hi, a->hi + o, a->lo + o);
+                if (mins) p = dot32_i16(vdupq_n_s32(0), w.lo, w.hi, a->hi + o, a->lo + o);
                 else p = vpaddq_s32(dot16_i16(w.lo, a->hi + o, a->lo + o), dot16_i16(w.hi, a->hi + o + 16, a->lo + o + 16));
                 part[i][g / 2] = (g & 1) ? vpaddq_s32(part[i][g / 2], p) : p;
             }
@@ -225,11 +266,17 @@ static inline __attribute__((always_inline)) void rows16_neon(int t, int bytes, 
                 acc1[i] = vfmaq_f32(acc1[i], vcvtq_f32_s32(vpaddq_s32(part[i][2], part[i][3])), vmulq_f32(da1, dsc[1]));
                 acc[i] = vfmsq_f32(acc[i], vld1q_f32(a->dasum + ci), dmn[0]);
                 acc1[i] = vfmsq_f32(acc1[i], vld1q_f32(a->dasum + ci + 4), dmn[1]);
-            } else {     /* part[k] lanes: 16-value sums 4k..4k+3, of chunks 2k, 2k, 2k+1, 2k+1 */
-                acc[i] = vfmaq_f32(acc[i], vcvtq_f32_s32(part[i][0]), vmulq_f32(vzip1q_f32(da0, da0), dsc[0]));
-                acc1[i] = vfmaq_f32(acc1[i], vcvtq_f32_s32(part[i][1]), vmulq_f32(vzip2q_f32(da0, da0), dsc[1]));
-                acc[i] = vfmaq_f32(acc[i], vcvtq_f32_s32(part[i][2]), vmulq_f32(vzip1q_f32(da1, da1), dsc[2]));
-                acc1[i] = vfmaq_f32(acc1[i], vcvtq_f32_s32(part[i][3]), vmulq_f32(vzip2q_f32(da1, da1), dsc[3]));
+            } else {     /* part[k] lanes: 16-value sums 4k..4k+3, of chunks 2k, 2k, 2k+1, 2k+1;
+                          * sum((q - 32) a) = sum(q a) - 32 sum(a) */
+                const int32_t *a32 = a->a32 + (m0 + i) * (K / 16) + b * 16;
+                acc[i] = vfmaq_f32(acc[i], vcvtq_f32_s32(vsubq_s32(part[i][0], vld1q_s32(a32))),
+                                   vmulq_f32(vzip1q_f32(da0, da0), dsc[0]));
+                acc1[i] = vfmaq_f32(acc1[i], vcvtq_f32_s32(vsubq_s32(part[i][1], vld1q_s32(a32 + 4))),
+                                    vmulq_f32(vzip2q_f32(da0, da0), dsc[1]));
+                acc[i] = vfmaq_f32(acc[i], vcvtq_f32_s32(vsubq_s32(part[i][2], vld1q_s32(a32 + 8))),
+                                   vmulq_f32(vzip1q_f32(da1, da1), dsc[2]));
+                acc1[i] = vfmaq_f32(acc1[i], vcvtq_f32_s32(vsubq_s32(part[i][3], vld1q_s32(a32 + 12))),
+                                    vmulq_f32(vzip2q_f32(da1, da1), dsc[3]));
             }
         }
         C6_MCA_END("i16", t, MC);
@@ -252,7 +299,22 @@ static void q16_task(void *vctx, int64_t task) {
 #else
 #define ROWS16_FN rows16_neon
 #endif
-    for (int64_t n = n0; n < n1; n++) {
+    int64_t n = n0;
+#ifdef C6_I16_I8MM
+    if (c->M == 1 && !c->qi.kquant) {  /* decode: 4 weight rows per pass (n0 % 4 == 0: see per) */
+        float o[4];
+        for (; n + 4 <= n1; n += 4) {
+            const uint8_t *raw = c->w + n * c->row_bytes;
+            switch (c->t) {
+            case T_Q4_0: q0_4rows16_neon(T_Q4_0, 18, raw, c->row_bytes, &c->a, K, o); break;
+            case T_Q5_0: q0_4rows16_neon(T_Q5_0, 22, raw, c->row_bytes, &c->a, K, o); break;
+            default: q0_4rows16_neon(T_Q8_0, 34, raw, c->row_bytes, &c->a, K, o); break;
+            }
+            memcpy(c->y + n, o, sizeof o);
+        }
+    }
+#endif
+    for (; n < n1; n++) {
         const uint8_t *raw = c->w + n * c->row_bytes;
         float o[4];
         for (int64_t m0 = 0; m0 < c->M; m0 += 4) {
@@ -321,7 +383,8 @@ int c6_qmatmul16(const float *x, const void *w, int wtype, float *y, int64_t M, 
     }
     size_t qbytes = ((size_t)(M * K) * sizeof(int16_t) + 63) & ~(size_t)63, extra = 0;
 #ifdef C6_I16_I8MM
-    extra = 2 * (size_t)(M * K) + (size_t)(M * K / 32) * sizeof(float);  /* hi, lo, dasum */
+    extra = 2 * (size_t)(M * K) + (size_t)(M * K / 32) * sizeof(float) + (size_t)(M * K / 16) * sizeof(int32_t) +
+            (size_t)((M + 3) / 4 * 4 * (K / 32)) * sizeof(float) * 2 + (size_t)(M * K / 2) * sizeof(int32_t);
 #endif
     char *buf = malloc(qbytes + (size_t)(M * K / 32) * (sizeof(float) + sizeof(int32_t)) + extra);
     if (!buf) return -2;
@@ -330,18 +393,43 @@ int c6_qmatmul16(const float *x, const void *w, int wtype, float *y, int64_t M, 
     for (int64_t m = 0; m < M; m++) quant_q16(x + m * K, a.q + m * K, a.d + m * (K / 32), a.asum + m * (K / 32), K);
 #ifdef C6_I16_I8MM
     a.dasum = (float *)(a.asum + M * K / 32);
-    a.hi = (int8_t *)(a.dasum + M * K / 32);
+    a.a32 = (int32_t *)(a.dasum + M * K / 32);
+    a.dt = (float *)(a.a32 + M * K / 16);
+    a.l8t = a.dt + (M + 3) / 4 * 4 * (K / 32);
+    a.h8 = (int32_t *)(a.l8t + (M + 3) / 4 * 4 * (K / 32));
+    a.hi = (int8_t *)(a.h8 + M * K / 2);
     a.lo = (uint8_t *)(a.hi + M * K);
     for (int64_t j = 0; j < M * K; j += 8) {  /* K % 32 == 0 */
         int16x8_t v = vld1q_s16(a.q + j);
         vst1_s8(a.hi + j, vshrn_n_s16(v, 8));
         vst1_u8(a.lo + j, vmovn_u16(vreinterpretq_u16_s16(v)));
     }
-    for (int64_t j = 0; j < M * K / 32; j++) a.dasum[j] = a.d[j] * (float)a.asum[j];
+    if (wtype == T_Q4_K || wtype == T_Q5_K)
+        for (int64_t j = 0; j < M * K / 32; j++) a.dasum[j] = a.d[j] * (float)a.asum[j];
+    for (int64_t m = 0; !qi.kquant && m < (M + 3) / 4 * 4; m++)
+        for (int64_t c = 0; c < K / 32; c++) {
+            int64_t j = (m / 4) * (K / 32) * 4 + c * 4 + m % 4;
+            int32_t sh = 0, sl = 0;
+            for (int l = 0; wtype == T_Q4_0 && m < M && l < 32; l++) {
+                sh += a.hi[m * K + c * 32 + l];
+                sl += a.lo[m * K + c * 32 + l];
+            }
+            a.dt[j] = m < M ? a.d[m * (K / 32) + c] : 0.0f;
+            a.l8t[j] = (float)(8 * sl);  /* exact: |8 sl| < 2^17 */
+            for (int l = 0; m < M && l < 16; l++) a.h8[(m * (K / 32) + c) * 16 + l] = -2 * sh;
+        }
+    for (int64_t j = 0; wtype == T_Q6_K && j < M * K / 16; j++) {
+        int32_t t = 0;
+        for (int l = 0; l < 16; l++) t += a.q[j * 16 + l];
+        a.a32[j] = 32 * t;
+    }
 #endif
     int nt = c6_get_num_threads();
     int64_t per = (N + (int64_t)nt * 8 - 1) / ((int64_t)nt * 8);
     if (per < 16) per = 16;
+#ifdef C6_I16_I8MM
+    per = (per + 3) & ~(int64_t)3;  /* 4-row groups at the same n for any thread count */
+#endif
     q16_ctx c = {w, wtype, qi, K / qi.qk * qi.bytes, a, y, M, N, K, per};
     c6_parallel_for((N + per - 1) / per, q16_task, &c);
     free(buf);
