@@ -46,8 +46,9 @@ MCPU = "demeter"  # GCC 12's name for Neoverse-V2 (it rejects -mcpu=neoverse-v2)
 LLAMA_CPP_PYTHON = "0.3.36"
 CACHE = os.path.expanduser("~/.cache/capibara6/sdist")
 
-# ggml type id, weights per row in one iteration of our marked loops (two 32-blocks, or a 256-block)
-TYPES = {"Q4_0": (2, 64), "Q5_0": (6, 64), "Q8_0": (8, 64), "Q4_K": (12, 256), "Q5_K": (13, 256), "Q6_K": (14, 256)}
+# ggml type id, weights of one weight row in one iteration of our marked loops (a block); regions
+# c6_<kind>n4_* (M=1, 32-block types) take 4 weight rows per iteration
+TYPES = {"Q4_0": (2, 32), "Q5_0": (6, 32), "Q8_0": (8, 32), "Q4_K": (12, 256), "Q5_K": (13, 256), "Q6_K": (14, 256)}
 OURS = [("i8", "qmatmul.c"), ("i16", "qmatmul16.c")]
 
 # ggml's loops: (kernel, source, function, loop header regex, weights per iteration, -mcpu).
@@ -155,6 +156,10 @@ def mca(regs, iterations):
                 # form models the same cost (docs: /work/shared/ARM_TESTING.md)
                 if re.match(r"ld1\s*\{", ins) and "-" in ins.split("}")[0] or ins.count(".8b") > 1:
                     ins = re.sub(r"\.8b\b", ".16b", ins) if ins.startswith("ld1") else ins
+                # GCC prints some byte immediates sign-extended (movi v0.16b, 0xff..f0)
+                m = re.match(r"(movi\s+v\d+\.(?:16|8)b,\s*)(0x[0-9a-f]+)$", ins)
+                if m:
+                    ins = m.group(1) + hex(int(m.group(2), 16) & 0xFF)
                 if _BRANCH.match(ins):
                     ins = re.sub(r"(\.L\w+|\b[A-Za-z_]\w*\+?\d*)$", "1f", ins)
                 f.write("\t%s\n" % ins)
@@ -232,7 +237,7 @@ def ours(iterations, tmp):
         for tname, (tid, qk) in TYPES.items():
             for mc in (1, 4):
                 # at M=1 the 32-block types run 4 weight rows per pass (region c6_<kind>n4_...)
-                r, w = res.get("c6_%sn4_t%d_m%d" % (kind, tid, mc)), 4 * qk // 2
+                r, w = res.get("c6_%sn4_t%d_m%d" % (kind, tid, mc)), 4 * qk
                 if not r:
                     r, w = res.get("c6_%s_t%d_m%d" % (kind, tid, mc)), qk
                 if r:
