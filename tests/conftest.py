@@ -9,6 +9,17 @@ import pytest
 
 from tests.serverproc import ROOT, ServerProcess
 
+REAL_MODEL_FIXTURES = frozenset({"gemma_path", "gemma_gguf"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`real_model`: every test that needs the real Gemma 3 270M GGUF (a model load, the slow part),
+    known from its fixtures (directly or through another fixture), so `-m "not real_model"` is the
+    fast unit run and nobody has to remember to mark a new test."""
+    for item in items:
+        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.real_model)
+
 
 @pytest.fixture(scope="session")
 def gemma_path() -> Path:

@@ -15,7 +15,7 @@ import pytest
 from capibara6.hw.decide import X86_NEEDS, decide, enabled_set
 from capibara6.hw.probes import Probe, cpu_model, reported_features, run_probes
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 X86_ALL = ("sse42", "avx", "avx2", "fma", "f16c", "bmi2", "avx_vnni", "avx512", "avx512_vbmi", "avx512_vnni", "avx512_bf16", "amx")
 ARM_ALL = ("fp16", "dotprod", "i8mm", "sve", "sve2")
 

@@ -12,7 +12,7 @@ import yaml
 from capibara6.config import ConfigError, build_settings, load_registry, parse_ports, parse_registry
 from capibara6.threads import auto_threads, resolve_threads
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_default_registry_serves_embedded_gemma() -> None:

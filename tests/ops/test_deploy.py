@@ -23,7 +23,7 @@ from capibara6.pool import ModelPool
 from tests.conftest import gemma_registry
 from tests.serverproc import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 UNITS = ["capibara6.service", "capibara6@.service", "capibara6-roles.target"]
 

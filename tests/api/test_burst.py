@@ -19,6 +19,7 @@ import yaml
 from tests.serverproc import ROOT, ServerProcess
 
 N_STREAMS = 64
+pytestmark = pytest.mark.real_model  # the shipped registry's model, from its PyPI package
 
 
 @pytest.fixture(scope="module")
