@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..types import SamplingParams
+
 PENALTY_LAST_N = 64  # llama.cpp's default window for repeat/presence/frequency penalties
 _TOP_P_CANDIDATES = 2048  # top-p first tries this many best tokens before a full sort
 
@@ -53,19 +55,11 @@ class Sampler:
         self.rng = np.random.Generator(np.random.PCG64(seed))
 
     @classmethod
-    def from_params(cls, p: object) -> Sampler:
-        """From a SamplingParams-like object (attribute names as in capibara6.types)."""
+    def from_params(cls, p: SamplingParams) -> Sampler:
         return cls(
-            temperature=float(getattr(p, "temperature", 1.0)),
-            top_k=int(getattr(p, "top_k", 0) or 0),
-            top_p=float(getattr(p, "top_p", 1.0)),
-            min_p=float(getattr(p, "min_p", 0.0)),
-            repeat_penalty=float(getattr(p, "repeat_penalty", 1.0)),
-            presence_penalty=float(getattr(p, "presence_penalty", 0.0)),
-            frequency_penalty=float(getattr(p, "frequency_penalty", 0.0)),
-            seed=getattr(p, "seed", None),
-            logprobs=getattr(p, "logprobs", None),
-            logit_bias=tuple(getattr(p, "logit_bias", ()) or ()),
+            temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p, repeat_penalty=p.repeat_penalty,
+            presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty, seed=p.seed,
+            logprobs=p.logprobs, logit_bias=p.logit_bias,
         )
 
     def _penalize(self, logits: np.ndarray, history: list[int]) -> np.ndarray:
