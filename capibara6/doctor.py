@@ -32,6 +32,7 @@ from . import smoke
 from .backends import backend_class, estimate, model_path
 from .config import ConfigError, ModelSpec, Registry, load_registry
 from .gguf_header import read_header
+from .hw.probes import cpu_model, reported_features, run_probes
 from .pool.budget import GIB, budget_bytes, physical_memory
 from .threads import _cgroup_cpu_limit, inference_cpus, usable_cpus
 
@@ -113,45 +114,13 @@ def collect(registry: Registry, *, smoke_models: bool = True, n_tokens: int = 8,
 
 # ------------------------------------------------------------------------------------ sections
 def cpu_report() -> dict[str, Any]:
-    """CPU model, reported ISA extensions, and the probes' answers (None when capibara6.hw is absent)."""
+    """CPU model, reported ISA extensions, and the probes' answers (capibara6.hw, as the installer ran them)."""
     machine = platform.machine()
-    try:
-        from .hw.probes import cpu_model, reported_features, run_probes
-    except ImportError:
-        cpuinfo = _read_text(Path("/proc/cpuinfo"))
-        reported = _cpuinfo_features(cpuinfo)
-        model = _cpuinfo_field(cpuinfo, "model name") or platform.processor() or "unknown"
-        probes = None
-    else:
-        reported, model = reported_features(), cpu_model()
-        probes = {name: {"ok": p.ok, "detail": p.detail} for name, p in run_probes(machine, reported).items()}
+    reported, model = reported_features(), cpu_model()
+    probes = {name: {"ok": p.ok, "detail": p.detail} for name, p in run_probes(machine, reported).items()}
     shown = _ARM_SHOWN if machine in ("aarch64", "arm64") else _X86_SHOWN
     return {"model": model, "machine": machine, "cpus_online": os.cpu_count(),
             "isa": [f for f in shown if f in reported], "reported": sorted(reported), "probes": probes}
-
-
-def _read_text(p: Path) -> str:
-    try:
-        return p.read_text(errors="replace")
-    except OSError:
-        return ""
-
-
-def _cpuinfo_features(cpuinfo: str) -> set[str]:
-    out: set[str] = set()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() in ("flags", "features"):
-            out.update(value.split())
-    return out
-
-
-def _cpuinfo_field(cpuinfo: str, name: str) -> str | None:
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() == name:
-            return value.strip()
-    return None
 
 
 def install_record(prefix: str | None = None) -> dict[str, Any]:
