@@ -18,6 +18,8 @@ typedef struct {
     int32_t *bsum;   /* Q8_K only: [M, K/16] sums of 16 consecutive q */
 #if C6_USE_NEON
     float *dt;       /* Q8_0, NEON: [ceil(M/4)][K/32][4] d of 4 consecutive rows side by side */
+    int8_t *qp;      /* Q8_0, i8mm, M >= 4: [M/2][K/8][2][8] q of row pairs interleaved per 8 values */
+    float *dp;       /* Q8_0, i8mm, M >= 4: [M/2][K/32][4] d of row pairs as [d0, d0, d1, d1] */
 #endif
 } qact;
 
@@ -271,6 +273,43 @@ static inline __attribute__((always_inline)) void q0_4rows_neon(int t, int bs, c
     vst1q_f32(out, acc);
 }
 
+#if defined(__ARM_FEATURE_MATMUL_INT8)
+#define C6_I8_MMLA 1
+/* i8mm, M >= 4: 2 weight rows x 4 activation rows per pass with smmla (a 2x8 by 8x2 int8 product
+ * per instruction, every lane useful, where sdot wastes nothing but needs twice the instructions):
+ * activation rows interleaved in pairs per 8 values (a->qp), the two weight rows' decoded blocks
+ * zipped per 8 values. Lanes (act i, weight j) = [00, 01, 10, 11]; per element the same exact
+ * block sum and fma(acc, float(S), d * da) as q0_rows_neon, so results do not depend on M. */
+static inline __attribute__((always_inline)) void q0_mmla_neon(int t, int bs, const uint8_t *raw, int64_t rs,
+                                                               const qact *a, int64_t K, int64_t m0, float *o8) {
+    int64_t nb = K / 32;
+    float32x4_t acc0 = vdupq_n_f32(0.0f), acc1 = vdupq_n_f32(0.0f);
+    const int8_t *a0 = a->qp + (m0 / 2) * 2 * K, *a1 = a0 + 2 * K;
+    const float *d0 = a->dp + (m0 / 2) * nb * 4, *d1 = d0 + nb * 4;
+    for (int64_t b = 0; b < nb; b++) {
+        C6_MCA_BEGIN("i8n2", t, 4);
+        const uint8_t *p = raw + b * bs;
+        c6_i8x32 u = c6_nblock32(t, p), v = c6_nblock32(t, p + rs);
+        int64x2_t ul = vreinterpretq_s64_s8(u.lo), vl = vreinterpretq_s64_s8(v.lo);
+        int64x2_t uh = vreinterpretq_s64_s8(u.hi), vh = vreinterpretq_s64_s8(v.hi);
+        int8x16_t B0 = vreinterpretq_s8_s64(vzip1q_s64(ul, vl)), B1 = vreinterpretq_s8_s64(vzip2q_s64(ul, vl));
+        int8x16_t B2 = vreinterpretq_s8_s64(vzip1q_s64(uh, vh)), B3 = vreinterpretq_s8_s64(vzip2q_s64(uh, vh));
+        const int8_t *x0 = a0 + b * 64, *x1 = a1 + b * 64;
+        int32x4_t s0 = vmmlaq_s32(vmmlaq_s32(vdupq_n_s32(0), vld1q_s8(x0), B0), vld1q_s8(x0 + 16), B1);
+        int32x4_t s1 = vmmlaq_s32(vmmlaq_s32(vdupq_n_s32(0), vld1q_s8(x1), B0), vld1q_s8(x1 + 16), B1);
+        s0 = vmmlaq_s32(vmmlaq_s32(s0, vld1q_s8(x0 + 32), B2), vld1q_s8(x0 + 48), B3);
+        s1 = vmmlaq_s32(vmmlaq_s32(s1, vld1q_s8(x1 + 32), B2), vld1q_s8(x1 + 48), B3);
+        uint64_t h2 = (uint64_t)rd16(p) | (uint64_t)rd16(p + rs) << 16;  /* d of weight rows [0, 1, 0, 1] */
+        float32x4_t dw = vcvt_f32_f16(vreinterpret_f16_u64(vcreate_u64(h2 | h2 << 32)));
+        acc0 = vfmaq_f32(acc0, vcvtq_f32_s32(s0), vmulq_f32(vld1q_f32(d0 + b * 4), dw));
+        acc1 = vfmaq_f32(acc1, vcvtq_f32_s32(s1), vmulq_f32(vld1q_f32(d1 + b * 4), dw));
+        C6_MCA_END("i8n2", t, 4);
+    }
+    vst1q_f32(o8, acc0);
+    vst1q_f32(o8 + 4, acc1);
+}
+#endif
+
 /* k-quants: per 256-block and row, the 4-lane dot of each 32 (Q6_K: 16) values, reduced by
  * pairwise adds to one lane per scale, times the scales as vectors; the mins (Q4_K/Q5_K) the same
  * way against the activations' 16-value sums. */
@@ -346,9 +385,9 @@ static inline __attribute__((always_inline)) void qk_rows_neon(int t, int bytes,
 
 /* y[m, n] for every m of weight row n; one instantiation per (type, rows) */
 static void row_all_m_neon(int t, const uint8_t *raw, const qact *a, int64_t M, int64_t N, int64_t K,
-                           int64_t n, float *y) {
+                           int64_t n, int64_t m_start, float *y) {
     float o[4];
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+    for (int64_t m0 = m_start; m0 < M; m0 += 4) {
         int mc = M - m0 < 4 ? (int)(M - m0) : 4;
 #define Q0(T, B) switch (mc) {                                                   \
         case 1: q0_rows_neon(T, B, raw, K / 32, a, K, m0, 1, o); break;         \
@@ -380,6 +419,25 @@ typedef struct {
     qact a; float *y; int64_t M, N, K, per;
 } qmm_ctx;
 
+#if C6_USE_NEON
+/* M = 1, 32-block types: rows n0.. in groups of 4 (n0 % 4 == 0: see per); returns the first row
+ * left (a separate function: its code does not shift with the other paths) */
+static __attribute__((noinline)) int64_t decode_4rows_neon(const qmm_ctx *c, int64_t n0, int64_t n1) {
+    int64_t n = n0, K = c->K;
+    float o[4];
+    for (; n + 4 <= n1; n += 4) {
+        const uint8_t *raw = c->w + n * c->row_bytes;
+        switch (c->t) {
+        case T_Q4_0: q0_4rows_neon(T_Q4_0, 18, raw, c->row_bytes, K / 32, c->a.q, c->a.d, c->a.bsum, o); break;
+        case T_Q5_0: q0_4rows_neon(T_Q5_0, 22, raw, c->row_bytes, K / 32, c->a.q, c->a.d, c->a.bsum, o); break;
+        default: q0_4rows_neon(T_Q8_0, 34, raw, c->row_bytes, K / 32, c->a.q, c->a.d, c->a.bsum, o); break;
+        }
+        memcpy(c->y + n, o, sizeof o);
+    }
+    return n;
+}
+#endif
+
 static void qmm_task(void *vctx, int64_t task) {
     const qmm_ctx *c = vctx;
     int64_t n0 = task * c->per, n1 = n0 + c->per < c->N ? n0 + c->per : c->N, K = c->K;
@@ -387,19 +445,30 @@ static void qmm_task(void *vctx, int64_t task) {
     for (int64_t n = n0; n < n1; n++) row_all_m_x86(c->t, c->w + n * c->row_bytes, &c->a, c->M, c->N, K, n, c->y);
 #elif C6_USE_NEON
     int64_t n = n0;
-    if (c->M == 1 && !c->qi.kquant) {  /* decode: 4 weight rows per pass (n0 % 4 == 0: see per) */
-        float o[4];
-        for (; n + 4 <= n1; n += 4) {
+    if (c->M == 1 && !c->qi.kquant) n = decode_4rows_neon(c, n0, n1);
+#if defined(C6_I8_MMLA)
+    if (c->M >= 4 && !c->qi.kquant) {  /* 2 weight rows x 4 activation rows per pass (n0 % 4 == 0) */
+        int64_t M4 = c->M / 4 * 4, N = c->N;
+        float o[8];
+        for (; n + 2 <= n1; n += 2) {
             const uint8_t *raw = c->w + n * c->row_bytes;
-            switch (c->t) {
-            case T_Q4_0: q0_4rows_neon(T_Q4_0, 18, raw, c->row_bytes, K / 32, c->a.q, c->a.d, c->a.bsum, o); break;
-            case T_Q5_0: q0_4rows_neon(T_Q5_0, 22, raw, c->row_bytes, K / 32, c->a.q, c->a.d, c->a.bsum, o); break;
-            default: q0_4rows_neon(T_Q8_0, 34, raw, c->row_bytes, K / 32, c->a.q, c->a.d, c->a.bsum, o); break;
+            for (int64_t m0 = 0; m0 < M4; m0 += 4) {
+                switch (c->t) {
+                case T_Q4_0: q0_mmla_neon(T_Q4_0, 18, raw, c->row_bytes, &c->a, K, m0, o); break;
+                case T_Q5_0: q0_mmla_neon(T_Q5_0, 22, raw, c->row_bytes, &c->a, K, m0, o); break;
+                default: q0_mmla_neon(T_Q8_0, 34, raw, c->row_bytes, &c->a, K, m0, o); break;
+                }
+                for (int i = 0; i < 4; i++) {  /* o: rows m0, m0+1 then m0+2, m0+3; 2 weight rows each */
+                    c->y[(m0 + i) * N + n] = o[(i / 2) * 4 + (i % 2) * 2];
+                    c->y[(m0 + i) * N + n + 1] = o[(i / 2) * 4 + (i % 2) * 2 + 1];
+                }
             }
-            memcpy(c->y + n, o, sizeof o);
+            row_all_m_neon(c->t, raw, &c->a, c->M, N, K, n, M4, c->y);
+            row_all_m_neon(c->t, raw + c->row_bytes, &c->a, c->M, N, K, n + 1, M4, c->y);
         }
     }
-    for (; n < n1; n++) row_all_m_neon(c->t, c->w + n * c->row_bytes, &c->a, c->M, c->N, K, n, c->y);
+#endif
+    for (; n < n1; n++) row_all_m_neon(c->t, c->w + n * c->row_bytes, &c->a, c->M, c->N, K, n, 0, c->y);
 #else
     int64_t nb = K / c->qi.qk;
     qrow r = {0};
@@ -422,6 +491,7 @@ int c6_qmatmul(const float *x, const void *w, int wtype, float *y, int64_t M, in
     size_t extra = 0;
 #if C6_USE_NEON
     extra = (size_t)((M + 3) / 4 * 4 * (K / 32)) * sizeof(float);
+    extra += (size_t)(M / 2 * 2 * K) + (size_t)(M / 2 * (K / 32) * 4) * sizeof(float) + 64;
 #endif
     char *buf = malloc(qbytes + (size_t)(M * K / ab) * sizeof(float) + (size_t)(M * K / 16) * sizeof(int32_t) + extra);
     if (!buf) return -2;
@@ -433,6 +503,17 @@ int c6_qmatmul(const float *x, const void *w, int wtype, float *y, int64_t M, in
     }
 #if C6_USE_NEON
     a.dt = (float *)(a.bsum + M * K / 16);
+    a.dp = a.dt + (M + 3) / 4 * 4 * (K / 32);
+    a.qp = (int8_t *)(a.dp + M / 2 * (K / 32) * 4);
+#if defined(C6_I8_MMLA)
+    if (!qi.kquant && M >= 4)
+        for (int64_t p = 0; p < M / 2; p++) {
+            for (int64_t g = 0; g < K / 8; g++)
+                for (int r = 0; r < 2; r++) memcpy(a.qp + p * 2 * K + g * 16 + r * 8, a.q + (2 * p + r) * K + g * 8, 8);
+            for (int64_t b = 0; b < K / 32; b++)
+                for (int l = 0; l < 4; l++) a.dp[(p * (K / 32) + b) * 4 + l] = a.d[(2 * p + l / 2) * (K / 32) + b];
+        }
+#endif
     if (!qi.kquant)
         for (int64_t m = 0; m < (M + 3) / 4 * 4; m++)
             for (int64_t b = 0; b < K / 32; b++)

@@ -26,6 +26,11 @@ typedef struct {
     float *dt;       /* [ceil(M/4)][K/32][4] d of 4 consecutive rows side by side */
     int32_t *h8;     /* Q4_0: [M, K/32, 4 copies, 4 lanes] -2 x the sum of the chunk's hi (-8 sum over 4 lanes) */
     float *l8t;      /* Q4_0: as dt, 8 x the sum of the chunk's lo */
+    int8_t *hp;      /* 32-block types, M >= 4: [M/2][K/8][2][8] hi of row pairs interleaved per 8 values */
+    uint8_t *lp;     /* the same for lo */
+    float *dp;       /* [M/2][K/32][4] d of row pairs as [d0, d0, d1, d1] */
+    int32_t *h8p;    /* Q4_0: [M/2][K/32][4] -8 sum(hi) of row pairs, same lanes */
+    float *l8p;      /* Q4_0: 8 sum(lo), same lanes */
 #endif
 } act16;
 
@@ -215,6 +220,43 @@ static inline __attribute__((always_inline)) void q0_4rows16_neon(int t, int bs,
     vst1q_f32(out, acc);
 }
 
+/* M >= 4: 2 weight rows x 4 activation rows per pass with smmla (high bytes) and usmmla (low
+ * bytes), as q0_mmla_neon in qmatmul.c: a->hp / a->lp hold row pairs interleaved per 8 values.
+ * Per element the same exact sums and float steps as q0_rows16_neon. */
+static inline __attribute__((always_inline)) void q0_mmla16_neon(int t, int bs, const uint8_t *raw, int64_t rs,
+                                                                 const act16 *a, int64_t K, int64_t m0, float *o8) {
+    int64_t nc = K / 32;
+    float32x4_t acc[2] = {vdupq_n_f32(0.0f), vdupq_n_f32(0.0f)};
+    for (int64_t c = 0; c < nc; c++) {
+        C6_MCA_BEGIN("i16n2", t, 4);
+        const uint8_t *p = raw + c * bs;
+        c6_i8x32 u = t == T_Q4_0 ? c6_nib32(vld1q_u8(p + 2)) : c6_nblock32(t, p);
+        c6_i8x32 v = t == T_Q4_0 ? c6_nib32(vld1q_u8(p + rs + 2)) : c6_nblock32(t, p + rs);
+        int64x2_t ul = vreinterpretq_s64_s8(u.lo), vl = vreinterpretq_s64_s8(v.lo);
+        int64x2_t uh = vreinterpretq_s64_s8(u.hi), vh = vreinterpretq_s64_s8(v.hi);
+        int8x16_t B[4] = {vreinterpretq_s8_s64(vzip1q_s64(ul, vl)), vreinterpretq_s8_s64(vzip2q_s64(ul, vl)),
+                          vreinterpretq_s8_s64(vzip1q_s64(uh, vh)), vreinterpretq_s8_s64(vzip2q_s64(uh, vh))};
+        uint64_t h2 = (uint64_t)rd16(p) | (uint64_t)rd16(p + rs) << 16;  /* d of weight rows [0, 1, 0, 1] */
+        float32x4_t dw = vcvt_f32_f16(vreinterpret_f16_u64(vcreate_u64(h2 | h2 << 32)));
+        for (int q = 0; q < 2; q++) {
+            int64_t pr = m0 / 2 + q, o = pr * 2 * K + c * 64, j = (pr * nc + c) * 4;
+            const int8_t *h = a->hp + o;
+            const uint8_t *l = a->lp + o;
+            int32x4_t z = t == T_Q4_0 ? vld1q_s32(a->h8p + j) : vdupq_n_s32(0);
+            int32x4_t H = vmmlaq_s32(vmmlaq_s32(z, vld1q_s8(h), B[0]), vld1q_s8(h + 16), B[1]);
+            H = vmmlaq_s32(vmmlaq_s32(H, vld1q_s8(h + 32), B[2]), vld1q_s8(h + 48), B[3]);
+            int32x4_t S = vusmmlaq_s32(vusmmlaq_s32(vshlq_n_s32(H, 8), vld1q_u8(l), B[0]), vld1q_u8(l + 16), B[1]);
+            S = vusmmlaq_s32(vusmmlaq_s32(S, vld1q_u8(l + 32), B[2]), vld1q_u8(l + 48), B[3]);
+            float32x4_t f = vmulq_f32(vld1q_f32(a->dp + j), dw);
+            acc[q] = vfmaq_f32(acc[q], vcvtq_f32_s32(S), f);
+            if (t == T_Q4_0) acc[q] = vfmsq_f32(acc[q], f, vld1q_f32(a->l8p + j));
+        }
+        C6_MCA_END("i16n2", t, 4);
+    }
+    vst1q_f32(o8, acc[0]);
+    vst1q_f32(o8 + 4, acc[1]);
+}
+
 static inline __attribute__((always_inline)) void rows16_neon(int t, int bytes, const uint8_t *raw, const act16 *a,
                                                               int64_t K, int64_t m0, const int MC, float *out) {
     int64_t nc = K / 32;
@@ -313,6 +355,40 @@ static void q16_task(void *vctx, int64_t task) {
             memcpy(c->y + n, o, sizeof o);
         }
     }
+    if (c->M >= 4 && !c->qi.kquant) {  /* 2 weight rows x 4 activation rows per pass (n0 % 4 == 0) */
+        int64_t M4 = c->M / 4 * 4, N = c->N;
+        float o[8];
+        for (; n + 2 <= n1; n += 2) {
+            const uint8_t *raw = c->w + n * c->row_bytes;
+            for (int64_t m0 = 0; m0 < M4; m0 += 4) {
+                switch (c->t) {
+                case T_Q4_0: q0_mmla16_neon(T_Q4_0, 18, raw, c->row_bytes, &c->a, K, m0, o); break;
+                case T_Q5_0: q0_mmla16_neon(T_Q5_0, 22, raw, c->row_bytes, &c->a, K, m0, o); break;
+                default: q0_mmla16_neon(T_Q8_0, 34, raw, c->row_bytes, &c->a, K, m0, o); break;
+                }
+                for (int i = 0; i < 4; i++) {  /* o: rows m0, m0+1 then m0+2, m0+3; 2 weight rows each */
+                    c->y[(m0 + i) * N + n] = o[(i / 2) * 4 + (i % 2) * 2];
+                    c->y[(m0 + i) * N + n + 1] = o[(i / 2) * 4 + (i % 2) * 2 + 1];
+                }
+            }
+            for (int k = 0; k < 2 && M4 < c->M; k++) {  /* the last M % 4 rows, one weight row at a time */
+                int mc = (int)(c->M - M4);
+                const uint8_t *rk = raw + k * c->row_bytes;
+                switch (c->t * 4 + mc) {
+                case T_Q4_0 * 4 + 1: q0_rows16_neon(T_Q4_0, 18, rk, &c->a, K, M4, 1, o); break;
+                case T_Q4_0 * 4 + 2: q0_rows16_neon(T_Q4_0, 18, rk, &c->a, K, M4, 2, o); break;
+                case T_Q4_0 * 4 + 3: q0_rows16_neon(T_Q4_0, 18, rk, &c->a, K, M4, 3, o); break;
+                case T_Q5_0 * 4 + 1: q0_rows16_neon(T_Q5_0, 22, rk, &c->a, K, M4, 1, o); break;
+                case T_Q5_0 * 4 + 2: q0_rows16_neon(T_Q5_0, 22, rk, &c->a, K, M4, 2, o); break;
+                case T_Q5_0 * 4 + 3: q0_rows16_neon(T_Q5_0, 22, rk, &c->a, K, M4, 3, o); break;
+                case T_Q8_0 * 4 + 1: q0_rows16_neon(T_Q8_0, 34, rk, &c->a, K, M4, 1, o); break;
+                case T_Q8_0 * 4 + 2: q0_rows16_neon(T_Q8_0, 34, rk, &c->a, K, M4, 2, o); break;
+                default: q0_rows16_neon(T_Q8_0, 34, rk, &c->a, K, M4, 3, o); break;
+                }
+                for (int i = 0; i < mc; i++) c->y[(M4 + i) * N + n + k] = o[i];
+            }
+        }
+    }
 #endif
     for (; n < n1; n++) {
         const uint8_t *raw = c->w + n * c->row_bytes;
@@ -384,7 +460,8 @@ int c6_qmatmul16(const float *x, const void *w, int wtype, float *y, int64_t M, 
     size_t qbytes = ((size_t)(M * K) * sizeof(int16_t) + 63) & ~(size_t)63, extra = 0;
 #ifdef C6_I16_I8MM
     extra = 2 * (size_t)(M * K) + (size_t)(M * K / 32) * sizeof(float) + (size_t)(M * K / 16) * sizeof(int32_t) +
-            (size_t)((M + 3) / 4 * 4 * (K / 32)) * sizeof(float) * 2 + (size_t)(M * K / 2) * sizeof(int32_t);
+            (size_t)((M + 3) / 4 * 4 * (K / 32)) * sizeof(float) * 2 + (size_t)(M * K / 2) * sizeof(int32_t) +
+            2 * (size_t)(M / 2 * 2 * K) + 3 * (size_t)(M / 2 * (K / 32) * 4) * sizeof(float);
 #endif
     char *buf = malloc(qbytes + (size_t)(M * K / 32) * (sizeof(float) + sizeof(int32_t)) + extra);
     if (!buf) return -2;
@@ -397,8 +474,13 @@ int c6_qmatmul16(const float *x, const void *w, int wtype, float *y, int64_t M, 
     a.dt = (float *)(a.a32 + M * K / 16);
     a.l8t = a.dt + (M + 3) / 4 * 4 * (K / 32);
     a.h8 = (int32_t *)(a.l8t + (M + 3) / 4 * 4 * (K / 32));
-    a.hi = (int8_t *)(a.h8 + M * K / 2);
+    a.dp = (float *)(a.h8 + M * K / 2);
+    a.l8p = a.dp + M / 2 * (K / 32) * 4;
+    a.h8p = (int32_t *)(a.l8p + M / 2 * (K / 32) * 4);
+    a.hi = (int8_t *)(a.h8p + M / 2 * (K / 32) * 4);
     a.lo = (uint8_t *)(a.hi + M * K);
+    a.hp = (int8_t *)(a.lo + M * K);
+    a.lp = (uint8_t *)(a.hp + M / 2 * 2 * K);
     for (int64_t j = 0; j < M * K; j += 8) {  /* K % 32 == 0 */
         int16x8_t v = vld1q_s16(a.q + j);
         vst1_s8(a.hi + j, vshrn_n_s16(v, 8));
@@ -418,6 +500,20 @@ int c6_qmatmul16(const float *x, const void *w, int wtype, float *y, int64_t M, 
             a.l8t[j] = (float)(8 * sl);  /* exact: |8 sl| < 2^17 */
             for (int l = 0; m < M && l < 16; l++) a.h8[(m * (K / 32) + c) * 16 + l] = -2 * sh;
         }
+    for (int64_t p = 0; !qi.kquant && M >= 4 && p < M / 2; p++) {  /* row pairs for the mmla pass */
+        for (int64_t g = 0; g < K / 8; g++)
+            for (int r = 0; r < 2; r++) {
+                memcpy(a.hp + p * 2 * K + g * 16 + r * 8, a.hi + (2 * p + r) * K + g * 8, 8);
+                memcpy(a.lp + p * 2 * K + g * 16 + r * 8, a.lo + (2 * p + r) * K + g * 8, 8);
+            }
+        for (int64_t c = 0; c < K / 32; c++)
+            for (int l = 0; l < 4; l++) {
+                int64_t m = 2 * p + l / 2, j = (p * (K / 32) + c) * 4 + l;
+                a.dp[j] = a.d[m * (K / 32) + c];
+                a.l8p[j] = wtype == T_Q4_0 ? a.l8t[(m / 4) * (K / 32) * 4 + c * 4 + m % 4] : 0.0f;
+                a.h8p[j] = wtype == T_Q4_0 ? 4 * a.h8[(m * (K / 32) + c) * 16] : 0;
+            }
+    }
     for (int64_t j = 0; wtype == T_Q6_K && j < M * K / 16; j++) {
         int32_t t = 0;
         for (int l = 0; l < 16; l++) t += a.q[j * 16 + l];
