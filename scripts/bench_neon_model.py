@@ -236,10 +236,14 @@ def ours(iterations, tmp):
         res = mca(regions(open(asm).read()), iterations)
         for tname, (tid, qk) in TYPES.items():
             for mc in (1, 4):
-                # at M=1 the 32-block types run 4 weight rows per pass (region c6_<kind>n4_...)
-                r, w = res.get("c6_%sn4_t%d_m%d" % (kind, tid, mc)), 4 * qk
-                if not r:
-                    r, w = res.get("c6_%s_t%d_m%d" % (kind, tid, mc)), qk
+                # regions c6_<kind>n<R>_... take R weight rows per iteration (the 32-block types:
+                # 4 at M=1, 2 at M=4 with smmla); they are what runs where they exist
+                r, w = None, qk
+                for rows in (4, 2, 1):
+                    r = res.get("c6_%s%s_t%d_m%d" % (kind, "n%d" % rows if rows > 1 else "", tid, mc))
+                    if r:
+                        w = rows * qk
+                        break
                 if r:
                     out[(kind, tname, mc)] = {"cycles_per_256": r[0] * 256 / (w * mc), "instructions": r[1],
                                               "branches": r[2]}
