@@ -336,8 +336,12 @@ def ggml(root, iterations, tmp, types):
             base = [comp, "-O3", "-mcpu=" + mcpu, "-DNDEBUG", "-D_GNU_SOURCE", "-DGGML_USE_CPU_REPACK"]
             base += ["-std=c++17"] if cxx else ["-std=gnu11"]
             pre = run(base + incs + ["-E", os.path.join(g, "src/ggml-cpu/arch/arm", src)])
-            for tname, func, loop_re, w in items:
-                pre = mark_loop(pre, func, loop_re, "%s_%s" % (col, tname))
+            for tname, func, loop_re, w in list(items):
+                try:
+                    pre = mark_loop(pre, func, loop_re, "%s_%s" % (col, tname))
+                except ValueError as e:  # another llama.cpp version: say so, keep the rest
+                    notes.append("%s %s: %s: skipped" % (tname, col, e))
+                    items.remove((tname, func, loop_re, w))
             ipath = os.path.join(tmp, "%s_%s.%s" % (col, src, "ii" if cxx else "i"))
             with open(ipath, "w") as f:
                 f.write(pre)
@@ -351,8 +355,12 @@ def ggml(root, iterations, tmp, types):
                     if func not in GGML_TRIPS:
                         notes.append("%s %s: inner loops without trip counts: skipped" % (tname, func))
                         continue
-                    res[name] = (nested_cost(name, regs[name], GGML_TRIPS[func], iterations),
-                                 len([i for i in regs[name] if not i.endswith(":")]), 0)
+                    try:
+                        cyc = nested_cost(name, regs[name], GGML_TRIPS[func], iterations)
+                    except ValueError as e:  # the compiler kept other loops than those listed
+                        notes.append("%s %s: %s: skipped" % (tname, col, e))
+                        continue
+                    res[name] = (cyc, len([i for i in regs[name] if not i.endswith(":")]), 0)
                 r = res.get(name)
                 if r:
                     out[(col, tname)] = {"cycles_per_256": r[0] * 256 / w, "function": func, "instructions": r[1],
