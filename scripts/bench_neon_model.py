@@ -239,10 +239,11 @@ def ours(iterations, tmp):
                 # regions c6_<kind>n<R>_... take R weight rows per iteration (the 32-block types:
                 # 4 at M=1, 2 at M=4 with smmla); they are what runs where they exist
                 r, w = None, qk
-                for rows in (4, 2, 1):
-                    r = res.get("c6_%s%s_t%d_m%d" % (kind, "n%d" % rows if rows > 1 else "", tid, mc))
+                for rows, m in ((4, mc), (2, mc), (2, 2 if mc == 4 else 0), (1, mc)):
+                    # (the k-quants run M=4 as two passes of 2 activation rows: region ..._m2)
+                    r = res.get("c6_%s%s_t%d_m%d" % (kind, "n%d" % rows if rows > 1 else "", tid, m))
                     if r:
-                        w = rows * qk
+                        w = rows * qk * m // mc
                         break
                 if r:
                     out[(kind, tname, mc)] = {"cycles_per_256": r[0] * 256 / (w * mc), "instructions": r[1],
