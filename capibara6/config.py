@@ -254,6 +254,15 @@ class ServerSettings(BaseModel):
         15.0, ge=0, description="Streams: an SSE comment `: ping` after this many silent seconds (0: never)."
     )
     ui: bool = Field(True, description="Serve the web page on every port (GET /); --no-ui turns it off.")
+    responses_store_max: int = Field(
+        1000, ge=0, description="/v1/responses: most stored responses (store: true); least recently used go first (0: store none)."
+    )
+    responses_store_max_bytes: int = Field(
+        64 * 1024 * 1024, ge=0, description="/v1/responses: most bytes of stored responses and their conversations."
+    )
+    responses_store_ttl_s: float = Field(
+        3600.0, gt=0, description="/v1/responses: seconds a stored response is kept (GET, previous_response_id)."
+    )
 
     @model_validator(mode="after")
     def _read_key_file(self) -> ServerSettings:
