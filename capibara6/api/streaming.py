@@ -5,7 +5,8 @@
 Why each piece is the way it is (read in sse-starlette 3.7.0, `sse_starlette/sse.py`):
 - Framing: every chunk the body yields is a whole event already in bytes (`data: {...}\\n\\n`);
   `ensure_bytes` passes bytes through untouched, and `sep="\\n"` (its default is `\\r\\n`) keeps the
-  library's own events (our ping) in the same line ending.
+  library's own events (our ping) in the same line ending. Named events (the Responses API's
+  `event: response.created\ndata: {...}\n\n`) are whole bytes the same way.
 - Pings are ours, not the library's `_ping` task (so `ping=0`, which since 3.4.11 starts no ping
   task at all): its task pings on a fixed clock whatever the stream does, and it sends data chunks
   without the `_send_lock` the ping takes, so a ping can land after `data: [DONE]` while the body
@@ -44,19 +45,23 @@ HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 AppStatus.disable_automatic_graceful_drain()  # process-wide: our Drain decides when streams end
 
 
-async def after(opening: Awaitable[Any], chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def after(
+    opening: Awaitable[Any], chunks: AsyncIterator[bytes], on_error: Callable[[ApiError], bytes] = sse_error
+) -> AsyncIterator[bytes]:
     """`chunks` once `opening` (queue, load, expert fan-out) is done. The headers are out by now,
-    so a failure of either ends the stream as one `data: {"error": ...}` event and no [DONE] (the
-    drain's cut-off says it the same way: capibara6/api/middleware.py), never as a cut connection."""
+    so a failure of either ends the stream as one error event, `on_error(err)` (by default
+    `data: {"error": ...}` and no [DONE]; the drain's cut-off says it the same way:
+    capibara6/api/middleware.py), never as a cut connection. The Responses API passes its own
+    framer (a named `event: error`)."""
     try:
         await opening
         async for chunk in chunks:
             yield chunk
     except ApiError as err:
-        yield sse_error(err)
+        yield on_error(err)
     except Exception as err:  # a bug or a backend crash: logged with its traceback, told as a 500
         log.exception("stream failed")
-        yield sse_error(ApiError(f"Internal error: {type(err).__name__}.", code="internal_error"))
+        yield on_error(ApiError(f"Internal error: {type(err).__name__}.", code="internal_error"))
 
 
 class IdlePings:
@@ -104,9 +109,14 @@ class EventStream(EventSourceResponse):
     drain), `opening` is cancelled and settled, then `aclose` returns the queue place or lease."""
 
     def __init__(
-        self, opening: asyncio.Future[Any], chunks: AsyncIterator[bytes], aclose: Callable[[], Awaitable[None]], ping_s: float
+        self,
+        opening: asyncio.Future[Any],
+        chunks: AsyncIterator[bytes],
+        aclose: Callable[[], Awaitable[None]],
+        ping_s: float,
+        on_error: Callable[[ApiError], bytes] = sse_error,
     ) -> None:
-        body = after(opening, chunks)
+        body = after(opening, chunks, on_error)
         self._pinged = IdlePings(body, ping_s) if ping_s > 0 else None
         super().__init__(
             self._pinged if self._pinged is not None else body,
