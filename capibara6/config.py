@@ -16,7 +16,7 @@ from typing import Any, Literal, Mapping
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .types import KV_CACHE_TYPES, BackendName, KvCache, MatmulMode, Strategy
+from .types import KV_CACHE_TYPES, BackendName, KvCache, MatmulMode, Pooling, Strategy
 
 Role = Literal["standard", "streaming", "consensus"]
 ROLES: tuple[Role, ...] = ("standard", "streaming", "consensus")
@@ -46,6 +46,13 @@ class ModelSource(_Strict):
         return self
 
 
+class EmbeddingSpec(_Strict):
+    """How a model embeds (POST /v1/embeddings). Absent from an entry: the model does not embed."""
+
+    pooling: Pooling = Field("mean", description="mean | cls | last: how the final hidden states of an input become one vector.")
+    normalize: bool = Field(True, description="Scale each vector to unit L2 norm (what retrieval expects).")
+
+
 class ModelSpec(_Strict):
     """One registry entry. Every field may also be set in `defaults:`."""
 
@@ -73,6 +80,8 @@ class ModelSpec(_Strict):
     remote_model: str | None = Field(None, description="Model id to ask the remote server for (backend remote).")
     api_key_env: str | None = Field(None, description="Env var holding the remote server's API key.")
     owned_by: str = Field("capibara6", description="owned_by in /v1/models.")
+    embedding: EmbeddingSpec | None = Field(
+        None, description="This model serves /v1/embeddings, pooled this way (llamacpp, native); absent: it does not embed.")
 
     @model_validator(mode="after")
     def _kv_cache_fits_backend(self) -> ModelSpec:
@@ -87,6 +96,9 @@ class ModelSpec(_Strict):
             raise ValueError("backend remote needs source.url")
         if self.backend != "remote" and self.source.url:
             raise ValueError(f"backend {self.backend} needs source.path or source.pypi, not url")
+        if self.backend == "remote" and self.embedding is not None:
+            # pooling and normalize would be the remote's own choice, not this entry's: refused, not pretended
+            raise ValueError("embedding: backend remote cannot embed (register the embedding model where it runs)")
         return self
 
 

@@ -27,6 +27,7 @@ KV_CACHE_TYPES: dict[str, tuple[str, ...]] = {
 Strategy = Literal["fastest", "vote", "judge", "synthesize"]
 MatmulMode = Literal["int16", "int8", "fp32"]
 FinishReason = Literal["stop", "length"]
+Pooling = Literal["mean", "cls", "last"]  # how an embedding model turns per-token states into one vector
 
 # -- prompts --------------------------------------------------------------------------------------
 
@@ -144,6 +145,7 @@ class Capabilities:
     token_prompts: bool = True  # a prompt given as token ids
     echo: bool = True  # the prompt's text can be given back (completions `echo`)
     local: bool = True  # generates on this machine's CPUs (consensus splits its threads)
+    embeddings: bool = False  # /v1/embeddings: decided per entry (ModelSpec.embedding), never per class
 
     def refused(self, params: SamplingParams) -> list[str]:
         """Request field names that `params` asks for and this backend cannot honour."""
@@ -227,9 +229,23 @@ class Unsupported(BackendError):
         self.model_id = model_id
 
 
+class InputTooLong(BackendError):
+    """One embeddings input does not fit the model's context (the message names its index)."""
+
+    param = "input"
+    code = "context_length_exceeded"
+
+    def __init__(self, index: int, n_tokens: int, n_ctx: int) -> None:
+        super().__init__(
+            f"Input {index} has {n_tokens} tokens; this model's maximum context length is {n_ctx} tokens. "
+            "Please shorten it."
+        )
+        self.index = index
+
+
 __all__ = [
     "KV_CACHE_TYPES", "ZERO_ESTIMATE", "BackendError", "BackendName", "Capabilities", "ChatPrompt",
-    "ContextLengthExceeded", "Estimate", "FinishReason", "GenerationOutcome", "InvalidPrompt", "KvCache",
-    "LlamaKvCache", "MatmulMode", "Message", "NativeKvCache", "Prepared", "Prompt", "SamplingParams",
+    "ContextLengthExceeded", "Estimate", "FinishReason", "GenerationOutcome", "InputTooLong", "InvalidPrompt", "KvCache",
+    "LlamaKvCache", "MatmulMode", "Message", "NativeKvCache", "Pooling", "Prepared", "Prompt", "SamplingParams",
     "Strategy", "TextPrompt", "TokenEvent", "TokenPrompt", "Unsupported",
 ]

@@ -10,7 +10,9 @@ pool and the orchestrator talk to it only through these two protocols, never by 
   `estimate(spec, path)` (bytes before loading) and `load(model_id, spec, path, n_threads)`.
 - instance side (`Backend`): `prepare(prompt)` templates and tokenizes in one place (a remote
   passes messages through honestly), `generate(prepared, params, outcome, cancel)` yields
-  `TokenEvent`s and checks `cancel` between tokens, `detokenize`, `set_threads` /
+  `TokenEvent`s and checks `cancel` between tokens, `embed(prepared_list, pooling, normalize)`
+  (one vector per prepared input, many inputs per forward pass where the backend can), `tokenize`,
+  `detokenize`, `set_threads` /
   `current_threads` (None: the instance's threads are not the caller's to change, e.g. shared by
   a batch), `kv_cache_bytes`, `memory_bytes`, `close`.
 
@@ -25,7 +27,9 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
 
-from ..types import Capabilities, Estimate, GenerationOutcome, Prepared, Prompt, SamplingParams, TokenEvent
+import numpy as np
+
+from ..types import Capabilities, Estimate, GenerationOutcome, Pooling, Prepared, Prompt, SamplingParams, TokenEvent
 
 if TYPE_CHECKING:
     from ..config import ModelSpec
@@ -45,6 +49,19 @@ class Backend(Protocol):
         self, prepared: Prepared, params: SamplingParams, outcome: GenerationOutcome, cancel: threading.Event
     ) -> Iterator[TokenEvent]:
         """Yield tokens until a stop string, EOS, max_tokens or `cancel`; fill `outcome`."""
+        ...
+
+    def embed(
+        self, prepared: Sequence[Prepared], pooling: Pooling, normalize: bool, cancel: threading.Event | None = None
+    ) -> list[np.ndarray]:
+        """One float32 vector [n_embd] per prepared input, in order (final hidden states after the
+        output norm, pooled; unit L2 norm if `normalize`). Raises InputTooLong naming the index of
+        an input over the context, before computing anything; Unsupported if it cannot embed.
+        Stops between batches once `cancel` is set (the result is then incomplete: discard it)."""
+        ...
+
+    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
+        """Text -> token ids (special-token markup parsed as such); POST /tokenize."""
         ...
 
     def detokenize(self, ids: Sequence[int]) -> str:

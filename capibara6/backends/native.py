@@ -10,7 +10,10 @@ from __future__ import annotations
 import pathlib
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from ..chat_templates import get_formatter
 from ..engine.runner import Runner
@@ -24,6 +27,7 @@ from ..types import (
     ContextLengthExceeded,
     Estimate,
     GenerationOutcome,
+    Pooling,
     Prepared,
     Prompt,
     SamplingParams,
@@ -31,6 +35,7 @@ from ..types import (
     TokenEvent,
 )
 from .llamacpp.plain import check_logit_bias, check_token_ids
+from .pooling import check_inputs, normalized, pool
 from .stops import StopText
 
 if TYPE_CHECKING:
@@ -54,7 +59,7 @@ class NativeBackend:
 
     @classmethod
     def capabilities(cls, spec: ModelSpec) -> Capabilities:
-        return CAPABILITIES
+        return replace(CAPABILITIES, embeddings=spec.embedding is not None)
 
     @classmethod
     def max_concurrency(cls, spec: ModelSpec) -> int:
@@ -172,6 +177,20 @@ class NativeBackend:
             yield event
             if last or cancel.is_set():
                 return
+
+    def embed(
+        self, prepared: Sequence[Prepared], pooling: Pooling, normalize: bool, cancel: threading.Event | None = None
+    ) -> list[np.ndarray]:
+        """Our own final hidden states (Runner.hidden_states), pooled. One input per forward pass:
+        the runner holds one sequence, so inputs are not packed together (llama.cpp's are)."""
+        inputs = check_inputs(prepared, self.n_ctx)
+        out = []
+        for ids in inputs:
+            if cancel is not None and cancel.is_set():
+                break
+            v = pool(self.runner.hidden_states(ids or [self.tokenizer.bos_id]), pooling)
+            out.append(normalized(v) if normalize else v)
+        return out
 
     def set_threads(self, n_threads: int) -> None:
         """Threads for the next generations (consensus splits the CPUs between experts)."""

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import httpx
+import numpy as np
 
 from ..errors import InvalidRequest, ServiceUnavailable
 from ..types import (
@@ -33,11 +34,13 @@ from ..types import (
     ChatPrompt,
     Estimate,
     GenerationOutcome,
+    Pooling,
     Prepared,
     Prompt,
     SamplingParams,
     TextPrompt,
     TokenEvent,
+    Unsupported,
 )
 
 if TYPE_CHECKING:
@@ -122,6 +125,16 @@ class RemoteBackend:
 
     def detokenize(self, ids: Sequence[int]) -> str:
         raise NotImplementedError("a remote model has no local vocabulary")  # capabilities: echo=False
+
+    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
+        raise Unsupported(self.model_id, "content", "a remote model has no local vocabulary")
+
+    def embed(
+        self, prepared: Sequence[Prepared], pooling: Pooling, normalize: bool, cancel: threading.Event | None = None
+    ) -> list[np.ndarray]:
+        """Refused (capabilities: embeddings=False, and config refuses `embedding` on a remote
+        entry): the remote's pooling and normalisation are its own, not what the entry would say."""
+        raise Unsupported(self.model_id, "input", "a remote model does not embed here; register it where it runs")
 
     def set_threads(self, n_threads: int) -> None:
         return None  # nothing runs here

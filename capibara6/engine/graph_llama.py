@@ -91,8 +91,13 @@ class LlamaGraph:
         h = self.norm(x, self.vec(il, "ffn_norm.weight"))
         return x + self.ffn(h, il)
 
+    def final_norm(self, x: np.ndarray) -> np.ndarray:
+        """The last hidden states after the output norm [T, n_embd]: what llama.cpp calls
+        `result_norm` and pools for embeddings."""
+        return self.norm(x, self.m.vector("output_norm.weight"))
+
     def head(self, x: np.ndarray) -> np.ndarray:
-        h = self.norm(x, self.m.vector("output_norm.weight"))
+        h = self.final_norm(x)
         logits = matmul(self.ops, h, self.w_out, self.act_bits)
         cap = self.cfg.final_logit_softcap
         if cap > 0:
@@ -102,7 +107,8 @@ class LlamaGraph:
     # -- entry point ---------------------------------------------------------------------------
 
     def forward(self, tokens: np.ndarray, n_past: int, kv: KVCache, want: str = "last") -> np.ndarray | None:
-        """Fill the KV cache for the chunk; logits [T, vocab] (want="all"), [1, vocab] ("last") or None."""
+        """Fill the KV cache for the chunk; logits [T, vocab] (want="all"), [1, vocab] ("last"),
+        None ("none"), or the normed hidden states [T, n_embd] without the vocab projection ("hidden")."""
         t = tokens.shape[0]
         pos = np.arange(n_past, n_past + t, dtype=np.int32)
         x = self.embed(tokens)
@@ -110,6 +116,8 @@ class LlamaGraph:
             x = self.layer(x, il, pos, n_past, kv)
         if want == "none":
             return None
+        if want == "hidden":
+            return self.final_norm(x)
         if want == "last":
             x = x[-1:]  # the vocab projection is the biggest matmul: skip it for earlier rows
         return self.head(np.ascontiguousarray(x))

@@ -117,6 +117,27 @@ class Runner:
             return np.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]
         return outs[-1][-1]
 
+    def hidden_states(self, tokens: Sequence[int]) -> np.ndarray:
+        """The sequence `tokens` alone (the cache is started afresh), evaluated in prefill chunks;
+        its final hidden states after the output norm [T, n_embd], no vocab projection (embeddings).
+        The cache then holds `tokens`, so a later prefill may reuse them as a prefix."""
+        toks = np.asarray(tokens, dtype=np.int64)
+        if toks.size == 0:
+            raise ValueError("hidden_states needs at least one token")
+        if toks.size > self.n_ctx:
+            raise ValueError(f"sequence of {toks.size} tokens exceeds n_ctx={self.n_ctx}")
+        self.ops.use_threads(self.n_threads)
+        self.tokens = []
+        self.kv.reserve(toks.size)
+        outs: list[np.ndarray] = []
+        for s in range(0, toks.size, self.prefill_chunk):
+            chunk = toks[s : s + self.prefill_chunk]
+            h = self.graph.forward(chunk, len(self.tokens), self.kv, "hidden")
+            assert h is not None
+            outs.append(h)
+            self.tokens.extend(int(t) for t in chunk)
+        return np.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]
+
     def prefill(self, prompt: Sequence[int]) -> np.ndarray:
         """Make the cache hold exactly `prompt`, reusing the common prefix; logits [vocab] of its last token."""
         prompt = list(prompt)

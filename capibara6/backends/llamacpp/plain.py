@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import random
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -29,18 +30,23 @@ from ...types import (
     Estimate,
     GenerationOutcome,
     InvalidPrompt,
+    Pooling,
     Prepared,
     Prompt,
     SamplingParams,
     TextPrompt,
     TokenEvent,
 )
+from ..pooling import check_inputs, normalized
 from ..stops import StopText
 
 if TYPE_CHECKING:
     from ...config import ModelSpec
 
 CAPABILITIES = Capabilities()  # llama.cpp honours every sampling field we expose
+
+_POOLING = {"mean": 1, "cls": 2, "last": 3}  # llama.cpp's LLAMA_POOLING_TYPE_*
+EMBED_SEQ_MAX = 64  # inputs per llama_decode in the embedding context (tokens: up to n_ctx)
 
 _KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8}
 
@@ -111,12 +117,14 @@ class LlamaCppBackend:
         self._n_vocab: int = llm.n_vocab()
         self._kv_type = kv_type
         self._kv_bytes: int | None = None
+        self._embed: _EmbedContext | None = None  # made at the first embed call, kept until close
+        self._embed_lock = threading.Lock()  # a batching instance serves several leases at once
 
     # -- class side (backends/base.py BackendClass) --------------------------------------------
 
     @classmethod
     def capabilities(cls, spec: ModelSpec) -> Capabilities:
-        return CAPABILITIES
+        return replace(CAPABILITIES, embeddings=spec.embedding is not None)
 
     @classmethod
     def max_concurrency(cls, spec: ModelSpec) -> int:
@@ -178,6 +186,20 @@ class LlamaCppBackend:
             return Prepared(prompt, tuple(tokens), len(tokens), (), prompt.text)
         check_token_ids(prompt.ids, self._n_vocab)
         return Prepared(prompt, prompt.ids, len(prompt.ids))
+
+    def embed(
+        self, prepared: Sequence[Prepared], pooling: Pooling, normalize: bool, cancel: threading.Event | None = None
+    ) -> list[np.ndarray]:
+        """Through a second llama.cpp context on the same model (embeddings on, llama.cpp pooling),
+        made once: many inputs per llama_decode, each its own sequence (see _EmbedContext)."""
+        inputs = check_inputs(prepared, self.n_ctx)
+        with self._embed_lock:
+            if self._embed is None or self._embed.pooling != pooling:
+                if self._embed is not None:
+                    self._embed.close()
+                self._embed = _EmbedContext(self.llm, self.n_ctx, pooling, self._n_threads)
+            out = self._embed.run(inputs, cancel)
+        return [normalized(v) for v in out] if normalize else out
 
     def set_threads(self, n_threads: int) -> None:
         """Change the thread count between generations (consensus splits the CPUs)."""
@@ -280,6 +302,75 @@ class LlamaCppBackend:
         return self._path.stat().st_size + self.kv_cache_bytes()
 
     def close(self) -> None:
+        with self._embed_lock:
+            if self._embed is not None:
+                self._embed.close()
+                self._embed = None
         self.llm.close()
         self.llm = None
         gc.collect()
+
+
+class _EmbedContext:
+    """A llama.cpp context with embeddings on and pooling in the graph, sharing the generation
+    context's model (weights loaded once). The KV cache is unified (`kv_unified`): up to
+    EMBED_SEQ_MAX inputs, together at most n_ctx tokens, go into one llama_decode as sequences
+    0..k-1, and llama_get_embeddings_seq gives each one's pooled vector. n_ubatch = n_ctx because
+    llama.cpp pools a sequence within one micro-batch, so every input that fits the context fits."""
+
+    def __init__(self, llm: Any, n_ctx: int, pooling: Pooling, n_threads: int) -> None:
+        import llama_cpp
+        from llama_cpp import _internals
+
+        p = llama_cpp.llama_context_default_params()
+        p.n_ctx = n_ctx
+        p.n_batch = p.n_ubatch = n_ctx
+        p.n_seq_max = min(EMBED_SEQ_MAX, llama_cpp.llama_max_parallel_sequences())
+        p.kv_unified = True
+        p.embeddings = True
+        p.pooling_type = _POOLING[pooling]
+        p.n_threads = p.n_threads_batch = n_threads
+        self.pooling = pooling
+        self.n_ctx = n_ctx
+        self.n_seq_max = int(p.n_seq_max)
+        self.n_embd: int = llm.n_embd()
+        self.ctx = _internals.LlamaContext(model=llm._model, params=p, verbose=False)
+        self.batch = _internals.LlamaBatch(n_tokens=n_ctx, embd=0, n_seq_max=self.n_seq_max, verbose=False)
+
+    def run(self, inputs: list[list[int]], cancel: threading.Event | None) -> list[np.ndarray]:
+        """inputs (each <= n_ctx tokens) -> pooled vectors [n_embd], packed greedily in order."""
+        out: list[np.ndarray] = []
+        group: list[list[int]] = []
+        n = 0
+        for ids in inputs:
+            if group and (n + len(ids) > self.n_ctx or len(group) >= self.n_seq_max):
+                out += self._decode(group)
+                group, n = [], 0
+                if cancel is not None and cancel.is_set():
+                    return out
+            group.append(ids)
+            n += len(ids)
+        if group:
+            out += self._decode(group)
+        return out
+
+    def _decode(self, group: list[list[int]]) -> list[np.ndarray]:
+        import llama_cpp
+
+        self.ctx.kv_cache_clear()
+        self.batch.reset()
+        for seq, ids in enumerate(group):
+            self.batch.add_sequence(ids, seq, True)  # every token an output: pooling reads them all
+        self.ctx.decode(self.batch)
+        vecs = []
+        for seq in range(len(group)):
+            ptr = llama_cpp.llama_get_embeddings_seq(self.ctx.ctx, seq)
+            if not ptr:
+                raise RuntimeError("llama.cpp returned no pooled embedding")
+            vecs.append(np.ctypeslib.as_array(ptr, shape=(self.n_embd,)).astype(np.float32))
+        self.ctx.kv_cache_clear()
+        return vecs
+
+    def close(self) -> None:
+        self.batch.close()
+        self.ctx.close()
