@@ -1,0 +1,444 @@
+"""OpenAI's Responses API on the chat path: `POST /v1/responses`, `GET` / `DELETE /v1/responses/{id}`.
+
+A Responses request becomes a chat `Plan` (one choice): `instructions` is a system message first,
+then the stored conversation of `previous_response_id` (its input and output; not its
+instructions, as OpenAI does), then `input`. `text.format` goes through the same grammar path as
+chat's `response_format`. The answer is one assistant `message` item of `output_text`. With
+`store` (default true) the response and its conversation go into the process's bounded store
+(capibara6/api/response_store.py).
+
+The stream is OpenAI's named events, each `event: <type>\\ndata: {...}` with a `sequence_number`:
+
+    response.created, response.in_progress, response.output_item.added, response.content_part.added,
+    response.output_text.delta (one per token piece)*, response.output_text.done,
+    response.content_part.done, response.output_item.done, response.completed | response.incomplete
+
+An error once the headers are out is one `event: error` (whose data also carries `error`, so the
+SDK raises it as an `APIError`), and the stream ends. There is no `data: [DONE]` in this API.
+
+The field rule is chat's (capibara6/api/protocol.py) with this API's own tables below. Tool
+calling is not there yet (issue 16): `tools` other than `[]` and the tool input items
+(`function_call`, `function_call_output`) are a 400 naming them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator, Literal, Union
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+from ..errors import ApiError, InvalidRequest, NotFound
+from ..serving import ChoiceEnd, Generation, Plan, Usage
+from ..types import SamplingParams
+from .grammar import response_format_grammar
+from .protocol import JsonSchemaFormat, Refusal, ResponseFormat, _is
+from .requests import stream_default
+from .response_store import ResponseStore
+from .responses import until_disconnect
+from .state import AppState, app_role, app_state
+from .streaming import EventStream
+
+router = APIRouter()
+
+Messages = list[dict[str, Any]]
+
+# -- the field table (ResponseCreateParams in openai-python 3.57) --------------------------------
+
+# Accepted with any value and dropped: none changes what is generated.
+NO_EFFECT: dict[str, str] = {
+    "user": "an end-user id for OpenAI's abuse monitoring",
+    "safety_identifier": "an end-user id for OpenAI's abuse monitoring",
+    "service_tier": "OpenAI's processing tier (price and latency, not the text)",
+    "prompt_cache_key": "a prompt-cache routing hint; our prefix cache needs none",
+    "prompt_cache_retention": "how long OpenAI keeps cached prefixes",
+    "prompt_cache_options": "OpenAI's cache breakpoints and their lifetime",
+    "max_tool_calls": "a cap on tool calls; no tools run here (tools are refused)",
+}
+
+_TOOLS = "capibara6 does not do tool calling yet (it is coming)"
+
+UNSUPPORTED: dict[str, Refusal] = {
+    "tools": Refusal(f"{_TOOLS}; send no tools, or tools: [].", _is([])),
+    "tool_choice": Refusal(f"{_TOOLS}; omit tool_choice or send 'none' or 'auto'.", _is("none", "auto")),
+    "parallel_tool_calls": Refusal(f"{_TOOLS}; omit parallel_tool_calls or send true.", _is(True)),
+    "background": Refusal("responses are not run in the background; omit background or send false.", _is(False)),
+    "background_options": Refusal("responses are not run in the background; omit background_options."),
+    "conversation": Refusal("there is no Conversations API here; use previous_response_id."),
+    "context_management": Refusal("no server-side context compaction; omit context_management."),
+    "include": Refusal("no extra output data (logprobs, sources, encrypted reasoning); omit include or send [].", _is([])),
+    "prompt": Refusal("there are no stored prompt templates here; send input and instructions."),
+    "reasoning": Refusal("the served models have no reasoning mode; omit reasoning.", _is({}, {"effort": "none"})),
+    "top_logprobs": Refusal("no logprobs on this endpoint yet; omit top_logprobs or send 0.", _is(0)),
+    "truncation": Refusal("input is never truncated; omit truncation or send 'disabled'.", _is("disabled")),
+    "moderation": Refusal("no moderation model runs, so nothing would be scored or blocked; omit moderation."),
+    "image": Refusal("output is text only; omit image."),
+    "access_programs": Refusal("no access programs here; omit access_programs."),
+}
+
+
+def _refuse(param: str, message: str) -> PydanticCustomError:
+    # `param` in ctx: the HTTP layer puts it in the error's `param` (api/app.py)
+    return PydanticCustomError("unsupported_field", "{message}", {"param": param, "message": message})
+
+
+def _apply_rule(data: Any) -> Any:
+    """Drop the no-effect fields and nulls, refuse the unsupported ones; unknown ones stay for
+    `extra=forbid` (a 400 naming them)."""
+    if not isinstance(data, dict):
+        return data
+    kept = {}
+    for name, value in data.items():
+        if name in NO_EFFECT or (value is None and name not in UNSUPPORTED):
+            continue
+        refusal = UNSUPPORTED.get(name)
+        if refusal is None:
+            kept[name] = value
+        elif value is not None and not refusal.accepts(value):
+            raise _refuse(name, refusal.message(name))
+    return kept
+
+
+class TextFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+    description: str | None = None  # tells a model what the format is for; the grammar enforces it either way
+
+    def echo(self) -> dict[str, Any]:
+        """As the Response object repeats it."""
+        if self.type != "json_schema":
+            return {"type": self.type}
+        return {"type": "json_schema", "name": self.name or "response", "schema": self.schema_ or {},
+                "strict": self.strict, "description": self.description}
+
+
+class TextConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: TextFormat = Field(default_factory=TextFormat)
+    verbosity: str | None = None
+
+    @model_validator(mode="after")
+    def _medium_only(self) -> TextConfig:
+        if self.verbosity not in (None, "medium"):
+            raise _refuse("text", "Unsupported parameter: 'text.verbosity' is not supported here: no verbosity control; "
+                                  "omit it or send 'medium' (the default).")
+        return self
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_obfuscation: bool | None = None  # no effect: our events carry no obfuscation padding
+
+
+class ResponsesRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1)
+    input: Union[str, list[dict[str, Any]]]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    text: TextConfig = Field(default_factory=TextConfig)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    store: bool = True
+    previous_response_id: str | None = None
+    metadata: dict[str, str] | None = None  # kept with the response and repeated in it
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_rule(cls, data: Any) -> Any:
+        return _apply_rule(data)
+
+
+# -- input items -> chat messages ----------------------------------------------------------------
+
+ROLES = ("user", "assistant", "system", "developer")
+TEXT_PARTS = ("input_text", "output_text")
+TOOL_ITEMS = ("function_call", "function_call_output", "custom_tool_call", "custom_tool_call_output")
+
+
+def _part_text(part: Any, where: str) -> str:
+    if isinstance(part, str):
+        return part
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind in TEXT_PARTS and isinstance(part.get("text"), str):
+        return str(part["text"])
+    if kind in TEXT_PARTS:
+        raise InvalidRequest(f"{where}: an {kind} part needs a string 'text'.", param="input")
+    raise InvalidRequest(f"{where}: content part type {kind!r} is not supported (text only: input_text, output_text).", param="input")
+
+
+def input_messages(input_: str | list[dict[str, Any]]) -> Messages:
+    """`input` as chat messages; an item or part this server cannot honour is a 400 naming its type."""
+    if isinstance(input_, str):
+        return [{"role": "user", "content": input_}]
+    messages: Messages = []
+    for i, item in enumerate(input_):
+        where = f"input[{i}]"
+        kind = item.get("type", "message")
+        if kind in TOOL_ITEMS:
+            raise InvalidRequest(f"{where}: input item type {kind!r} is not supported: {_TOOLS}.", param="input")
+        if kind != "message":
+            raise InvalidRequest(f"{where}: input item type {kind!r} is not supported (messages only).", param="input")
+        role = item.get("role")
+        if role not in ROLES:
+            raise InvalidRequest(f"{where}: role must be one of {', '.join(ROLES)}, not {role!r}.", param="input")
+        content = item.get("content")
+        if isinstance(content, str):
+            text = content
+        elif isinstance(content, list):
+            text = "".join(_part_text(p, where) for p in content)
+        else:
+            raise InvalidRequest(f"{where}: content must be a string or a list of text parts.", param="input")
+        messages.append({"role": role, "content": text})
+    if not any(m["role"] in ("user", "assistant") for m in messages):
+        raise InvalidRequest("input has no user or assistant message.", param="input")
+    return messages
+
+
+# -- the plan --------------------------------------------------------------------------------------
+
+
+def grammar(fmt: TextFormat) -> str | None:
+    """`text.format` through chat's response_format -> GBNF path."""
+    if fmt.type == "json_schema" and not fmt.schema_:
+        raise InvalidRequest("text.format json_schema needs a schema.", param="text")
+    schema = JsonSchemaFormat.model_validate({"name": fmt.name or "response", "schema": fmt.schema_ or {}, "strict": fmt.strict})
+    try:
+        return response_format_grammar(ResponseFormat(type=fmt.type, json_schema=schema if fmt.type == "json_schema" else None))
+    except InvalidRequest as err:
+        raise InvalidRequest(err.message.replace("response_format", "text.format"), param="text") from None
+
+
+def responses_store(state: AppState) -> ResponseStore:
+    """The process's one store (every port shares it), made on first use from the settings. Kept
+    in the AppState's own namespace: the state is one object per process, made by the server."""
+    store = state.__dict__.get("responses_store")
+    if store is None:
+        s = state.settings
+        store = state.__dict__.setdefault(
+            "responses_store", ResponseStore(s.responses_store_max, s.responses_store_max_bytes, s.responses_store_ttl_s)
+        )
+    assert isinstance(store, ResponseStore)
+    return store
+
+
+def _not_found(response_id: str, param: str | None = None) -> NotFound:
+    return NotFound(f"Response with id '{response_id}' not found.", param=param, code="response_not_found")
+
+
+def conversation(state: AppState, req: ResponsesRequest) -> tuple[Messages, Messages]:
+    """(the prompt's messages, the history to store): instructions, earlier turns, this input."""
+    history: Messages = []
+    if req.previous_response_id is not None:
+        entry = responses_store(state).get(req.previous_response_id)
+        if entry is None:
+            raise _not_found(req.previous_response_id, "previous_response_id")
+        history = list(entry.history)
+    history += input_messages(req.input)
+    system = [{"role": "system", "content": req.instructions}] if req.instructions else []
+    return system + history, history
+
+
+def responses_plan(state: AppState, req: ResponsesRequest, messages: Messages) -> Plan:
+    s = state.settings
+    if req.model not in state.registry.models:
+        if req.model in state.registry.ensembles:
+            raise InvalidRequest(f"'{req.model}' is an ensemble; /v1/responses serves one model.", param="model")
+        state.service.check_limits(req.model, 1, None, ())  # ModelNotFound: 404 as chat answers
+    if req.max_output_tokens is not None and req.max_output_tokens > s.max_tokens_cap:
+        raise InvalidRequest(f"max_output_tokens is {req.max_output_tokens}; the limit is {s.max_tokens_cap}.", param="max_output_tokens")
+    params = SamplingParams(temperature=req.temperature, top_p=req.top_p, grammar=grammar(req.text.format))
+    return Plan(req.model, True, [messages], 1, req.max_output_tokens, params)
+
+
+# -- Response objects ------------------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def usage_object(usage: Usage) -> dict[str, Any]:
+    u = usage.as_dict()
+    return {
+        "input_tokens": u["prompt_tokens"],
+        "input_tokens_details": {"cached_tokens": u["prompt_tokens_details"]["cached_tokens"]},
+        "output_tokens": u["completion_tokens"],
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": u["total_tokens"],
+    }
+
+
+def message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
+    content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if status != "in_progress" else []
+    return {"id": item_id, "type": "message", "role": "assistant", "status": status, "content": content}
+
+
+class Run:
+    """One Responses request's identity and the Response objects it goes through."""
+
+    def __init__(self, req: ResponsesRequest) -> None:
+        self.req = req
+        self.id = new_id("resp")
+        self.item_id = new_id("msg")
+        self.created_at = int(time.time())
+
+    def response(self, status: str, output: list[dict[str, Any]], usage: dict[str, Any] | None) -> dict[str, Any]:
+        req = self.req
+        incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
+        return {
+            "id": self.id, "object": "response", "created_at": self.created_at, "status": status,
+            "completed_at": int(time.time()) if status == "completed" else None,
+            "background": False, "error": None, "incomplete_details": incomplete,
+            "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "max_tool_calls": None,
+            "model": req.model, "output": output, "parallel_tool_calls": True,
+            "previous_response_id": req.previous_response_id, "reasoning": {"effort": None, "summary": None},
+            "service_tier": "default", "store": req.store, "temperature": req.temperature,
+            "text": {"format": req.text.format.echo(), "verbosity": "medium"}, "tool_choice": "auto", "tools": [],
+            "top_logprobs": 0, "top_p": req.top_p, "truncation": "disabled", "usage": usage,
+            "user": None, "metadata": req.metadata or {},
+        }
+
+    def final(self, text: str, finish: str | None, usage: Usage) -> dict[str, Any]:
+        status = "incomplete" if finish == "length" else "completed"
+        return self.response(status, [message_item(self.item_id, text, status)], usage_object(usage))
+
+
+def keep(state: AppState, run: Run, response: dict[str, Any], history: Messages, text: str) -> None:
+    if run.req.store:
+        responses_store(state).put(response, [*history, {"role": "assistant", "content": text}])
+
+
+# -- the stream --------------------------------------------------------------------------------------
+
+
+class Frames:
+    """Named SSE events, numbered in order (`sequence_number` from 0)."""
+
+    def __init__(self) -> None:
+        self.seq = 0
+
+    def event(self, kind: str, **fields: Any) -> bytes:
+        obj = {"type": kind, "sequence_number": self.seq, **fields}
+        self.seq += 1
+        data = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+        return f"event: {kind}\ndata: {data}\n\n".encode()
+
+    def error(self, err: ApiError) -> bytes:
+        body = err.body()["error"]
+        return self.event("error", code=err.code, message=err.message, param=err.param, error=body)
+
+
+async def stream_events(state: AppState, run: Run, gen: Generation, history: Messages, frames: Frames) -> AsyncIterator[bytes]:
+    item, where = run.item_id, {"output_index": 0, "content_index": 0}
+    started = run.response("in_progress", [], None)
+    yield frames.event("response.created", response=started)
+    yield frames.event("response.in_progress", response=started)
+    yield frames.event("response.output_item.added", output_index=0, item=message_item(item, "", "in_progress"))
+    part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+    yield frames.event("response.content_part.added", item_id=item, **where, part=part)
+    pieces: list[str] = []
+    finish: str | None = None
+    async for ev in gen.events():
+        if isinstance(ev, ChoiceEnd):
+            finish = ev.finish_reason
+        elif ev.text:  # an empty piece is a held-back possible stop string
+            pieces.append(ev.text)
+            yield frames.event("response.output_text.delta", item_id=item, **where, delta=ev.text, logprobs=[])
+    text = "".join(pieces)
+    yield frames.event("response.output_text.done", item_id=item, **where, text=text, logprobs=[])
+    yield frames.event("response.content_part.done", item_id=item, **where, part={**part, "text": text})
+    final = run.final(text, finish, gen.usage)
+    yield frames.event("response.output_item.done", output_index=0, item=final["output"][0])
+    keep(state, run, final, history, text)
+    yield frames.event("response.completed" if final["status"] == "completed" else "response.incomplete", response=final)
+
+
+def _set(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def open_stream(state: AppState, run: Run, gen: Generation, history: Messages) -> Response:
+    """As chat's open_stream (capibara6/api/responses.py): the headers go out once the request
+    waits (queue, load) or its prompt is accepted; what is refused before that keeps its status."""
+    waiting: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    opening = asyncio.ensure_future(gen.open(on_wait=lambda: _set(waiting)))
+    try:
+        await asyncio.wait({opening, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        if opening.done():
+            opening.result()
+    except BaseException:
+        opening.cancel()
+        await asyncio.gather(opening, return_exceptions=True)
+        await gen.aclose()
+        raise
+    frames = Frames()
+    return EventStream(opening, stream_events(state, run, gen, history, frames), gen.aclose, state.settings.sse_ping_s, frames.error)
+
+
+# -- routes ------------------------------------------------------------------------------------------
+
+
+@router.post("/v1/responses")
+async def create_response(req: ResponsesRequest, request: Request) -> Response:
+    state = app_state(request)
+    stream = req.stream if req.stream is not None else stream_default(app_role(request))
+    if req.stream_options is not None and not stream:
+        raise InvalidRequest("The 'stream_options' parameter is only allowed when 'stream' is true.", param="stream_options")
+    messages, history = conversation(state, req)
+    plan = responses_plan(state, req, messages)
+    gen = state.service.generation(plan)
+    run = Run(req)
+    if stream:
+        return await open_stream(state, run, gen, history)
+
+    async def complete() -> dict[str, Any]:
+        async with gen:
+            await gen.start()
+            pieces: list[str] = []
+            finish: str | None = None
+            async for ev in gen.events():
+                if isinstance(ev, ChoiceEnd):
+                    finish = ev.finish_reason
+                else:
+                    pieces.append(ev.text)
+        text = "".join(pieces)
+        final = run.final(text, finish, gen.usage)
+        keep(state, run, final, history, text)
+        return final
+
+    return JSONResponse(await until_disconnect(request, complete()))
+
+
+@router.get("/v1/responses/{response_id}")
+async def get_response(response_id: str, request: Request) -> dict[str, Any]:
+    entry = responses_store(app_state(request)).get(response_id)
+    if entry is None:
+        raise _not_found(response_id)
+    return entry.response
+
+
+@router.delete("/v1/responses/{response_id}")
+async def delete_response(response_id: str, request: Request) -> dict[str, Any]:
+    if not responses_store(app_state(request)).delete(response_id):
+        raise _not_found(response_id)
+    return {"id": response_id, "object": "response.deleted", "deleted": True}
+
+
+__all__ = ["ResponsesRequest", "input_messages", "router"]
