@@ -78,6 +78,9 @@ class Metrics:
         # counted by the service from each choice's outcome (cached_tokens), never by a global
         self.prefix_cache_hits: Any = Counter(p + "prefix_cache_hits", "Requests that reused a cached prompt prefix.", ["model"], registry=r)
         self.prefix_cache_tokens: Any = Counter(p + "prefix_cache_tokens", "Prompt tokens reused from the prefix cache.", ["model"], registry=r)
+        # POST /v1/embeddings: requests served and the tokens of their inputs (usage.prompt_tokens)
+        self.embedding_requests: Any = Counter(p + "embedding_requests", "Embedding requests served.", ["model"], registry=r)
+        self.embedding_tokens: Any = Counter(p + "embedding_tokens", "Input tokens embedded.", ["model"], registry=r)
         self._models: frozenset[str] | None = None  # registry ids, known once watch_pool ran
         self._guard()
 
@@ -85,10 +88,11 @@ class Metrics:
         """Swap each labelled metric for a view whose labels() keeps values in their vocabulary."""
         model = self.model_label
         (self.ttft, self.itl, self.e2e, self.queue_time, self.load_time, self.prompt_tokens, self.generation_tokens,
-         self.loads, self.prefix_cache_hits, self.prefix_cache_tokens) = (
+         self.loads, self.prefix_cache_hits, self.prefix_cache_tokens, self.embedding_requests, self.embedding_tokens) = (
             _Vocab(m, model=model) for m in (
                 self.ttft, self.itl, self.e2e, self.queue_time, self.load_time,
                 self.prompt_tokens, self.generation_tokens, self.loads, self.prefix_cache_hits, self.prefix_cache_tokens,
+                self.embedding_requests, self.embedding_tokens,
             )
         )
         self.requests = _Vocab(self.requests, model=model, role=_within(ROLES), endpoint=_within(ENDPOINTS), status=_status)

@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..config import Role, ServerSettings
 from ..errors import ApiError, BodyTooLarge, InvalidRequest, NotFound
-from . import admin, openai_responses, routes
+from . import admin, embeddings, openai_responses, routes
 from .responses import count_request, error_response
 from .state import AppState
 
@@ -100,7 +100,7 @@ def create_app(state: AppState, role: Role) -> FastAPI:
         err.status = exc.status_code
         return error_response(err)
 
-    for router in (routes.probes, routes.models, routes.completions, admin.router, openai_responses.router):
+    for router in (routes.probes, routes.models, routes.completions, admin.router, openai_responses.router, embeddings.router):
         app.include_router(router)
     from .ui import mount_ui  # GET / and /ui/*: the built-in web page (capibara6/api/ui.py), unless --no-ui
 
