@@ -10,6 +10,7 @@ from typing import Any, Iterator
 
 import httpx
 import openai
+import pydantic
 import pytest
 from openai import OpenAI
 
@@ -111,6 +112,10 @@ def test_input_items_as_messages(rserver: ServerProcess) -> None:
     assert r.output_text and r.usage is not None and r.usage.input_tokens > 10
 
 
+class YesNo(pydantic.BaseModel):
+    answer: bool
+
+
 def test_json_schema_output(rserver: ServerProcess) -> None:
     schema = {"type": "object", "properties": {"answer": {"type": "boolean"}}, "required": ["answer"], "additionalProperties": False}
     r = client(rserver).responses.create(
@@ -120,6 +125,9 @@ def test_json_schema_output(rserver: ServerProcess) -> None:
     assert r.status == "completed"
     assert isinstance(json.loads(r.output_text)["answer"], bool)
     assert r.text is not None and r.text.format is not None and r.text.format.type == "json_schema"
+    parsed = client(rserver).responses.parse(model=MODEL, input="Is water wet? Answer in JSON.", max_output_tokens=40,
+                                             temperature=0, text_format=YesNo)  # the SDK's helper: a strict schema
+    assert parsed.output_parsed is not None and isinstance(parsed.output_parsed.answer, bool)
     obj = client(rserver).responses.create(model=MODEL, input="A JSON object about a cat:", max_output_tokens=60,
                                            temperature=0, text={"format": {"type": "json_object"}})
     if obj.status == "completed":
@@ -241,6 +249,8 @@ def _error(resp: httpx.Response, status: int) -> dict[str, Any]:
     ({"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]}, "input", "function_call_output"),
     ({"input": [{"type": "web_search_call", "id": "w"}]}, "input", "web_search_call"),
     ({"input": [{"role": "tool", "content": "x"}]}, "input", "role"),
+    ({"input": []}, "input", "no user"),
+    ({"input": [{"role": "user", "content": [{"type": "input_text"}]}]}, "input", "string 'text'"),
     ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools", "tool calling"),
     ({"tools": [{"type": "web_search"}]}, "tools", "tool calling"),
     ({"reasoning": {"effort": "high"}}, "reasoning", "reasoning"),
