@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from typing import Any, AsyncIterator, Literal, Union
@@ -46,6 +47,7 @@ from .state import AppState, app_role, app_state
 from .streaming import EventStream
 
 router = APIRouter()
+log = logging.getLogger("capibara6.api")
 
 Messages = list[dict[str, Any]]
 
@@ -320,8 +322,8 @@ class Run:
 
 
 def keep(state: AppState, run: Run, response: dict[str, Any], history: Messages, text: str) -> None:
-    if run.req.store:
-        responses_store(state).put(response, [*history, {"role": "assistant", "content": text}])
+    if run.req.store and not responses_store(state).put(response, [*history, {"role": "assistant", "content": text}]):
+        log.warning("responses: %s is over --responses-store-max-bytes on its own; not stored", run.id)
 
 
 # -- the stream --------------------------------------------------------------------------------------
