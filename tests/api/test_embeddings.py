@@ -97,6 +97,18 @@ def test_many_inputs_one_request(client: openai.OpenAI) -> None:
     assert alone[0] @ v[37] > 0.999  # batched with 63 others or alone: the same vector (kernel paths may differ)
 
 
+def test_input_longer_than_n_batch(client: openai.OpenAI) -> None:
+    """n_batch 256 packs short inputs together; a 600-token one (n_ctx 1024) decodes alone, whole."""
+    long = "the river runs to the sea and " * 85
+    out = client.embeddings.create(model=LLAMA, input=["short", long, "also short"], encoding_format="float")
+    assert 256 < out.usage.prompt_tokens < 1024
+    v = np.array([d.embedding for d in out.data])
+    alone = vectors(client, LLAMA, long)[0]
+    assert v[1] @ alone > 0.9999 and v[0] @ vectors(client, LLAMA, "short")[0] > 0.999
+    native = vectors(client, NATIVE, long)[0]
+    assert native @ alone >= AGREEMENT
+
+
 def test_token_id_inputs(client: openai.OpenAI, emb_server: ServerProcess) -> None:
     ids = httpx.post(emb_server.url["standard"] + "/tokenize", json={"model": LLAMA, "content": "Hello world", "add_special": True}).json()["tokens"]
     text = vectors(client, LLAMA, "Hello world")

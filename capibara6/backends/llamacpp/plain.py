@@ -197,7 +197,7 @@ class LlamaCppBackend:
             if self._embed is None or self._embed.pooling != pooling:
                 if self._embed is not None:
                     self._embed.close()
-                self._embed = _EmbedContext(self.llm, self.n_ctx, pooling, self._n_threads)
+                self._embed = _EmbedContext(self.llm, self.n_ctx, pooling, self._n_threads, int(self.llm.n_batch))
             out = self._embed.run(inputs, cancel)
         return [normalized(v) for v in out] if normalize else out
 
@@ -314,11 +314,18 @@ class LlamaCppBackend:
 class _EmbedContext:
     """A llama.cpp context with embeddings on and pooling in the graph, sharing the generation
     context's model (weights loaded once). The KV cache is unified (`kv_unified`): up to
-    EMBED_SEQ_MAX inputs, together at most n_ctx tokens, go into one llama_decode as sequences
+    EMBED_SEQ_MAX inputs, together at most `pack_tokens` (the entry's n_batch) tokens, go into one
+    llama_decode as sequences
     0..k-1, and llama_get_embeddings_seq gives each one's pooled vector. n_ubatch = n_ctx because
-    llama.cpp pools a sequence within one micro-batch, so every input that fits the context fits."""
+    llama.cpp pools a sequence within one micro-batch (a longer input decodes alone), so every
+    input that fits the context fits.
 
-    def __init__(self, llm: Any, n_ctx: int, pooling: Pooling, n_threads: int) -> None:
+    Memory: llama.cpp's embedding mode on a decoder model still runs the LM head for every token
+    and keeps the rows (n_tokens x n_vocab floats per decode: 512 MB for Gemma's 262k vocabulary
+    at 512 tokens, and about half of the compute); packing at most n_batch tokens bounds that for
+    many short inputs. A dedicated embedding GGUF (BERT-like: no LM head) computes no logits."""
+
+    def __init__(self, llm: Any, n_ctx: int, pooling: Pooling, n_threads: int, pack_tokens: int) -> None:
         import llama_cpp
         from llama_cpp import _internals
 
@@ -332,6 +339,7 @@ class _EmbedContext:
         p.n_threads = p.n_threads_batch = n_threads
         self.pooling = pooling
         self.n_ctx = n_ctx
+        self.pack_tokens = max(1, min(n_ctx, pack_tokens))
         self.n_seq_max = int(p.n_seq_max)
         self.n_embd: int = llm.n_embd()
         self.ctx = _internals.LlamaContext(model=llm._model, params=p, verbose=False)
@@ -343,7 +351,7 @@ class _EmbedContext:
         group: list[list[int]] = []
         n = 0
         for ids in inputs:
-            if group and (n + len(ids) > self.n_ctx or len(group) >= self.n_seq_max):
+            if group and (n + len(ids) > self.pack_tokens or len(group) >= self.n_seq_max):
                 out += self._decode(group)
                 group, n = [], 0
                 if cancel is not None and cancel.is_set():
