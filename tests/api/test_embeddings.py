@@ -22,18 +22,82 @@ from capibara6.config import ConfigError, parse_registry
 from tests.conftest import gemma_registry
 from tests.serverproc import ServerProcess
 
-LLAMA, NATIVE, PLAIN = "gemma3-270m", "gemma3-native", "gemma3-plain"
+LLAMA, NATIVE, PLAIN, BERT, BATCHED = "gemma3-270m", "gemma3-native", "gemma3-plain", "tiny-bert", "gemma3-batched"
 TEXTS = ["Hello world", "The capital of France is Paris.", "def f(x): return x + 1", "Rivers flow to the sea."]
 AGREEMENT = 0.99  # cosine native vs llama.cpp, mean pooling (measured: >= 0.9984 on these texts)
 
 
+def write_tiny_bert(path: Path, n_embd: int = 32, n_ff: int = 64, n_layer: int = 2, n_ctx: int = 128) -> Path:
+    """A random-weight BERT GGUF (an encoder: no LM head, no chat template) with a letter-by-letter
+    WordPiece vocabulary, the shape of what a user registers for retrieval (bge, MiniLM)."""
+    import string
+
+    import gguf
+
+    rng = np.random.default_rng(0)
+    letters = list(string.ascii_lowercase + string.digits + ".,!?")
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + ["\u2581" + c for c in letters] + letters
+    w = gguf.GGUFWriter(str(path), "bert")
+    w.add_context_length(n_ctx)
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(n_ff)
+    w.add_block_count(n_layer)
+    w.add_head_count(2)
+    w.add_layer_norm_eps(1e-12)
+    w.add_causal_attention(False)
+    w.add_pooling_type(gguf.PoolingType.MEAN)
+    w.add_token_type_count(2)
+    w.add_tokenizer_model("bert")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL] * 5 + [gguf.TokenType.NORMAL] * (2 * len(letters)))
+    for add, tid in ((w.add_bos_token_id, 2), (w.add_sep_token_id, 3), (w.add_eos_token_id, 3), (w.add_unk_token_id, 1), (w.add_pad_token_id, 0)):
+        add(tid)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(True)
+
+    def rand(name: str, *shape: int) -> None:
+        w.add_tensor(name, (rng.standard_normal(shape) * 0.2).astype(np.float32))
+
+    def norm(name: str) -> None:
+        w.add_tensor(name + ".weight", np.ones(n_embd, np.float32))
+        w.add_tensor(name + ".bias", np.zeros(n_embd, np.float32))
+
+    rand("token_embd.weight", len(tokens), n_embd)
+    rand("token_types.weight", 2, n_embd)
+    rand("position_embd.weight", n_ctx, n_embd)
+    norm("token_embd_norm")
+    for i in range(n_layer):
+        for n in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            rand(f"blk.{i}.{n}.weight", n_embd, n_embd)
+            rand(f"blk.{i}.{n}.bias", n_embd)
+        norm(f"blk.{i}.attn_output_norm")
+        norm(f"blk.{i}.layer_output_norm")
+        rand(f"blk.{i}.ffn_up.weight", n_ff, n_embd)
+        rand(f"blk.{i}.ffn_up.bias", n_ff)
+        rand(f"blk.{i}.ffn_down.weight", n_embd, n_ff)
+        rand(f"blk.{i}.ffn_down.bias", n_embd)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 @pytest.fixture(scope="module")
-def emb_server(gemma_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def bert_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_bert(tmp_path_factory.mktemp("bert") / "tiny-bert.gguf")
+
+
+@pytest.fixture(scope="module")
+def emb_server(gemma_path: Path, bert_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     reg = gemma_registry(
         gemma_path,
         **{
+            BERT: {"backend": "llamacpp", "source": {"path": str(bert_path)}, "n_ctx": 128, "embedding": {"pooling": "mean"}},
             NATIVE: {"backend": "native", "source": {"path": str(gemma_path)}, "chat_format": "gemma", "embedding": {"pooling": "mean"}},
             PLAIN: {"backend": "llamacpp", "source": {"path": str(gemma_path)}, "chat_format": "gemma"},
+            BATCHED: {"backend": "llamacpp", "source": {"path": str(gemma_path)}, "chat_format": "gemma", "parallel": 2,
+                      "embedding": {"pooling": "mean"}},
         },
     )
     reg["models"][LLAMA]["embedding"] = {"pooling": "mean"}
@@ -89,6 +153,20 @@ def test_native_agrees_with_llamacpp(client: openai.OpenAI) -> None:
     assert cos.min() >= AGREEMENT, cos
 
 
+def test_batching_instance_embeds_beside_its_generations(client: openai.OpenAI) -> None:
+    """parallel > 1 (one context, continuous batching): embeddings run in their own context, and
+    two embedding requests at once share the instance's embedding context one after the other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ref = vectors(client, LLAMA, TEXTS)
+    with ThreadPoolExecutor(3) as ex:
+        gen = ex.submit(client.completions.create, model=BATCHED, prompt="Once upon a time", max_tokens=8, temperature=0)
+        runs = [ex.submit(vectors, client, BATCHED, TEXTS) for _ in range(2)]
+        for r in runs:
+            assert (r.result() * ref).sum(axis=1).min() > 0.999
+        assert gen.result().choices[0].text
+
+
 def test_many_inputs_one_request(client: openai.OpenAI) -> None:
     texts = [f"sentence number {i} about item {i * 7}" for i in range(64)]
     v = vectors(client, LLAMA, texts)
@@ -107,6 +185,27 @@ def test_input_longer_than_n_batch(client: openai.OpenAI) -> None:
     assert v[1] @ alone > 0.9999 and v[0] @ vectors(client, LLAMA, "short")[0] > 0.999
     native = vectors(client, NATIVE, long)[0]
     assert native @ alone >= AGREEMENT
+
+
+def test_encoder_gguf_without_chat_template(client: openai.OpenAI, bert_path: Path) -> None:
+    """What a user registers for retrieval: an encoder GGUF (BERT) with no chat template loads,
+    embeds as llama-cpp-python's own embedding mode does, and refuses chat with a 400."""
+    from llama_cpp import Llama
+
+    texts = ["hello world", "abc def", "hello world", "the quick brown fox"]
+    ours = vectors(client, BERT, texts)
+    ref = Llama(model_path=str(bert_path), embedding=True, n_ctx=128, n_threads=1, verbose=False)
+    theirs = np.array(ref.embed(texts, normalize=True))
+    ref.close()
+    assert ours.shape == (4, 32)
+    np.testing.assert_allclose((ours * theirs).sum(axis=1), 1.0, atol=1e-5)
+    assert abs(ours[0] @ ours[2] - 1) < 1e-6 and ours[0] @ ours[1] < 0.99
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=BERT, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert "chat template" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e2:
+        client.embeddings.create(model=BERT, input="word " * 200)  # n_ctx 128
+    assert e2.value.body["code"] == "context_length_exceeded"  # type: ignore[index]
 
 
 def test_token_id_inputs(client: openai.OpenAI, emb_server: ServerProcess) -> None:

@@ -166,6 +166,7 @@ class LlamaCppBatchedBackend(LlamaCppBackend):
         self.decoder = LlamaDecoder(llm, spec, n_threads)
         self.n_ctx = self.decoder.n_cells  # kv_cache_bytes (inherited): the shared cache's cells
         self.scheduler = Scheduler(self.decoder, spec.parallel, spec.prefill_chunk)
+        self.embed_batch = min(spec.n_batch, spec.n_ctx)  # this llm's own context is minimal (n_batch 32)
 
     @classmethod
     def max_concurrency(cls, spec: ModelSpec) -> int:
@@ -183,7 +184,7 @@ class LlamaCppBatchedBackend(LlamaCppBackend):
         # minimal (llama.cpp's smallest) because generation runs in the decoder's context.
         llm = new_llama(model_path=str(path), n_ctx=256, n_batch=32, n_threads=1, logits_all=False, verbose=False)
         try:
-            return cls(model_id, llm, cls._pick_formatter(llm, spec.chat_format), path, spec, n_threads)
+            return cls(model_id, llm, cls._pick_formatter(llm, spec.chat_format, spec.embedding is not None), path, spec, n_threads)
         except Exception:
             llm.close()
             raise

@@ -119,6 +119,7 @@ class LlamaCppBackend:
         self._kv_bytes: int | None = None
         self._embed: _EmbedContext | None = None  # made at the first embed call, kept until close
         self._embed_lock = threading.Lock()  # a batching instance serves several leases at once
+        self.embed_batch: int = int(llm.n_batch)  # most tokens of packed inputs per embedding decode
 
     # -- class side (backends/base.py BackendClass) --------------------------------------------
 
@@ -153,13 +154,17 @@ class LlamaCppBackend:
             verbose=False,
             **_kv_kwargs(spec.kv_cache),
         )
-        return cls(model_id, llm, cls._pick_formatter(llm, spec.chat_format), path, spec.kv_cache, n_threads)
+        return cls(model_id, llm, cls._pick_formatter(llm, spec.chat_format, spec.embedding is not None), path, spec.kv_cache, n_threads)
 
     @staticmethod
-    def _pick_formatter(llm: Any, name: str | None) -> Formatter:
+    def _pick_formatter(llm: Any, name: str | None, embeds: bool = False) -> Formatter:
+        """The named format, else the GGUF's template; an embedding model without either (BERT,
+        nomic-bert) loads anyway and refuses chat requests."""
         if name:
             return get_formatter(name)
         template = llm.metadata.get("tokenizer.chat_template")
+        if not template and embeds:
+            return _no_chat
         if not template:
             raise ValueError("no chat_format given and the GGUF has no chat template")
         bos = llm.detokenize([llm.token_bos()], special=True).decode("utf-8", "replace")
@@ -197,7 +202,7 @@ class LlamaCppBackend:
             if self._embed is None or self._embed.pooling != pooling:
                 if self._embed is not None:
                     self._embed.close()
-                self._embed = _EmbedContext(self.llm, self.n_ctx, pooling, self._n_threads, int(self.llm.n_batch))
+                self._embed = _EmbedContext(self.llm, self.n_ctx, pooling, self._n_threads, self.embed_batch)
             out = self._embed.run(inputs, cancel)
         return [normalized(v) for v in out] if normalize else out
 
@@ -309,6 +314,11 @@ class LlamaCppBackend:
         self.llm.close()
         self.llm = None
         gc.collect()
+
+
+def _no_chat(messages: Sequence[dict[str, Any]]) -> tuple[str, tuple[str, ...]]:
+    raise InvalidPrompt("this model has no chat template (it is registered for embeddings): send `prompt` "
+                        "to /v1/completions or `input` to /v1/embeddings", param="messages")
 
 
 class _EmbedContext:
