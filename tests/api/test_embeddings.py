@@ -260,6 +260,19 @@ def test_bad_requests_in_openai_shape(emb_server: ServerProcess, body: dict[str,
     assert err["type"] == "invalid_request_error" and err["param"] == param
 
 
+def test_client_disconnect_cancels_the_work(emb_server: ServerProcess, client: openai.OpenAI) -> None:
+    """A request of 2000 inputs on the native engine (minutes on one thread) whose client goes
+    away after 1 s stops between inputs: the next request on that model gets its lease at once."""
+    import time
+
+    texts = [f"text number {i} about rivers and the sea, " * 8 for i in range(2000)]  # ~80 tokens each
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(emb_server.url["standard"] + "/v1/embeddings", json={"model": NATIVE, "input": texts}, timeout=1.0)
+    t0 = time.monotonic()
+    vectors(client, NATIVE, "after the disconnect")
+    assert time.monotonic() - t0 < 5  # uncancelled, the 2000 inputs would hold the instance for minutes
+
+
 def test_metrics_count_requests_and_tokens(client: openai.OpenAI, emb_server: ServerProcess) -> None:
     def scrape() -> tuple[float, float]:
         text = httpx.get(emb_server.url["standard"] + "/metrics").text
