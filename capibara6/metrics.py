@@ -26,7 +26,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 disable_created_metrics()  # no `*_created` gauge per series: it doubles the series count for nothing
 POOL_STATES = ("unloaded", "loading", "ready", "busy", "unloading")
 ROLES = frozenset({"standard", "streaming", "consensus"})
-ENDPOINTS = frozenset({"chat", "completions", "consensus", "embeddings"})
+ENDPOINTS = frozenset({"chat", "completions", "consensus", "embeddings", "responses"})
 UNLOAD_REASONS = frozenset({"idle", "evicted", "memory", "shutdown", "error", "admin"})
 REJECT_REASONS = frozenset({"unauthorized", "too_large", "shutting_down"})
 UNKNOWN = "_unknown"

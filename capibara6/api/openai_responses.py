@@ -42,7 +42,7 @@ from .grammar import response_format_grammar
 from .protocol import JsonSchemaFormat, Refusal, ResponseFormat, _is
 from .requests import stream_default
 from .response_store import ResponseStore
-from .responses import until_disconnect
+from .responses import counted, until_disconnect
 from .state import AppState, app_role, app_state
 from .streaming import EventStream
 
@@ -399,6 +399,11 @@ async def open_stream(state: AppState, run: Run, gen: Generation, history: Messa
 
 @router.post("/v1/responses")
 async def create_response(req: ResponsesRequest, request: Request) -> Response:
+    """Counted in capibara6_requests_total{endpoint="responses"} like every completion request."""
+    return await counted(request, req.model, _create(req, request))
+
+
+async def _create(req: ResponsesRequest, request: Request) -> Response:
     state = app_state(request)
     stream = req.stream if req.stream is not None else stream_default(app_role(request))
     if req.stream_options is not None and not stream:

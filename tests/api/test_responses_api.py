@@ -94,6 +94,17 @@ def test_text_response_shape_and_usage(rserver: ServerProcess) -> None:
     assert chat.usage is not None and chat.usage.prompt_tokens == u.input_tokens
 
 
+def test_responses_are_counted_in_requests_total(rserver: ServerProcess) -> None:
+    def count(status: str) -> float:
+        text = httpx.get(rserver.url["standard"] + "/metrics", timeout=30).text
+        prefix = 'capibara6_requests_total{endpoint="responses",model="%s",role="standard",status="%s"} ' % (MODEL, status)
+        return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith(prefix))
+
+    before = count("200")
+    client(rserver).responses.create(model=MODEL, input=ASK, max_output_tokens=2, temperature=0)
+    assert count("200") == before + 1
+
+
 def test_max_output_tokens_gives_incomplete(rserver: ServerProcess) -> None:
     r = client(rserver).responses.create(model=MODEL, input="Count from one to one hundred in words.", max_output_tokens=3, temperature=0)
     assert r.status == "incomplete" and r.incomplete_details is not None
