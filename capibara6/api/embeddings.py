@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import threading
-import time
 from typing import Any, Callable, Literal, TypeVar, Union
 
 import numpy as np
@@ -243,14 +242,12 @@ async def embeddings(req: EmbeddingRequest, request: Request) -> Response:
     state = app_state(request)
     m = state.pool.metrics
     status = 500
-    t0 = time.monotonic()
     try:
         prompts = req.prompts()
         vecs, total = await _until_disconnect(request, asyncio.ensure_future(embed_inputs(state, req.model, prompts, req.dimensions)))
         data = [{"object": "embedding", "index": i, "embedding": _encode(v, req.encoding_format)} for i, v in enumerate(vecs)]
         m.embedding_requests.labels(req.model).inc()
         m.embedding_tokens.labels(req.model).inc(total)
-        m.e2e.labels(req.model).observe(time.monotonic() - t0)
         status = 200
         return JSONResponse({"object": "list", "data": data, "model": req.model,
                              "usage": {"prompt_tokens": total, "total_tokens": total}})

@@ -203,6 +203,9 @@ def test_encoder_gguf_without_chat_template(client: openai.OpenAI, bert_path: Pa
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=BERT, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     assert "chat template" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e3:
+        client.completions.create(model=BERT, prompt="hello", max_tokens=2)
+    assert "encoder" in e3.value.message and e3.value.body["param"] == "model"  # type: ignore[index]
     with pytest.raises(openai.BadRequestError) as e2:
         client.embeddings.create(model=BERT, input="word " * 200)  # n_ctx 128
     assert e2.value.body["code"] == "context_length_exceeded"  # type: ignore[index]

@@ -120,6 +120,9 @@ class LlamaCppBackend:
         self._embed: _EmbedContext | None = None  # made at the first embed call, kept until close
         self._embed_lock = threading.Lock()  # a batching instance serves several leases at once
         self.embed_batch: int = int(llm.n_batch)  # most tokens of packed inputs per embedding decode
+        arch = llm.metadata.get("general.architecture", "")
+        # BERT-like GGUFs say `<arch>.attention.causal: false`: an encoder embeds, it cannot generate
+        self.encoder_only = str(llm.metadata.get(f"{arch}.attention.causal", "true")).lower() == "false"
 
     # -- class side (backends/base.py BackendClass) --------------------------------------------
 
@@ -224,6 +227,9 @@ class LlamaCppBackend:
 
     def prompt_tokens(self, prepared: Prepared, params: SamplingParams, outcome: GenerationOutcome) -> list[int]:
         """The prompt's tokens, checked against the context before anything runs."""
+        if self.encoder_only:
+            raise BackendError(f"Model '{self.model_id}' is an encoder (non-causal attention): it serves "
+                               "/v1/embeddings only, not generation.", param="model")
         tokens = list(prepared.tokens or ())
         if not tokens:
             raise InvalidPrompt("the prompt is empty")
