@@ -277,16 +277,27 @@ def test_client_disconnect_cancels_the_work(emb_server: ServerProcess, client: o
 
 
 def test_metrics_count_requests_and_tokens(client: openai.OpenAI, emb_server: ServerProcess) -> None:
-    def scrape() -> tuple[float, float]:
+    def scrape() -> tuple[float, float, float, float]:
         text = httpx.get(emb_server.url["standard"] + "/metrics").text
-        req = re.search(rf'capibara6_embedding_requests_total{{model="{LLAMA}"}} ([0-9.e+]+)', text)
-        tok = re.search(rf'capibara6_embedding_tokens_total{{model="{LLAMA}"}} ([0-9.e+]+)', text)
-        return (float(req.group(1)) if req else 0.0, float(tok.group(1)) if tok else 0.0)
 
-    r0, t0 = scrape()
+        def value(pattern: str) -> float:
+            m = re.search(pattern + r" ([0-9.e+]+)", text)
+            return float(m.group(1)) if m else 0.0
+
+        def total(status: int) -> str:
+            return re.escape(f'capibara6_requests_total{{endpoint="embeddings",model="{LLAMA}",role="standard",status="{status}"}}')
+
+        return (value(f'capibara6_embedding_requests_total{{model="{LLAMA}"}}'),
+                value(f'capibara6_embedding_tokens_total{{model="{LLAMA}"}}'),
+                value(total(200)), value(total(400)))
+
+    r0, t0, ok0, bad0 = scrape()
     out = client.embeddings.create(model=LLAMA, input=TEXTS, encoding_format="float")
-    r1, t1 = scrape()
+    with pytest.raises(openai.BadRequestError):
+        client.embeddings.create(model=LLAMA, input=["fine", "word " * 1500])
+    r1, t1, ok1, bad1 = scrape()
     assert r1 == r0 + 1 and t1 == t0 + out.usage.prompt_tokens
+    assert ok1 == ok0 + 1 and bad1 == bad0 + 1  # requests_total{endpoint="embeddings"}, once each
 
 
 def test_tokenize_detokenize_round_trip(emb_server: ServerProcess) -> None:
