@@ -23,6 +23,7 @@ from tests.conftest import gemma_registry
 from tests.serverproc import ServerProcess
 
 LLAMA, NATIVE, PLAIN, BERT, BATCHED = "gemma3-270m", "gemma3-native", "gemma3-plain", "tiny-bert", "gemma3-batched"
+RAW = "gemma3-raw"  # embedding: {normalize: false}
 TEXTS = ["Hello world", "The capital of France is Paris.", "def f(x): return x + 1", "Rivers flow to the sea."]
 AGREEMENT = 0.99  # cosine native vs llama.cpp, mean pooling (measured: >= 0.9984 on these texts)
 
@@ -96,6 +97,8 @@ def emb_server(gemma_path: Path, bert_path: Path, tmp_path_factory: pytest.TempP
             BERT: {"backend": "llamacpp", "source": {"path": str(bert_path)}, "n_ctx": 128, "embedding": {"pooling": "mean"}},
             NATIVE: {"backend": "native", "source": {"path": str(gemma_path)}, "chat_format": "gemma", "embedding": {"pooling": "mean"}},
             PLAIN: {"backend": "llamacpp", "source": {"path": str(gemma_path)}, "chat_format": "gemma"},
+            RAW: {"backend": "llamacpp", "source": {"path": str(gemma_path)}, "chat_format": "gemma",
+                  "embedding": {"pooling": "mean", "normalize": False}},
             BATCHED: {"backend": "llamacpp", "source": {"path": str(gemma_path)}, "chat_format": "gemma", "parallel": 2,
                       "embedding": {"pooling": "mean"}},
         },
@@ -229,6 +232,16 @@ def test_dimensions(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as e:
         client.embeddings.create(model=LLAMA, input="x", dimensions=10_000)
     assert e.value.body["param"] == "dimensions"  # type: ignore[index]
+
+
+def test_normalize_false(client: openai.OpenAI) -> None:
+    raw, unit = vectors(client, RAW, TEXTS[:2]), vectors(client, LLAMA, TEXTS[:2])
+    norms = np.linalg.norm(raw, axis=1)
+    assert (abs(norms - 1) > 1e-3).all()
+    np.testing.assert_allclose(raw / norms[:, None], unit, atol=1e-5)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.embeddings.create(model=RAW, input="x", dimensions=64)
+    assert e.value.body["param"] == "dimensions" and RAW in e.value.message  # type: ignore[index]
 
 
 def test_model_that_does_not_embed(client: openai.OpenAI) -> None:
