@@ -34,10 +34,11 @@ from ..backends import capabilities
 from ..backends.base import Backend
 from ..backends.pooling import normalized
 from ..crash import model_context
-from ..errors import ApiError, InvalidRequest, ModelNotFound
+from ..errors import InvalidRequest, ModelNotFound
 from ..types import BackendError, InputTooLong, InvalidPrompt, Prompt, TextPrompt, TokenPrompt
 from .protocol import _apply_rule
-from .state import AppState, app_role, app_state
+from .responses import counted
+from .state import AppState, app_state
 
 MAX_INPUTS = 2048  # inputs per request (OpenAI's limit)
 MAX_TOTAL_TOKENS = 300_000  # tokens over all inputs of one request (OpenAI's limit)
@@ -239,27 +240,20 @@ async def _until_disconnect(request: Request, work: asyncio.Future[T]) -> T:
 
 @router.post("/v1/embeddings")
 async def embeddings(req: EmbeddingRequest, request: Request) -> Response:
+    """Counted once in capibara6_requests_total{endpoint="embeddings"} (api/responses.py counted)."""
+    return await counted(request, req.model, _embeddings(req, request))
+
+
+async def _embeddings(req: EmbeddingRequest, request: Request) -> Response:
     state = app_state(request)
     m = state.pool.metrics
-    status = 500
-    try:
-        prompts = req.prompts()
-        vecs, total = await _until_disconnect(request, asyncio.ensure_future(embed_inputs(state, req.model, prompts, req.dimensions)))
-        data = [{"object": "embedding", "index": i, "embedding": _encode(v, req.encoding_format)} for i, v in enumerate(vecs)]
-        m.embedding_requests.labels(req.model).inc()
-        m.embedding_tokens.labels(req.model).inc(total)
-        status = 200
-        return JSONResponse({"object": "list", "data": data, "model": req.model,
-                             "usage": {"prompt_tokens": total, "total_tokens": total}})
-    except ApiError as err:
-        status = err.status
-        raise
-    except asyncio.CancelledError:
-        status = 499
-        raise
-    finally:
-        model = m.model_label(req.model) if req.model in state.registry.models else "_unknown"
-        m.requests.labels(model, app_role(request), "embeddings", str(status)).inc()
+    prompts = req.prompts()
+    vecs, total = await _until_disconnect(request, asyncio.ensure_future(embed_inputs(state, req.model, prompts, req.dimensions)))
+    data = [{"object": "embedding", "index": i, "embedding": _encode(v, req.encoding_format)} for i, v in enumerate(vecs)]
+    m.embedding_requests.labels(req.model).inc()
+    m.embedding_tokens.labels(req.model).inc(total)
+    return JSONResponse({"object": "list", "data": data, "model": req.model,
+                         "usage": {"prompt_tokens": total, "total_tokens": total}})
 
 
 @router.post("/tokenize")

@@ -12,7 +12,8 @@ from ..types import SamplingParams
 from .grammar import response_format_grammar
 from .protocol import ChatCompletionRequest, CompletionRequest
 
-ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/responses": "responses"}
+ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/responses": "responses",
+             "/v1/embeddings": "embeddings"}
 
 
 def stream_default(role: str) -> bool:
