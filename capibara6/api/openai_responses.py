@@ -23,7 +23,6 @@ calling is not there yet (issue 16): `tools` other than `[]` and the tool input 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -42,7 +41,7 @@ from .grammar import response_format_grammar
 from .protocol import JsonSchemaFormat, Refusal, ResponseFormat, _is
 from .requests import stream_default
 from .response_store import ResponseStore
-from .responses import counted, until_disconnect
+from .responses import counted, open_generation, until_disconnect
 from .state import AppState, app_role, app_state
 from .streaming import EventStream
 
@@ -371,25 +370,9 @@ async def stream_events(state: AppState, run: Run, gen: Generation, history: Mes
     yield frames.event("response.completed" if final["status"] == "completed" else "response.incomplete", response=final)
 
 
-def _set(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
 async def open_stream(state: AppState, run: Run, gen: Generation, history: Messages) -> Response:
-    """As chat's open_stream (capibara6/api/responses.py): the headers go out once the request
-    waits (queue, load) or its prompt is accepted; what is refused before that keeps its status."""
-    waiting: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    opening = asyncio.ensure_future(gen.open(on_wait=lambda: _set(waiting)))
-    try:
-        await asyncio.wait({opening, waiting}, return_when=asyncio.FIRST_COMPLETED)
-        if opening.done():
-            opening.result()
-    except BaseException:
-        opening.cancel()
-        await asyncio.gather(opening, return_exceptions=True)
-        await gen.aclose()
-        raise
+    """The Responses event stream of `gen`; its headers go out as chat's do (open_generation)."""
+    opening = await open_generation(gen)
     frames = Frames()
     return EventStream(opening, stream_events(state, run, gen, history, frames), gen.aclose, state.settings.sse_ping_s, frames.error)
 

@@ -99,10 +99,17 @@ def _set(fut: asyncio.Future[None]) -> None:
 
 
 async def open_stream(gen: Generation, want_lp: bool, include_usage: bool, ping_s: float) -> Response:
-    """The headers go out as soon as the request has to wait (queue, load) or its prompt is
-    accepted (before the prefill), whichever comes first. Everything decided before that
-    (QueueFull at enqueue, shutting down, a prompt over the context) is still a plain JSON
-    error with its status; what fails later is told in the stream (framing.sse_error)."""
+    """A chat/completions stream of `gen` (see open_generation)."""
+    opening = await open_generation(gen)
+    return EventStream(opening, stream_sse(gen, want_lp, include_usage), gen.aclose, ping_s)
+
+
+async def open_generation(gen: Generation) -> asyncio.Future[None]:
+    """Start `gen` and return once the headers may go out: as soon as the request has to wait
+    (queue, load) or its prompt is accepted (before the prefill), whichever comes first.
+    Everything decided before that (QueueFull at enqueue, shutting down, a prompt over the
+    context) raises here, so it is still a plain JSON error with its status; what fails later is
+    told in the stream. Returns the opening task, for the EventStream to await after the headers."""
     waiting: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     opening = asyncio.ensure_future(gen.open(on_wait=lambda: _set(waiting)))
     try:
@@ -114,7 +121,7 @@ async def open_stream(gen: Generation, want_lp: bool, include_usage: bool, ping_
         await asyncio.gather(opening, return_exceptions=True)
         await gen.aclose()
         raise
-    return EventStream(opening, stream_sse(gen, want_lp, include_usage), gen.aclose, ping_s)
+    return opening
 
 
 __all__ = ["count_request", "counted", "error_response", "open_stream", "respond", "until_disconnect"]
