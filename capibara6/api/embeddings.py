@@ -211,7 +211,7 @@ async def detokenize_ids(state: AppState, model: str | None, ids: list[int]) -> 
         try:
             backend.prepare(TokenPrompt(tuple(ids)))  # ids outside the vocabulary: a 400, never a crash in C
             return backend.detokenize(ids)
-        except (BackendError, NotImplementedError) as err:
+        except BackendError as err:
             raise InvalidRequest(str(err), param="tokens") from None
 
     return await _leased(state, mid, job)

@@ -38,7 +38,7 @@ from ..errors import ApiError, InvalidRequest, NotFound
 from ..serving import ChoiceEnd, Generation, Plan, Usage
 from ..types import SamplingParams
 from .grammar import response_format_grammar
-from .protocol import JsonSchemaFormat, Refusal, ResponseFormat, _is
+from .protocol import JsonSchemaFormat, Refusal, ResponseFormat, _apply_rule, _is
 from .requests import stream_default
 from .response_store import ResponseStore
 from .responses import counted, open_generation, until_disconnect
@@ -87,23 +87,6 @@ UNSUPPORTED: dict[str, Refusal] = {
 def _refuse(param: str, message: str) -> PydanticCustomError:
     # `param` in ctx: the HTTP layer puts it in the error's `param` (api/app.py)
     return PydanticCustomError("unsupported_field", "{message}", {"param": param, "message": message})
-
-
-def _apply_rule(data: Any) -> Any:
-    """Drop the no-effect fields and nulls, refuse the unsupported ones; unknown ones stay for
-    `extra=forbid` (a 400 naming them)."""
-    if not isinstance(data, dict):
-        return data
-    kept = {}
-    for name, value in data.items():
-        if name in NO_EFFECT or (value is None and name not in UNSUPPORTED):
-            continue
-        refusal = UNSUPPORTED.get(name)
-        if refusal is None:
-            kept[name] = value
-        elif value is not None and not refusal.accepts(value):
-            raise _refuse(name, refusal.message(name))
-    return kept
 
 
 class TextFormat(BaseModel):
@@ -162,7 +145,7 @@ class ResponsesRequest(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _one_rule(cls, data: Any) -> Any:
-        return _apply_rule(data)
+        return _apply_rule(data, UNSUPPORTED, NO_EFFECT)
 
 
 # -- input items -> chat messages ----------------------------------------------------------------

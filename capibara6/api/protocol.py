@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Literal, Union
+from typing import Any, Callable, ClassVar, Literal, Mapping, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -100,14 +100,15 @@ COMPLETION_UNSUPPORTED: dict[str, Refusal] = {
 }
 
 
-def _apply_rule(data: Any, unsupported: dict[str, Refusal]) -> Any:
+def _apply_rule(data: Any, unsupported: dict[str, Refusal], no_effect: Mapping[str, str] = NO_EFFECT) -> Any:
     """Drop the no-effect fields and nulls (null is absent, as in OpenAI's API: `temperature:
-    null` is the default), refuse the unsupported ones; unknown ones stay for `extra=forbid`."""
+    null` is the default), refuse the unsupported ones; unknown ones stay for `extra=forbid`.
+    Each endpoint passes its own tables (chat, completions, embeddings, responses)."""
     if not isinstance(data, dict):
         return data
     kept = {}
     for name, value in data.items():
-        if name in NO_EFFECT or (value is None and name not in unsupported):
+        if name in no_effect or (value is None and name not in unsupported):
             continue
         refusal = unsupported.get(name)
         if refusal is None:

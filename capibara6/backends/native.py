@@ -34,7 +34,7 @@ from ..types import (
     TextPrompt,
     TokenEvent,
 )
-from .llamacpp.plain import check_logit_bias, check_token_ids
+from .checks import check_logit_bias, check_token_ids
 from .pooling import check_inputs, normalized, pool
 from .stops import StopText
 

@@ -124,7 +124,7 @@ class RemoteBackend:
         return Prepared(prompt, None, estimate_tokens(prompt), (), text)
 
     def detokenize(self, ids: Sequence[int]) -> str:
-        raise NotImplementedError("a remote model has no local vocabulary")  # capabilities: echo=False
+        raise Unsupported(self.model_id, "tokens", "a remote model has no local vocabulary")  # capabilities: echo=False
 
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
         raise Unsupported(self.model_id, "content", "a remote model has no local vocabulary")

@@ -37,6 +37,7 @@ from ...types import (
     TextPrompt,
     TokenEvent,
 )
+from ..checks import check_logit_bias, check_token_ids
 from ..pooling import check_inputs, normalized
 from ..stops import StopText
 
@@ -58,23 +59,6 @@ def _kv_kwargs(kv_cache: str | None) -> dict[str, Any]:
         raise ValueError(f"kv_cache {kv_cache!r} is not one of {sorted(_KV_TYPES)} for backend llamacpp")
     # a quantized V cache needs flash attention in llama.cpp
     return {"type_k": _KV_TYPES[kv_cache], "type_v": _KV_TYPES[kv_cache], "flash_attn": True}
-
-
-def check_token_ids(ids: Sequence[int], n_vocab: int) -> None:
-    """A token prompt must be non-empty ids of this vocabulary (else a 400, never a crash in C)."""
-    if not ids:
-        raise InvalidPrompt("the prompt is empty")
-    bad = next((i for i in ids if not 0 <= i < n_vocab), None)
-    if bad is not None:
-        raise InvalidPrompt(f"token id {bad} is outside this model's vocabulary (0..{n_vocab - 1})")
-
-
-def check_logit_bias(bias: tuple[tuple[int, float], ...], n_vocab: int) -> None:
-    """logit_bias keys must be ids of this vocabulary (the edge checked their form, not their range)."""
-    bad = next((t for t, _ in bias if not 0 <= t < n_vocab), None)
-    if bad is not None:
-        raise BackendError(f"logit_bias names token id {bad}, outside this model's vocabulary (0..{n_vocab - 1})",
-                           param="logit_bias")
 
 
 def _bias_processor(bias: tuple[tuple[int, float], ...]) -> Any:
