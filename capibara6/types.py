@@ -39,6 +39,7 @@ class ChatPrompt:
     """Chat messages; the backend applies its model's template (remote: the remote server does)."""
 
     messages: tuple[Message, ...]
+    tools: tuple[dict[str, Any], ...] = ()  # OpenAI tool objects, for templates that render them
 
 
 @dataclass(frozen=True)

@@ -115,7 +115,7 @@ class NativeBackend:
 
     def prepare(self, prompt: Prompt) -> Prepared:
         if isinstance(prompt, ChatPrompt):
-            text, stops = self._formatter(list(prompt.messages))
+            text, stops = self._formatter(list(prompt.messages), prompt.tools)
             ids = self.tokenize(text)
             return Prepared(prompt, tuple(ids), len(ids), stops, text)
         if isinstance(prompt, TextPrompt):

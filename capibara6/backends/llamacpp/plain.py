@@ -170,7 +170,7 @@ class LlamaCppBackend:
     def prepare(self, prompt: Prompt) -> Prepared:
         """Chat: the named (or the GGUF's) template, then tokens; text: tokens; ids: checked."""
         if isinstance(prompt, ChatPrompt):
-            text, stops = self._formatter(list(prompt.messages))
+            text, stops = self._formatter(list(prompt.messages), prompt.tools)
             tokens = self.tokenize(text)
             return Prepared(prompt, tuple(tokens), len(tokens), stops, text)
         if isinstance(prompt, TextPrompt):
@@ -306,7 +306,7 @@ class LlamaCppBackend:
         gc.collect()
 
 
-def _no_chat(messages: Sequence[dict[str, Any]]) -> tuple[str, tuple[str, ...]]:
+def _no_chat(messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] = ()) -> tuple[str, tuple[str, ...]]:
     raise InvalidPrompt("this model has no chat template (it is registered for embeddings): send `prompt` "
                         "to /v1/completions or `input` to /v1/embeddings", param="messages")
 
