@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..chat_templates import get_formatter
+from ..chat_templates import get_formatter, jinja_formatter
 from ..engine.runner import Runner
 from ..engine.sampler import Sampler
 from ..engine.tokenizer import Tokenizer
@@ -103,7 +103,13 @@ class NativeBackend:
         )
         tok = Tokenizer(path)
         fmt = spec.chat_format or _DEFAULT_CHAT_FORMAT.get(runner.config.arch, "chatml")
-        return cls(model_id, runner, tok, fmt)
+        backend = cls(model_id, runner, tok, fmt)
+        template = read_header(path).metadata.get("tokenizer.chat_template")
+        if not spec.chat_format and isinstance(template, str) and runner.config.arch not in _DEFAULT_CHAT_FORMAT:
+            # the GGUF's own template, as the llama.cpp backend uses it: identical prompts (and tools) on both
+            bos, eos = tok.special_text(tok.bos_id), tok.special_text(tok.eos_id)
+            backend.chat_format, backend._formatter = "jinja", jinja_formatter(template, bos, eos)
+        return backend
 
     # -- instance side (backends/base.py Backend) ----------------------------------------------
 

@@ -51,6 +51,11 @@ class Tokenizer:
             self._pieces[token] = p
         return p
 
+    def special_text(self, token: int) -> str:
+        """A token's text with special tokens spelled out (`<|im_end|>`): what templates call bos/eos."""
+        assert self._llm is not None
+        return bytes(self._llm.detokenize([token], special=True)).decode("utf-8", "replace")
+
     def detokenize(self, tokens: list[int]) -> str:
         return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
 
