@@ -76,6 +76,9 @@ class ModelSpec(_Strict):
     queue_timeout_s: float = Field(600.0, gt=0, description="Longest wait for a slot; past it: 503.")
     tags: list[str] = Field(default_factory=list, description="Routing tags: general, code, multilingual, ...")
     priority: int = Field(0, description="Higher wins ties in consensus votes.")
+    reasoning: Literal["auto", "think", "none"] = Field(
+        "auto", description="Thinking split: auto (the chat template uses <think>), think (always), none; "
+        "the thinking goes to reasoning_content.")
     description: str = Field("", description="Shown in /v1/models and `capibara6 models`.")
     remote_model: str | None = Field(None, description="Model id to ask the remote server for (backend remote).")
     api_key_env: str | None = Field(None, description="Env var holding the remote server's API key.")

@@ -18,13 +18,15 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Callable, Iterator, Sequence, cast
 
-from .backends import capabilities
+from .backends import capabilities, model_path
 from .backends.base import Backend
 from .config import Registry, ServerSettings
 from .errors import ApiError, ContextTooLong, InvalidRequest, ModelNotFound
+from .gguf_header import read_header
 from .metrics import RequestTimer
 from .pool import ModelPool
 from .token_stream import TokenStream
+from .tool_use import ChatTraits, ToolRequest, ToolRun, chat_traits, resolve, run_auto
 from .types import (
     BackendError,
     ChatPrompt,
@@ -51,6 +53,7 @@ class Plan:
     max_tokens: int | None  # None: up to the context (capped)
     params: SamplingParams  # max_tokens there is a placeholder
     echo: bool = False
+    tools: ToolRequest | None = None  # chat only: the request's tools, checked (capibara6/tool_use.py)
 
     def choices(self) -> list[tuple[int, PromptSource]]:
         """(choice index, prompt) for every prompt x n, in OpenAI's index order."""
@@ -102,6 +105,7 @@ class Service:
         self.registry = registry
         self.pool = pool
         self.settings = settings
+        self._traits: dict[str, ChatTraits] = {}
 
     def check_limits(self, model: str, n: int, max_tokens: int | None, stops: Sequence[str]) -> None:
         s = self.settings
@@ -129,15 +133,54 @@ class Service:
 
     def generation(self, plan: Plan) -> Generation:
         self.check_capabilities(plan)
-        return Generation(self, plan)
+        return Generation(self, plan, self.tool_run(plan))
+
+    def traits(self, model: str) -> ChatTraits:
+        """The model's chat traits (tool format, thinking), from its GGUF header, once per model."""
+        cached = self._traits.get(model)
+        if cached is None:
+            spec = self.registry.models[model]
+            template = None
+            try:
+                path = model_path(spec, self.registry.base_dir)
+                if path is not None:
+                    template = read_header(path).metadata.get("tokenizer.chat_template")
+            except (OSError, ImportError, ValueError):
+                template = None  # the load will fail and say why
+            cached = self._traits[model] = chat_traits(template if isinstance(template, str) else None,
+                                                       spec.chat_format is not None, spec.reasoning)
+        return cached
+
+    def tool_run(self, plan: Plan) -> ToolRun | None:
+        """The request's tools resolved for its model (None: the plain path). Fields the model's
+        backend cannot honour with tools are a 400 naming them, before any lease."""
+        if not plan.chat:
+            return None
+        messages = cast("Messages", plan.prompts[0])
+        run = resolve(plan.tools, messages, self.traits(plan.model))
+        if run is None or not run.calls_possible:
+            return run
+        spec = self.registry.models[plan.model]
+        caps = capabilities(spec)
+        if not caps.tools:
+            raise InvalidRequest(f"model {plan.model!r} cannot take tools: its backend ({spec.backend}) does not run the "
+                                 "model here, so the calls could not be constrained", param="tools")
+        if not caps.grammar:
+            raise InvalidRequest(f"model {plan.model!r} cannot take tools: its backend ({spec.backend}) has no grammar "
+                                 "engine to constrain the calls", param="tools")
+        if plan.params.grammar is not None:
+            raise InvalidRequest("response_format cannot be combined with tools here: the calls have their own grammar",
+                                 param="response_format")
+        return run
 
 
 class Generation:
     """One request's run. Use `async with` or call `aclose()`; iterate `events()`."""
 
-    def __init__(self, service: Service, plan: Plan) -> None:
+    def __init__(self, service: Service, plan: Plan, tool_run: ToolRun | None = None) -> None:
         self.service = service
         self.plan = plan
+        self.tool_run = tool_run  # tools, tool history or thinking: how the answer is rendered and read
         self.id = new_id("chatcmpl" if plan.chat else "cmpl")
         self.created = int(time.time())
         self.usage = Usage()
@@ -203,8 +246,11 @@ class Generation:
         loop = asyncio.get_running_loop()
         accepted: asyncio.Future[None] = loop.create_future()
 
+        run = self.tool_run
+
         def prepare(cancel: threading.Event) -> Iterator[TokenEvent]:
-            prepared = backend.prepare(to_prompt(prompt))  # templating and tokens: the backend's, once
+            # templating and tokens: the backend's, once
+            prepared = backend.prepare(ChatPrompt(tuple(run.messages), run.template_tools) if run else to_prompt(prompt))
             stops = tuple(params.stop) + tuple(s for s in prepared.stops if s not in params.stop)
             if prepared.n_tokens > limits.max_prompt_tokens:
                 raise InvalidRequest(
@@ -212,7 +258,10 @@ class Generation:
                 )
             room = backend.n_ctx - prepared.n_tokens
             max_tokens = self.plan.max_tokens or max(1, min(limits.max_tokens_cap, room))
-            return backend.generate(prepared, replace(params, max_tokens=max_tokens, stop=stops), outcome, cancel)
+            call = replace(params, max_tokens=max_tokens, stop=stops, grammar=run.grammar if run and run.grammar else params.grammar)
+            if run is not None and run.lazy is not None:
+                return run_auto(backend, prepared, call, outcome, cancel, run.format.marker, run.lazy)
+            return backend.generate(prepared, call, outcome, cancel)
 
         def job(cancel: threading.Event) -> Iterator[TokenEvent]:
             try:

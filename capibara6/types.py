@@ -147,6 +147,7 @@ class Capabilities:
     echo: bool = True  # the prompt's text can be given back (completions `echo`)
     local: bool = True  # generates on this machine's CPUs (consensus splits its threads)
     embeddings: bool = False  # /v1/embeddings: decided per entry (ModelSpec.embedding), never per class
+    tools: bool = True  # tool calls are generated here, under a grammar (a remote does not forward tools)
 
     def refused(self, params: SamplingParams) -> list[str]:
         """Request field names that `params` asks for and this backend cannot honour."""

@@ -69,6 +69,10 @@ def _check(state: Any, cplan: ConsensusPlan, plan: Plan, want_lp: bool) -> None:
         raise InvalidRequest("n must be 1 on the consensus port (one merged answer).", param="n")
     if want_lp:
         raise InvalidRequest("logprobs are not available for a merged answer.", param="logprobs")
+    if plan.tools is not None:
+        # a merged answer is text; voting on calls (same name, equal arguments) is not built yet
+        raise InvalidRequest("tools are not served on the consensus port: a merged answer is text; send tools to one "
+                             "model on the standard or streaming port.", param="tools")
     if len(plan.prompts) != 1 or plan.echo:
         raise InvalidRequest("The consensus port takes one prompt and no echo.", param="prompt")
     for model in {*cplan.experts, cplan.judge, cplan.aggregator} - {None}:

@@ -7,6 +7,8 @@ from typing import Any, AsyncIterator
 
 from ..errors import ApiError
 from ..serving import ChoiceEnd, Delta, Generation
+from ..tool_use import ToolRun
+from . import answers
 
 SSE_DONE = b"data: [DONE]\n\n"
 
@@ -61,11 +63,12 @@ def head(run_id: str, created: int, model: str, chat: bool, chunk: bool) -> dict
     return {"id": run_id, "object": obj, "created": created, "model": model, "system_fingerprint": "capibara6"}
 
 
-def final_choice(chat: bool, index: int, text: str, logprobs: Any, finish: str | None) -> dict[str, Any]:
-    """One choice of a complete (non-streamed) response."""
+def final_choice(chat: bool, index: int, text: str, logprobs: Any, finish: str | None, run: ToolRun | None = None) -> dict[str, Any]:
+    """One choice of a complete (non-streamed) response (chat: tool calls and thinking read out)."""
     if chat:
-        return {"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": logprobs, "finish_reason": finish}
+        msg = answers.message(text, run)
+        return {"index": index, "message": msg, "logprobs": logprobs,
+                "finish_reason": answers.finish_reason(finish, len(msg.get("tool_calls") or ()))}
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
 
@@ -97,7 +100,7 @@ async def complete_json(gen: Generation, want_logprobs: bool) -> dict[str, Any]:
     for index in sorted(ends):
         ds = deltas.get(index, [])
         lp = (chat_logprobs(ds) if chat else completion_logprobs(ds)) if want_logprobs else None
-        choices.append(final_choice(chat, index, "".join(texts.get(index, [])), lp, ends[index]))
+        choices.append(final_choice(chat, index, "".join(texts.get(index, [])), lp, ends[index], gen.tool_run))
     return {**_head(gen, False), "choices": choices, "usage": gen.usage.as_dict()}
 
 
@@ -105,25 +108,34 @@ async def stream_sse(gen: Generation, want_logprobs: bool, include_usage: bool) 
     """OpenAI's SSE: a role chunk, a chunk per token, a finish chunk, optional usage, [DONE]."""
     top = _head(gen, True)
     usage_null = {"usage": None} if include_usage else {}
-    started: set[int] = set()
+    shapers: dict[int, answers.Shaper] = {}
 
     def chunk(index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> bytes:
         return sse({**top, "choices": [chunk_choice(gen.plan.chat, index, delta, finish, logprobs)], **usage_null})
 
     async for ev in gen.events():
-        if gen.plan.chat and ev.index not in started:
-            started.add(ev.index)
+        shaper = shapers.get(ev.index)
+        if gen.plan.chat and shaper is None:
+            shaper = shapers[ev.index] = answers.Shaper(gen.tool_run)
             yield chunk(ev.index, {"role": "assistant", "content": ""})
         if isinstance(ev, ChoiceEnd):
-            yield chunk(ev.index, {}, ev.finish_reason)
+            for delta in shaper.finish() if shaper is not None else ():
+                yield chunk(ev.index, delta)
+            yield chunk(ev.index, {}, answers.finish_reason(ev.finish_reason, shaper.calls if shaper else 0))
             continue
         has_lp = want_logprobs and ev.event is not None and ev.event.logprob is not None
-        if not ev.text and not has_lp:
-            continue  # held back (possible stop string) or an empty piece
         lp = None
         if has_lp:
             lp = chat_logprobs([ev]) if gen.plan.chat else completion_logprobs([ev])
-        yield chunk(ev.index, {"content": ev.text}, None, lp)
+        if shaper is None or shaper.plain:
+            if ev.text or has_lp:  # else held back (possible stop string) or an empty piece
+                yield chunk(ev.index, {"content": ev.text}, None, lp)
+            continue
+        deltas = shaper.feed(ev.text) if ev.text else []
+        if not deltas and has_lp:
+            deltas = [{}]  # the token's logprobs go out even while its text is held back
+        for k, delta in enumerate(deltas):
+            yield chunk(ev.index, delta, None, lp if k == 0 else None)
     if include_usage:
         yield sse({**top, "choices": [], "usage": gen.usage.as_dict()})
     yield SSE_DONE

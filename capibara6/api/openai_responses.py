@@ -63,7 +63,7 @@ NO_EFFECT: dict[str, str] = {
     "max_tool_calls": "a cap on tool calls; no tools run here (tools are refused)",
 }
 
-_TOOLS = "capibara6 does not do tool calling yet (it is coming)"
+_TOOLS = "tool calling is served on /v1/chat/completions; the Responses API here answers with text (its tool items are not served yet)"
 
 UNSUPPORTED: dict[str, Refusal] = {
     "tools": Refusal(f"{_TOOLS}; send no tools, or tools: [].", _is([])),

@@ -73,7 +73,7 @@ class Refusal:
         return f"Unsupported parameter: '{name}' is not supported here: {self.why}"
 
 
-_TOOLS = "capibara6 does not do tool calling yet (it is coming)"
+_LEGACY = "the deprecated functions API is not served: send the same functions as `tools`"
 
 
 def _is(*values: Any) -> Callable[[Any], bool]:
@@ -81,15 +81,13 @@ def _is(*values: Any) -> Callable[[Any], bool]:
 
 
 CHAT_UNSUPPORTED: dict[str, Refusal] = {
-    "tools": Refusal(f"{_TOOLS}; send no tools, or tools: [].", _is([])),
-    "tool_choice": Refusal(f"{_TOOLS}; omit tool_choice or send 'none'.", _is("none")),
-    "parallel_tool_calls": Refusal(f"{_TOOLS}; omit parallel_tool_calls or send true.", _is(True)),
-    "functions": Refusal(f"{_TOOLS}; send no functions, or functions: [].", _is([])),
-    "function_call": Refusal(f"{_TOOLS}; omit function_call or send 'none'.", _is("none")),
+    "functions": Refusal(f"{_LEGACY}; send no functions, or functions: [].", _is([])),
+    "function_call": Refusal(f"{_LEGACY} and `tool_choice`; omit function_call or send 'none'.", _is("none")),
     "audio": Refusal("output is text only; omit audio."),
     "modalities": Refusal("output is text only; omit modalities or send ['text'].", _is(["text"])),
     "web_search_options": Refusal("there is no web search; omit web_search_options."),
-    "reasoning_effort": Refusal("the served models have no reasoning mode; omit it or send 'none'.", _is("none")),
+    # a thinking template's depth is not a knob on the models served here: only "no thinking asked for" is honoured
+    "reasoning_effort": Refusal("no served model takes a reasoning budget; omit it or send 'none'.", _is("none")),
     "verbosity": Refusal("no verbosity control; omit it or send 'medium' (the default).", _is("medium")),
     "moderation": Refusal("no moderation model runs, so nothing would be scored or blocked; omit moderation."),
 }
@@ -130,12 +128,19 @@ class ChatMessage(BaseModel):
     content: Content = None
     name: str | None = None
 
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn's calls (OpenAI's shape)
+    tool_call_id: str | None = None  # a tool turn: the call it answers
+
     @model_validator(mode="after")
-    def _no_tool_calls(self) -> ChatMessage:
-        """An assistant turn's tool calls would be dropped from the prompt: refused, not lost."""
-        for key in ("tool_calls", "function_call"):
-            if (self.model_extra or {}).get(key):
-                raise ValueError(f"a message with {key} is not supported: {_TOOLS}")
+    def _roles_and_calls(self) -> ChatMessage:
+        """Calls only on assistant turns, a call id on every tool turn; the deprecated
+        `function_call` is refused, not dropped from the prompt."""
+        if (self.model_extra or {}).get("function_call"):
+            raise ValueError(f"a message with function_call is not supported: {_LEGACY}")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"tool_calls are only allowed on assistant messages, not {self.role!r}")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
         return self
 
     def text(self) -> str:
@@ -249,6 +254,9 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None  # checked (and compiled to grammars) in capibara6/tools
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:

@@ -6,11 +6,14 @@ rule); nothing here touches the pool or HTTP.
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..errors import InvalidRequest
 from ..serving import Plan
+from ..tool_use import tool_request
 from ..types import SamplingParams
 from .grammar import response_format_grammar
-from .protocol import ChatCompletionRequest, CompletionRequest
+from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/responses": "responses",
              "/v1/embeddings": "embeddings"}
@@ -46,16 +49,31 @@ def stream_mode(req: ChatCompletionRequest | CompletionRequest, default: bool) -
     return stream, bool(req.stream_options and req.stream_options.include_usage)
 
 
+def chat_message(m: ChatMessage) -> dict[str, Any]:
+    """One message as the templates see it: role, text content, and the tool fields it has."""
+    out: dict[str, Any] = {"role": m.role, "content": m.text()}
+    if m.name:
+        out["name"] = m.name
+    if m.tool_calls:
+        out["tool_calls"] = m.tool_calls
+    if m.tool_call_id:
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
 def chat_plan(req: ChatCompletionRequest) -> tuple[Plan, bool]:
-    try:
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-    except ValueError as err:
-        raise InvalidRequest(str(err), param="messages") from None
+    messages = []
+    for i, m in enumerate(req.messages):
+        try:
+            messages.append(chat_message(m))
+        except ValueError as err:
+            raise InvalidRequest(f"messages[{i}]: {err}", param="messages") from None
     want_lp = req.logprobs
     params = sampling(req, response_format_grammar(req.response_format))
     if want_lp:
         params = SamplingParams(**{**params.__dict__, "logprobs": req.top_logprobs or 0})
-    return Plan(req.model, True, [messages], req.n, req.token_limit(), params), want_lp
+    tools = tool_request(req.tools, req.tool_choice, req.parallel_tool_calls)
+    return Plan(req.model, True, [messages], req.n, req.token_limit(), params, tools=tools), want_lp
 
 
 def completion_plan(req: CompletionRequest) -> tuple[Plan, bool]:

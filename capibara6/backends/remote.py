@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 _BYTES_PER_TOKEN = 4  # prompt-size estimate without a tokenizer
 CONNECT_TIMEOUT_S = 5.0
 CAPABILITIES = Capabilities(
-    grammar=False, logprobs=False, top_k=False, min_p=False, repeat_penalty=False, echo=False, local=False
+    grammar=False, logprobs=False, top_k=False, min_p=False, repeat_penalty=False, echo=False, local=False, tools=False
 )
 
 

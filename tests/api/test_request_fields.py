@@ -66,11 +66,6 @@ def single_token(vocab: Any, text: str) -> int:
 # -- known, unsupported: 400 naming the field -------------------------------------------------------
 
 CHAT_REFUSED = [
-    ("tools", [TOOL]),
-    ("tool_choice", "required"),
-    ("tool_choice", "auto"),
-    ("tool_choice", {"type": "function", "function": {"name": "get_weather"}}),
-    ("parallel_tool_calls", False),
     ("functions", [TOOL["function"]]),
     ("function_call", "auto"),
     ("audio", {"voice": "alloy", "format": "wav"}),
@@ -87,15 +82,20 @@ def test_unsupported_chat_field_is_400_naming_it(fsrv: ServerProcess, field: str
     body = refused(chat, server=fsrv, **{field: value})
     assert body["param"] == field
     assert "not supported" in body["message"]
-    if "tool" in field or "function" in field:
-        assert "tool calling" in body["message"] and "coming" in body["message"]
+    if "function" in field:
+        assert "deprecated functions API" in body["message"] and "tools" in body["message"]
 
 
-def test_message_with_tool_calls_is_400(fsrv: ServerProcess) -> None:
-    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
-    messages = [*CHAT, {"role": "assistant", "content": None, "tool_calls": [call]}, {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+def test_message_with_function_call_is_400(fsrv: ServerProcess) -> None:
+    """The deprecated assistant `function_call` is refused, not dropped from the prompt."""
+    messages = [*CHAT, {"role": "assistant", "content": None, "function_call": {"name": "get_weather", "arguments": "{}"}}]
     body = refused(chat, server=fsrv, messages=messages)
-    assert body["param"] == "messages" and "tool calling" in body["message"]
+    assert body["param"] == "messages" and "function_call" in body["message"]
+
+
+def test_tool_message_needs_a_call_id(fsrv: ServerProcess) -> None:
+    body = refused(chat, server=fsrv, messages=[*CHAT, {"role": "tool", "content": "sunny"}])
+    assert body["param"] == "messages" and "tool_call_id" in body["message"]
 
 
 @pytest.mark.parametrize(("field", "value"), [("best_of", 3), ("suffix", " and so on.")])
