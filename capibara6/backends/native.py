@@ -3,6 +3,12 @@
 Events: one TokenEvent per generated token. An end-of-generation token (EOS, <end_of_turn>, ...)
 is not a completion token and yields an event only when text held back for a possible stop
 string must still be flushed. One backend instance runs one generation at a time.
+
+`SamplingParams.grammar` (response_format, tool calls) is enforced by llama.cpp's grammar engine
+on our logits (capibara6/engine/grammar.py, sampled as engine/sampler.py says): one Grammar per
+generation, built in `generate()` so an unparsable grammar is a 400 before anything streams, and
+freed when the generation ends, is cancelled or is dropped. A grammar that completes allows only
+end-of-generation tokens, so it ends the answer with finish_reason "stop".
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..chat_templates import get_formatter, jinja_formatter
+from ..engine.grammar import Grammar
 from ..engine.runner import Runner
 from ..engine.sampler import Sampler
 from ..engine.tokenizer import Tokenizer
@@ -42,8 +49,7 @@ if TYPE_CHECKING:
     from ..config import ModelSpec
 
 _DEFAULT_CHAT_FORMAT = {"gemma3": "gemma"}
-# No grammar engine in the native sampler: response_format json_* is refused (400), not ignored.
-CAPABILITIES = Capabilities(grammar=False)
+CAPABILITIES = Capabilities(grammar=True)  # llama.cpp's grammar engine on our logits (engine/grammar.py)
 
 
 class NativeBackend:
@@ -140,15 +146,27 @@ class NativeBackend:
         outcome.prompt_tokens = len(ids)
         outcome.completion_tokens = 0
         outcome.finish_reason = None
-        return self._generate(ids, params, outcome, cancel)
+        grammar = Grammar.for_tokenizer(self.tokenizer, params.grammar) if params.grammar else None
+        return self._constrained(ids, params, outcome, cancel, grammar)
+
+    def _constrained(
+        self, ids: list[int], params: SamplingParams, outcome: GenerationOutcome, cancel: threading.Event,
+        grammar: Grammar | None,
+    ) -> Iterator[TokenEvent]:
+        try:
+            yield from self._generate(ids, params, outcome, cancel, grammar)
+        finally:  # end, cancel, or the consumer closing the iterator (a dropped one: the Grammar's finalizer)
+            if grammar is not None:
+                grammar.close()
 
     def _generate(
-        self, ids: list[int], params: SamplingParams, outcome: GenerationOutcome, cancel: threading.Event
+        self, ids: list[int], params: SamplingParams, outcome: GenerationOutcome, cancel: threading.Event,
+        grammar: Grammar | None = None,
     ) -> Iterator[TokenEvent]:
         if params.max_tokens <= 0:
             outcome.finish_reason = "length"
             return
-        sampler = Sampler.from_params(params)
+        sampler = Sampler.from_params(params, grammar)
         dec = self.tokenizer.stream()
         eog = self.tokenizer.eog_ids
         text = StopText(params.stop)  # holds back what may be the start of a stop string

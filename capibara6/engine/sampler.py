@@ -1,5 +1,16 @@
-"""Token sampling in numpy, in llama-cpp-python's order: logit bias -> penalties -> top-k -> top-p ->
-min-p -> temperature -> draw. Works on a small candidate set (argpartition), never a full 262k-vocab sort.
+"""Token sampling in numpy, in llama-cpp-python's order: logit bias -> penalties -> grammar -> top-k ->
+top-p -> min-p -> temperature -> draw. Works on a small candidate set (argpartition), never a full
+262k-vocab sort.
+
+With a grammar (capibara6/engine/grammar.py) the token is drawn from the distribution the masked
+logits define, exactly as if every excluded token were at -inf, but the grammar is asked about as
+few tokens as that takes (a full mask of Gemma's 262k vocabulary costs 70-450 ms per token):
+greedy takes the best allowed token; with top_k the k best allowed tokens are the whole candidate
+pool (top-p and min-p then cut inside it, as they do without a grammar); pure temperature draws
+by rejection (draw, keep it if allowed: P(t) = p(t) / P(allowed) exactly), falling back to the
+full mask after REJECTION_DRAWS misses, which keeps the distribution exact; only top-p or min-p
+without top_k needs the full mask every token. Logprobs stay those of the unmasked logits, as
+the llama.cpp backends report them.
 """
 
 from __future__ import annotations
@@ -9,9 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..types import SamplingParams
+from .grammar import Grammar
 
 PENALTY_LAST_N = 64  # llama.cpp's default window for repeat/presence/frequency penalties
 _TOP_P_CANDIDATES = 2048  # top-p first tries this many best tokens before a full sort
+REJECTION_DRAWS = 16  # unconstrained draws tried under a grammar before masking the whole vocabulary
 
 
 @dataclass(frozen=True)
@@ -41,7 +54,10 @@ class Sampler:
         seed: int | None = None,
         logprobs: int | None = None,
         logit_bias: tuple[tuple[int, float], ...] = (),
+        grammar: Grammar | None = None,
     ) -> None:
+        """`grammar`: every sampled token is accepted into it (the caller owns and closes it)."""
+        self.grammar = grammar
         self.temperature = temperature
         self._bias_ids = np.array([i for i, _ in logit_bias], dtype=np.int64)
         self._bias = np.array([b for _, b in logit_bias], dtype=np.float32)
@@ -55,11 +71,11 @@ class Sampler:
         self.rng = np.random.Generator(np.random.PCG64(seed))
 
     @classmethod
-    def from_params(cls, p: SamplingParams) -> Sampler:
+    def from_params(cls, p: SamplingParams, grammar: Grammar | None = None) -> Sampler:
         return cls(
             temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p, repeat_penalty=p.repeat_penalty,
             presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty, seed=p.seed,
-            logprobs=p.logprobs, logit_bias=p.logit_bias,
+            logprobs=p.logprobs, logit_bias=p.logit_bias, grammar=grammar,
         )
 
     def _penalize(self, logits: np.ndarray, history: list[int]) -> np.ndarray:
@@ -83,11 +99,30 @@ class Sampler:
             raw = raw.copy()
             raw[self._bias_ids] += self._bias
         x = self._penalize(raw, history)
-        if self.temperature <= 0.0:
+        if self.grammar is not None:
+            tok = self._constrained(x, self.grammar)
+            self.grammar.accept(tok)
+        elif self.temperature <= 0.0:
             tok = int(np.argmax(x))
         else:
             tok = self._draw(x)
         return self._with_logprobs(raw, tok)
+
+    def _constrained(self, x: np.ndarray, g: Grammar) -> int:
+        """The token `_draw` / argmax would pick from `g.mask(x)`, asking `g` about few tokens."""
+        if self.temperature <= 0.0:
+            return g.best(x)
+        if self.top_k > 0:  # the k best allowed tokens are the pool; the other cuts work inside it
+            keep = g.top_allowed(x, self.top_k)
+            only = np.full(x.shape, -np.inf, dtype=np.float32)
+            only[keep] = x[keep]
+            return self._draw(only)
+        if self.top_p >= 1.0 and self.min_p <= 0.0:
+            for _ in range(REJECTION_DRAWS):
+                tok = self._draw(x)
+                if g.allows(tok):
+                    return tok
+        return self._draw(g.mask(x))
 
     def _draw(self, x: np.ndarray) -> int:
         n = x.shape[0]
