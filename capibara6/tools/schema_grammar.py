@@ -347,7 +347,7 @@ class _Converter:
     def integer(self, schema: Mapping[str, Any], path: str) -> str:
         lo, hi = _int_bounds(schema)
         if lo is None and hi is None:
-            return self.shared("integer", '"-"? ("0" | [1-9] [0-9]{0,15})')
+            return self.shared("integer", '"0" | "-"? [1-9] [0-9]{0,15}')
         lo = -MAX_INT if lo is None else max(lo, -MAX_INT)
         hi = MAX_INT if hi is None else min(hi, MAX_INT)
         if lo > hi:
