@@ -394,24 +394,27 @@ def _escape(s: str, i: int) -> tuple[str, int]:
         return ESCAPES[kind], 2
     if kind != "u":
         return s[i : i + 2], 2
-    hexa = s[i + 2 : i + 6]
-    if len(hexa) < 4:
-        return ("", 0) if all(c in "0123456789abcdefABCDEF" for c in hexa) else (s[i : i + 2 + len(hexa)], 2 + len(hexa))
-    try:
-        code = int(hexa, 16)
-    except ValueError:
-        return s[i : i + 2], 2
+    hexa = _hex_run(s, i + 2)
+    if len(hexa) < 4:  # incomplete while the text ends within it, else kept as written
+        return ("", 0) if i + 2 + len(hexa) == len(s) else (s[i : i + 2 + len(hexa)], 2 + len(hexa))
+    code = int(hexa, 16)
     if 0xD800 <= code < 0xDC00:  # a high surrogate: its low half must follow
-        tail = s[i + 6 : i + 12]
-        if len(tail) < 6 and "\\u".startswith(tail[:2]) and all(c in "0123456789abcdefABCDEF" for c in tail[2:]):
+        if s[i + 6 : i + 8] == "\\u":
+            low = _hex_run(s, i + 8)
+            if len(low) == 4 and 0xDC00 <= int(low, 16) < 0xE000:
+                return chr(0x10000 + ((code - 0xD800) << 10) + (int(low, 16) - 0xDC00)), 12
+            if len(low) < 4 and i + 8 + len(low) == len(s):
+                return "", 0
+        elif "\\u".startswith(s[i + 6 : i + 8]) and i + 8 > len(s):  # the pair's "\\u" not all seen yet
             return "", 0
-        if tail[:2] == "\\u":
-            try:
-                low = int(tail[2:], 16)
-            except ValueError:
-                low = -1
-            if 0xDC00 <= low < 0xE000:
-                return chr(0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00)), 12
     if 0xD800 <= code < 0xE000:  # a lone surrogate cannot be encoded as UTF-8: the replacement character
         return "\ufffd", 6
     return chr(code), 6
+
+
+def _hex_run(s: str, i: int) -> str:
+    """Up to 4 hex digits at s[i:]."""
+    j = i
+    while j < len(s) and j - i < 4 and s[j] in "0123456789abcdefABCDEF":
+        j += 1
+    return s[i:j]
