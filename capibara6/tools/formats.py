@@ -22,20 +22,34 @@ enforced is a ToolError naming `tools[i].function.parameters`.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol, Sequence
 
 from .events import CallArguments, CallStart, ContentDelta, Event, Parsed, collect
 from .history import Message, normalize_history, text_of
 from .schema_grammar import dumps, literal, schema_to_gbnf
 from .spec import ToolChoice, ToolSpec
-from .stream import GenericStreamParser, HermesStreamParser, StreamParser
+from .stream import WS, GenericStreamParser, HermesStreamParser, Match, Pattern, StreamParser, match
 
 __all__ = [
     "CallArguments", "CallStart", "ContentDelta", "Event", "GenericFormat", "HermesFormat", "Parsed",
-    "StreamParser", "ToolFormat", "detect_format",
+    "StreamParser", "ToolFormat", "Trigger", "detect_format",
 ]
 
+TriggerKind = Literal["marker", "bare", "fenced"]
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """Where phase one of `auto` stops: text[:end] is kept, the rest of the call is generated
+    under `lazy_grammar(tools, parallel, kind)`."""
+
+    end: int
+    kind: TriggerKind
+
 RESPONSE_OPEN = literal('{"response": ')
+NAME_KEY = literal('{"name": ')
+CLOSE_BRACE = literal("}")
 JSON_STRING = r'"\"" ([^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4}))* "\""'
 
 
@@ -48,9 +62,14 @@ class ToolFormat(Protocol):
         for formats without a marker): one call, or 1..n if `parallel`."""
         ...
 
-    def lazy_grammar(self, tools: Sequence[ToolSpec], parallel: bool) -> str:
-        """GBNF for what follows `marker` under `auto`: the rest of this call, its closing, more
-        calls if `parallel`, then the grammar is complete (only end of generation is left)."""
+    def lazy_grammar(self, tools: Sequence[ToolSpec], parallel: bool, kind: TriggerKind = "marker") -> str:
+        """GBNF for what follows a trigger under `auto` (by default `marker`): the rest of this
+        call, its closing, more calls if `parallel` (after the marker only), then the grammar is
+        complete (only end of generation is left)."""
+        ...
+
+    def trigger(self, text: str) -> Trigger | None:
+        """The first call opening in the answer so far, once it is certain; None before."""
         ...
 
     def parse(self, text: str, tools: Sequence[ToolSpec]) -> Parsed: ...
@@ -64,8 +83,9 @@ class ToolFormat(Protocol):
 
 
 def call_rules(tools: Sequence[ToolSpec], only: str | None = None) -> tuple[list[str], str]:
-    """The rules of each tool's call object and an expression for "any one of them" (or only the
-    tool named `only`). Indexes are the request's, so errors name `tools[i]`."""
+    """The rules of each tool's call object (`t<i>-call`; `t<i>-named` is its part after
+    `"name": `) and an expression for "any one of them" (or only the tool named `only`).
+    Indexes are the request's, so errors name `tools[i]`."""
     rules: list[str] = []
     alts: list[str] = []
     for i, tool in enumerate(tools):
@@ -73,8 +93,9 @@ def call_rules(tools: Sequence[ToolSpec], only: str | None = None) -> tuple[list
             continue
         args = f"t{i}"
         rules.extend(schema_to_gbnf(tool.parameters, args, f"tools[{i}].function.parameters"))
-        head = literal(f'{{"name": {dumps(tool.name)}, "arguments": ')
-        rules.append(f"t{i}-call ::= {head} {args} " + literal("}"))
+        named = literal(dumps(tool.name) + ', "arguments": ')
+        rules.append(f"t{i}-named ::= {named} {args} {CLOSE_BRACE}")
+        rules.append(f"t{i}-call ::= {NAME_KEY} t{i}-named")
         alts.append(f"t{i}-call")
     if not alts:
         raise ValueError(f"no tool named {only!r} among the tools")  # parse_tool_choice checked it
@@ -87,6 +108,13 @@ def _only(choice: ToolChoice) -> str | None:
     return choice.name if choice.mode == "named" else None
 
 
+BARE_OPENINGS: tuple[tuple[Pattern, TriggerKind], ...] = (
+    ((WS, "{", WS, '"name"'), "bare"),
+    ((WS, "```json", WS, "{", WS, '"name"'), "fenced"),
+    ((WS, "```", WS, "{", WS, '"name"'), "fenced"),
+)
+
+
 class HermesFormat:
     name = "hermes"
     marker = "<tool_call>"
@@ -96,8 +124,9 @@ class HermesFormat:
 
     def _grammar(self, tools: Sequence[ToolSpec], only: str | None, root: str) -> str:
         rules, body = call_rules(tools, only)
+        named = " | ".join(alt.replace("-call", "-named") for alt in body.split(" | "))
         call = f'{literal(self.opening)} body {literal(self.closing)}'
-        return "\n".join([f"root ::= {root}", f"call ::= {call}", f"body ::= {body}", *rules]) + "\n"
+        return "\n".join([f"root ::= {root}", f"call ::= {call}", f"body ::= {body}", f"named ::= {named}", *rules]) + "\n"
 
     def full_grammar(self, tools: Sequence[ToolSpec], choice: ToolChoice, parallel: bool) -> str:
         if choice.mode == "auto":
@@ -105,10 +134,26 @@ class HermesFormat:
         more = f" ({literal(self.between)} call)*" if parallel else ""
         return self._grammar(tools, _only(choice), "call" + more)
 
-    def lazy_grammar(self, tools: Sequence[ToolSpec], parallel: bool) -> str:
-        first = f'{literal(self.opening[len(self.marker):])} body {literal(self.closing)}'
-        more = f" ({literal(self.between)} call)*" if parallel else ""
-        return self._grammar(tools, None, first + more)
+    def lazy_grammar(self, tools: Sequence[ToolSpec], parallel: bool, kind: TriggerKind = "marker") -> str:
+        """After the marker: the rest of a marked call, then more if `parallel`. After a bare
+        or fenced opening (the text ends with `"name"`): the rest of that one call object (and
+        the fence's closing): the model chose to answer with one JSON call, and that is all."""
+        if kind == "marker":
+            first = f'{literal(self.opening[len(self.marker):])} body {literal(self.closing)}'
+            more = f" ({literal(self.between)} call)*" if parallel else ""
+            return self._grammar(tools, None, first + more)
+        fence = " " + literal("\n```") if kind == "fenced" else ""
+        return self._grammar(tools, None, f"{literal(': ')} named{fence}")
+
+    def trigger(self, text: str) -> Trigger | None:
+        """The marker anywhere; or, at the answer's very start, a JSON object opening with
+        `"name"`, bare or in a ```json / ``` fence (how small Qwen2.5 models write calls)."""
+        for pattern, kind in BARE_OPENINGS:
+            found, end, _ = match(text, 0, pattern)
+            if found is Match.OK:
+                return Trigger(end, kind)
+        k = text.find(self.marker)
+        return Trigger(k + len(self.marker), "marker") if k >= 0 else None
 
     def parse(self, text: str, tools: Sequence[ToolSpec]) -> Parsed:
         p = self.stream_parser(tools)
@@ -134,8 +179,11 @@ class GenericFormat:
             root = f"{calls} | {RESPONSE_OPEN} answer {literal('}')}"
         return "\n".join([f"root ::= {root}", f"body ::= {body}", f"answer ::= {JSON_STRING}", *rules]) + "\n"
 
-    def lazy_grammar(self, tools: Sequence[ToolSpec], parallel: bool) -> str:
+    def lazy_grammar(self, tools: Sequence[ToolSpec], parallel: bool, kind: TriggerKind = "marker") -> str:
         raise ValueError("the generic format has no marker: every answer is under full_grammar")
+
+    def trigger(self, text: str) -> Trigger | None:
+        return None  # every answer is constrained from its first token
 
     def parse(self, text: str, tools: Sequence[ToolSpec]) -> Parsed:
         p = self.stream_parser(tools)

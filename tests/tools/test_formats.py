@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from capibara6.tools.formats import GenericFormat, HermesFormat, detect_format
+from capibara6.tools.formats import GenericFormat, HermesFormat, Trigger, detect_format
 from capibara6.tools.spec import ToolChoice, ToolError, parse_tools
 from tests.tools.conftest import GrammarChecker
 
@@ -177,3 +177,45 @@ def test_generic_history_is_plain_turns_with_the_tools_described() -> None:
     plain = GenericFormat().prepare_messages([{"role": "user", "content": "hi"}], TOOLS)
     assert plain[0]["role"] == "system" and plain[1] == {"role": "user", "content": "hi"}
     assert GenericFormat().prepare_messages([{"role": "user", "content": "hi"}], ()) == [{"role": "user", "content": "hi"}]
+
+
+# -- calls written without the marker (what small Qwen2.5 models do) ------------------------------
+
+BARE = json.dumps(ADD)
+FENCED = "```json\n" + json.dumps(ADD, indent=2) + "\n```"
+
+
+@pytest.mark.parametrize("text", [BARE, "  " + BARE + "\n", FENCED, "```\n" + BARE + "\n```"])
+def test_an_answer_that_is_a_call_object_is_a_call(text: str) -> None:
+    parsed = HermesFormat().parse(text, TOOLS)
+    assert parsed.content is None and [(c.name, json.loads(c.arguments)) for c in parsed.calls] == [("add", {"a": 1, "b": 2})]
+
+
+@pytest.mark.parametrize("text", ["Here: " + BARE, json.dumps({"city": "Paris"}), json.dumps({"name": "nope", "arguments": {}}), "```python\nprint(1)\n```"])
+def test_a_call_object_only_counts_at_the_start_and_with_a_known_name(text: str) -> None:
+    parsed = HermesFormat().parse(text, TOOLS)
+    assert parsed.calls == [] and parsed.content == text
+
+
+def test_triggers() -> None:
+    fmt = HermesFormat()
+    assert fmt.trigger("Let me see") is None
+    assert fmt.trigger('{"na') is None  # not decided yet
+    assert fmt.trigger('{"city"') is None
+    assert fmt.trigger("Sure <tool_call>\n{") == Trigger(len("Sure <tool_call>"), "marker")
+    assert fmt.trigger(' {\n  "name"') == Trigger(len(' {\n  "name"'), "bare")
+    assert fmt.trigger('```json\n{\n  "name"') == Trigger(len('```json\n{\n  "name"'), "fenced")
+    assert fmt.trigger('Text then {"name"') is None
+    assert GenericFormat().trigger(BARE) is None
+
+
+@pytest.mark.parametrize("kind, written", [("bare", '{"name"'), ("fenced", '```json\n{\n  "name"')])
+def test_lazy_grammar_after_a_bare_opening(grammar_checker: GrammarChecker, kind: Any, written: str) -> None:
+    fmt = HermesFormat()
+    grammar = fmt.lazy_grammar(TOOLS, parallel=True, kind=kind)
+    rest = ': "add", "arguments": {"a": 1, "b": 2}}' + ("\n```" if kind == "fenced" else "")
+    assert grammar_checker.accepts(grammar, rest)
+    assert not grammar_checker.accepts(grammar, ': "add", "arguments": {"a": 1}}')
+    assert not grammar_checker.accepts(grammar, rest + "\n" + hermes_call(ADD))  # one bare call, then the end
+    parsed = fmt.parse(written + rest, TOOLS)
+    assert parsed.content is None and [json.loads(c.arguments) for c in parsed.calls] == [{"a": 1, "b": 2}]

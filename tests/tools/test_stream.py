@@ -31,6 +31,13 @@ HERMES_TEXTS = [
     '<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_',  # cut inside the closing
     '<tool_call>\n{"name": "add", "arguments": {"a": 1}} trailing',
     "<tool_call><tool_call><<tool_call>",
+    json.dumps(ADD),
+    "```json\n" + json.dumps(ODD, indent=2) + "\n```\nDone.",
+    "```\n" + json.dumps(ADD) + "\n``` then " + hermes_call(PARIS),
+    json.dumps({"name": "add", "arguments": {"a": 1}})[:-4],
+    '{"name": "nope", "arguments": {}}',
+    "```python\nx = {1: 2}\n```",
+    " {",
 ]
 GENERIC_TEXTS = [
     "",
