@@ -9,8 +9,10 @@ greedy takes the best allowed token; with top_k the k best allowed tokens are th
 pool (top-p and min-p then cut inside it, as they do without a grammar); pure temperature draws
 by rejection (draw, keep it if allowed: P(t) = p(t) / P(allowed) exactly), falling back to the
 full mask after REJECTION_DRAWS misses, which keeps the distribution exact; only top-p or min-p
-without top_k needs the full mask every token. Logprobs stay those of the unmasked logits, as
-the llama.cpp backends report them.
+without top_k needs the full mask every token. Measured under the JSON grammar on Gemma 3 270M
+(scripts/bench_native_grammar.py, 1 thread; 61.6 tokens/s unconstrained): greedy 61.1,
+temperature 1 (rejection) 55.6, top_k 40 21.5, top_p 0.9 alone 14.0. Logprobs stay those of the
+unmasked logits, as the llama.cpp backends report them.
 """
 
 from __future__ import annotations

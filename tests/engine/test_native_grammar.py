@@ -139,6 +139,20 @@ def test_invalid_grammar_is_a_backend_error_before_anything_runs(backend: Native
     assert info.value.param == "response_format" and live_grammars() == before
 
 
+def test_no_allowed_token_left_is_an_error_not_a_crash(backend: NativeBackend) -> None:
+    """With Gemma's byte fallback a grammar always has some token; when every allowed one is at
+    -inf, the pick is a GrammarError (accepting any token there would abort inside llama.cpp)."""
+    tok = backend.tokenizer
+    g = Grammar.for_tokenizer(tok, YES_NO)
+    try:
+        x = np.zeros(tok.n_vocab, dtype=np.float32)
+        x[np.isfinite(g.mask(x))] = -np.inf
+        with pytest.raises(GrammarError, match="no token"):
+            g.best(x)
+    finally:
+        g.close()
+
+
 def test_grammar_is_freed_on_end_cancel_close_and_drop(backend: NativeBackend) -> None:
     base = live_grammars()
 
