@@ -29,7 +29,7 @@ from .events import CallArguments, CallStart, ContentDelta, Event, Parsed, colle
 from .history import Message, normalize_history, text_of
 from .schema_grammar import dumps, literal, schema_to_gbnf
 from .spec import ToolChoice, ToolSpec
-from .stream import WS, GenericStreamParser, HermesStreamParser, Match, Pattern, StreamParser, match
+from .stream import NAME, WS, GenericStreamParser, HermesStreamParser, Match, Pattern, StreamParser, match
 
 __all__ = [
     "CallArguments", "CallStart", "ContentDelta", "Event", "GenericFormat", "HermesFormat", "Parsed",
@@ -42,14 +42,17 @@ TriggerKind = Literal["marker", "bare", "fenced"]
 @dataclass(frozen=True)
 class Trigger:
     """Where phase one of `auto` stops: text[:end] is kept, the rest of the call is generated
-    under `lazy_grammar(tools, parallel, kind)`."""
+    under `lazy_grammar(tools, parallel, after=this)`. `name`: the tool a bare or fenced opening
+    named (it ends right after the name's closing quote); None after the marker."""
 
     end: int
     kind: TriggerKind
+    name: str | None = None
 
 RESPONSE_OPEN = literal('{"response": ')
-NAME_KEY = literal('{"name": ')
+NAME_KEY = literal('{"name": ')  # the call object's layout: json.dumps' separators
 CLOSE_BRACE = literal("}")
+ARGUMENTS_KEY = literal(', "arguments": ')
 JSON_STRING = r'"\"" ([^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4}))* "\""'
 
 
@@ -62,13 +65,13 @@ class ToolFormat(Protocol):
         for formats without a marker): one call, or 1..n if `parallel`."""
         ...
 
-    def lazy_grammar(self, tools: Sequence[ToolSpec], parallel: bool, kind: TriggerKind = "marker") -> str:
-        """GBNF for what follows a trigger under `auto` (by default `marker`): the rest of this
+    def lazy_grammar(self, tools: Sequence[ToolSpec], parallel: bool, after: Trigger | None = None) -> str:
+        """GBNF for what follows a trigger under `auto` (None: the marker): the rest of this
         call, its closing, more calls if `parallel` (after the marker only), then the grammar is
         complete (only end of generation is left)."""
         ...
 
-    def trigger(self, text: str) -> Trigger | None:
+    def trigger(self, text: str, tools: Sequence[ToolSpec]) -> Trigger | None:
         """The first call opening in the answer so far, once it is certain; None before."""
         ...
 
@@ -83,8 +86,8 @@ class ToolFormat(Protocol):
 
 
 def call_rules(tools: Sequence[ToolSpec], only: str | None = None) -> tuple[list[str], str]:
-    """The rules of each tool's call object (`t<i>-call`; `t<i>-named` is its part after
-    `"name": `) and an expression for "any one of them" (or only the tool named `only`).
+    """The rules of each tool's call object (`t<i>-call`, its arguments `t<i>`) and an
+    expression for "any one of them" (or only the tool named `only`).
     Indexes are the request's, so errors name `tools[i]`."""
     rules: list[str] = []
     alts: list[str] = []
@@ -93,9 +96,7 @@ def call_rules(tools: Sequence[ToolSpec], only: str | None = None) -> tuple[list
             continue
         args = f"t{i}"
         rules.extend(schema_to_gbnf(tool.parameters, args, f"tools[{i}].function.parameters"))
-        named = literal(dumps(tool.name) + ', "arguments": ')
-        rules.append(f"t{i}-named ::= {named} {args} {CLOSE_BRACE}")
-        rules.append(f"t{i}-call ::= {NAME_KEY} t{i}-named")
+        rules.append(f"t{i}-call ::= {NAME_KEY} {literal(dumps(tool.name))} {ARGUMENTS_KEY} {args} {CLOSE_BRACE}")
         alts.append(f"t{i}-call")
     if not alts:
         raise ValueError(f"no tool named {only!r} among the tools")  # parse_tool_choice checked it
@@ -108,10 +109,11 @@ def _only(choice: ToolChoice) -> str | None:
     return choice.name if choice.mode == "named" else None
 
 
+_NAMED: Pattern = ("{", WS, '"name"', WS, ":", WS, '"', NAME, '"')
 BARE_OPENINGS: tuple[tuple[Pattern, TriggerKind], ...] = (
-    ((WS, "{", WS, '"name"'), "bare"),
-    ((WS, "```json", WS, "{", WS, '"name"'), "fenced"),
-    ((WS, "```", WS, "{", WS, '"name"'), "fenced"),
+    ((WS, *_NAMED), "bare"),
+    ((WS, "```json", WS, *_NAMED), "fenced"),
+    ((WS, "```", WS, *_NAMED), "fenced"),
 )
 
 
@@ -124,9 +126,8 @@ class HermesFormat:
 
     def _grammar(self, tools: Sequence[ToolSpec], only: str | None, root: str) -> str:
         rules, body = call_rules(tools, only)
-        named = " | ".join(alt.replace("-call", "-named") for alt in body.split(" | "))
         call = f'{literal(self.opening)} body {literal(self.closing)}'
-        return "\n".join([f"root ::= {root}", f"call ::= {call}", f"body ::= {body}", f"named ::= {named}", *rules]) + "\n"
+        return "\n".join([f"root ::= {root}", f"call ::= {call}", f"body ::= {body}", *rules]) + "\n"
 
     def full_grammar(self, tools: Sequence[ToolSpec], choice: ToolChoice, parallel: bool) -> str:
         if choice.mode == "auto":
@@ -134,24 +135,31 @@ class HermesFormat:
         more = f" ({literal(self.between)} call)*" if parallel else ""
         return self._grammar(tools, _only(choice), "call" + more)
 
-    def lazy_grammar(self, tools: Sequence[ToolSpec], parallel: bool, kind: TriggerKind = "marker") -> str:
-        """After the marker: the rest of a marked call, then more if `parallel`. After a bare
-        or fenced opening (the text ends with `"name"`): the rest of that one call object (and
-        the fence's closing): the model chose to answer with one JSON call, and that is all."""
-        if kind == "marker":
+    def lazy_grammar(self, tools: Sequence[ToolSpec], parallel: bool, after: Trigger | None = None) -> str:
+        """After the marker: the rest of a marked call, then more if `parallel`. After a bare or
+        fenced opening (the text ends with `"name": "<tool>"`): the rest of that one call object
+        (and the fence's closing): the model chose to answer with one JSON call, and that is all."""
+        if after is None or after.kind == "marker":
             first = f'{literal(self.opening[len(self.marker):])} body {literal(self.closing)}'
             more = f" ({literal(self.between)} call)*" if parallel else ""
             return self._grammar(tools, None, first + more)
-        fence = " " + literal("\n```") if kind == "fenced" else ""
-        return self._grammar(tools, None, f"{literal(': ')} named{fence}")
+        index = next((i for i, t in enumerate(tools) if t.name == after.name), None)
+        if index is None:
+            raise ValueError(f"the trigger names {after.name!r}, which is not among the tools")
+        fence = " " + literal("\n```") if after.kind == "fenced" else ""
+        rules = schema_to_gbnf(tools[index].parameters, f"t{index}", f"tools[{index}].function.parameters")
+        root = f"{ARGUMENTS_KEY} t{index} {CLOSE_BRACE}{fence}"
+        return "\n".join([f"root ::= {root}", *rules]) + "\n"
 
-    def trigger(self, text: str) -> Trigger | None:
+    def trigger(self, text: str, tools: Sequence[ToolSpec]) -> Trigger | None:
         """The marker anywhere; or, at the answer's very start, a JSON object opening with
-        `"name"`, bare or in a ```json / ``` fence (how small Qwen2.5 models write calls)."""
+        `"name": "<one of the tools>"`, bare or in a ```json / ``` fence (how small Qwen2.5 models
+        write calls). An object naming no tool (`{"name": "John"}`) is left alone."""
+        names = {t.name for t in tools}
         for pattern, kind in BARE_OPENINGS:
-            found, end, _ = match(text, 0, pattern)
-            if found is Match.OK:
-                return Trigger(end, kind)
+            found, end, name = match(text, 0, pattern)
+            if found is Match.OK and name in names:
+                return Trigger(end, kind, name)
         k = text.find(self.marker)
         return Trigger(k + len(self.marker), "marker") if k >= 0 else None
 
@@ -179,10 +187,10 @@ class GenericFormat:
             root = f"{calls} | {RESPONSE_OPEN} answer {literal('}')}"
         return "\n".join([f"root ::= {root}", f"body ::= {body}", f"answer ::= {JSON_STRING}", *rules]) + "\n"
 
-    def lazy_grammar(self, tools: Sequence[ToolSpec], parallel: bool, kind: TriggerKind = "marker") -> str:
+    def lazy_grammar(self, tools: Sequence[ToolSpec], parallel: bool, after: Trigger | None = None) -> str:
         raise ValueError("the generic format has no marker: every answer is under full_grammar")
 
-    def trigger(self, text: str) -> Trigger | None:
+    def trigger(self, text: str, tools: Sequence[ToolSpec]) -> Trigger | None:
         return None  # every answer is constrained from its first token
 
     def parse(self, text: str, tools: Sequence[ToolSpec]) -> Parsed:

@@ -187,8 +187,9 @@ class _H(Enum):
 CALL_HEAD: Pattern = ("{", WS, '"name"', WS, ":", WS, '"', NAME, '"', WS, ",", WS, '"arguments"', WS, ":", WS, "{")
 HERMES_HEADER: Pattern = (WS, *CALL_HEAD)
 # A call the model writes without the marker, as the whole answer's start: small Qwen2.5 models
-# answer `{"name": ...}` or a ```json fence far more often than `<tool_call>` (measured on
-# Qwen2.5-Coder-0.5B: 2 calls of 2 without the marker). llama.cpp's hermes handler accepts the same.
+# answer `{"name": ...}` or a ```json fence rather than `<tool_call>` (Qwen2.5-Coder-0.5B, greedy,
+# its own template with two tools: 4 calls of 4 in free text had no marker). llama.cpp's hermes
+# handler accepts the same openings.
 OPENINGS: tuple[tuple[Pattern, Pattern], ...] = (  # (header, closing)
     ((WS, *CALL_HEAD), (WS, "}")),
     ((WS, "```json", WS, *CALL_HEAD), (WS, "}", WS, "```")),

@@ -199,23 +199,27 @@ def test_a_call_object_only_counts_at_the_start_and_with_a_known_name(text: str)
 
 def test_triggers() -> None:
     fmt = HermesFormat()
-    assert fmt.trigger("Let me see") is None
-    assert fmt.trigger('{"na') is None  # not decided yet
-    assert fmt.trigger('{"city"') is None
-    assert fmt.trigger("Sure <tool_call>\n{") == Trigger(len("Sure <tool_call>"), "marker")
-    assert fmt.trigger(' {\n  "name"') == Trigger(len(' {\n  "name"'), "bare")
-    assert fmt.trigger('```json\n{\n  "name"') == Trigger(len('```json\n{\n  "name"'), "fenced")
-    assert fmt.trigger('Text then {"name"') is None
-    assert GenericFormat().trigger(BARE) is None
+    assert fmt.trigger("Let me see", TOOLS) is None
+    assert fmt.trigger('{"name": "ad', TOOLS) is None  # not decided yet
+    assert fmt.trigger('{"city"', TOOLS) is None
+    assert fmt.trigger('{"name": "John"', TOOLS) is None  # a JSON answer, not a call
+    assert fmt.trigger("Sure <tool_call>\n{", TOOLS) == Trigger(len("Sure <tool_call>"), "marker")
+    assert fmt.trigger(' {\n  "name": "add"', TOOLS) == Trigger(len(' {\n  "name": "add"'), "bare", "add")
+    assert fmt.trigger('```json\n{\n  "name":"add"', TOOLS) == Trigger(len('```json\n{\n  "name":"add"'), "fenced", "add")
+    assert fmt.trigger('Text then {"name": "add"', TOOLS) is None
+    assert GenericFormat().trigger(BARE, TOOLS) is None
 
 
-@pytest.mark.parametrize("kind, written", [("bare", '{"name"'), ("fenced", '```json\n{\n  "name"')])
-def test_lazy_grammar_after_a_bare_opening(grammar_checker: GrammarChecker, kind: Any, written: str) -> None:
+@pytest.mark.parametrize("written", ['{"name": "add"', '```json\n{\n  "name": "add"'])
+def test_lazy_grammar_after_a_bare_opening(grammar_checker: GrammarChecker, written: str) -> None:
     fmt = HermesFormat()
-    grammar = fmt.lazy_grammar(TOOLS, parallel=True, kind=kind)
-    rest = ': "add", "arguments": {"a": 1, "b": 2}}' + ("\n```" if kind == "fenced" else "")
+    trig = fmt.trigger(written, TOOLS)
+    assert trig is not None and trig.end == len(written)
+    grammar = fmt.lazy_grammar(TOOLS, parallel=True, after=trig)
+    rest = ', "arguments": {"a": 1, "b": 2}}' + ("\n```" if trig.kind == "fenced" else "")
     assert grammar_checker.accepts(grammar, rest)
-    assert not grammar_checker.accepts(grammar, ': "add", "arguments": {"a": 1}}')
+    assert not grammar_checker.accepts(grammar, ', "arguments": {"a": 1}}')
+    assert not grammar_checker.accepts(grammar, ', "arguments": {"city": "Paris"}}')  # the named tool's schema only
     assert not grammar_checker.accepts(grammar, rest + "\n" + hermes_call(ADD))  # one bare call, then the end
     parsed = fmt.parse(written + rest, TOOLS)
-    assert parsed.content is None and [json.loads(c.arguments) for c in parsed.calls] == [{"a": 1, "b": 2}]
+    assert parsed.content is None and [(c.name, json.loads(c.arguments)) for c in parsed.calls] == [("add", {"a": 1, "b": 2})]
