@@ -204,7 +204,7 @@ class _Converter:
     def literals(self, schema: Mapping[str, Any], path: str) -> str:
         values = [schema["const"]] if "const" in schema else list(schema["enum"])
         rest = {k: v for k, v in schema.items() if k not in ("enum", "const", "$defs", "definitions")}
-        if "$ref" not in rest and set(rest) - ANNOTATIONS:
+        if "$ref" not in json.dumps(rest) and set(rest) - ANNOTATIONS:  # a $ref would need the root to resolve
             check = jsonschema.Draft202012Validator(rest)
             values = [v for v in values if check.is_valid(v)]
         if not values:

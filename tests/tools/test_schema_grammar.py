@@ -140,3 +140,35 @@ def test_unsupported_keywords_are_refused_naming_the_field(schema: Any, where: s
 def test_a_rule_prefix_must_be_a_gbnf_name() -> None:
     with pytest.raises(ValueError):
         schema_to_gbnf({"type": "string"}, "bad_name", PARAM)
+
+
+def test_a_pydantic_model_schema_compiles_and_holds(grammar_checker: GrammarChecker) -> None:
+    """What agent frameworks send: pydantic v2's schemas (titles, $defs, enums by $ref,
+    Optional as anyOf with null, defaults, nested models)."""
+    from enum import Enum
+    from typing import Optional
+
+    from pydantic import BaseModel, Field
+
+    class Unit(str, Enum):
+        c = "celsius"
+        f = "fahrenheit"
+
+    class Place(BaseModel):
+        city: str = Field(description="City name", max_length=30)
+        country: Optional[str] = None
+
+    class Query(BaseModel):
+        place: Place
+        unit: Unit = Unit.c
+        days: int = Field(default=1, ge=1, le=14)
+        hourly: bool = False
+
+    schema = Query.model_json_schema()
+    g = grammar(schema)
+    good = [{"place": {"city": "Oslo"}}, {"place": {"city": "Oslo", "country": None}, "unit": "fahrenheit", "days": 14, "hourly": True}]
+    for value in good:
+        Query.model_validate(value)
+        assert grammar_checker.accepts(g, json.dumps(value)), value
+    for text in ['{"place": {"city": "Oslo"}, "days": 15}', '{"place": {"city": "Oslo"}, "unit": "kelvin"}', '{"place": {}}']:
+        assert not grammar_checker.accepts(g, text), text
