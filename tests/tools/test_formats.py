@@ -223,3 +223,24 @@ def test_lazy_grammar_after_a_bare_opening(grammar_checker: GrammarChecker, writ
     assert not grammar_checker.accepts(grammar, rest + "\n" + hermes_call(ADD))  # one bare call, then the end
     parsed = fmt.parse(written + rest, TOOLS)
     assert parsed.content is None and [(c.name, json.loads(c.arguments)) for c in parsed.calls] == [("add", {"a": 1, "b": 2})]
+
+
+def test_history_rendered_by_a_hermes_template_reads_back_as_the_same_calls() -> None:
+    """prepare_messages decodes the arguments; a Qwen2.5-style template renders each call as
+    `<tool_call>\\n{"name": ..., "arguments": <tojson>}\\n</tool_call>`; our parser reads that
+    text back as the calls sent, in the layout the grammar generates."""
+    from capibara6.chat_templates import render_template
+
+    template = (
+        "{%- for m in messages %}{%- if m.role == 'assistant' and m.tool_calls %}<|a|>"
+        "{%- for tc in m.tool_calls %}{%- set f = tc.function %}"
+        "{{- '\\n<tool_call>\\n{\"name\": \"' + f.name + '\", \"arguments\": ' + (f.arguments | tojson) + '}\\n</tool_call>' }}"
+        "{%- endfor %}<|end|>{%- endif %}{%- endfor %}"
+    )
+    msgs = history()
+    msgs[2]["tool_calls"].append({"id": "call_2", "type": "function", "function": {"name": "add", "arguments": '{"a": 1,"b":2}'}})
+    rendered = render_template(template, HermesFormat().prepare_messages(msgs, TOOLS))
+    answer = rendered.split("<|a|>")[1].split("<|end|>")[0]
+    parsed = HermesFormat().parse(answer, TOOLS)
+    assert parsed.content is None
+    assert [(c.name, c.arguments) for c in parsed.calls] == [("get_weather", '{"city": "Paris"}'), ("add", '{"a": 1, "b": 2}')]
