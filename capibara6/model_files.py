@@ -206,3 +206,70 @@ def materialise(
             assemble(parts, target, size, sha256)
         _ready[target] = (sha256, _stat_key(target))
         return target
+
+
+def missing_pins(pins: Iterable[str]) -> list[str]:
+    """The pins not installed at exactly their version (what pip still has to install)."""
+    out = []
+    for text in pins:
+        pin = Pin.parse(text)
+        try:
+            if metadata.version(pin.name) == pin.version:
+                continue
+        except metadata.PackageNotFoundError:
+            pass
+        out.append(str(pin))
+    return out
+
+
+def registry_pins(registry_path: Path) -> list[str]:
+    """Every pinned package of every pypi_files source in a registry file, in order, once each."""
+    from .config import load_registry
+
+    seen: dict[str, None] = {}
+    for spec in load_registry(registry_path).models.values():
+        if spec.source.pypi_files:
+            seen.update(dict.fromkeys(spec.source.pypi_files.packages))
+    return list(seen)
+
+
+def prepare_registry(registry_path: Path) -> list[Path]:
+    """Assemble and verify every pypi_files file of a registry (each target once)."""
+    from .config import load_registry
+
+    done: dict[Path, None] = {}
+    for spec in load_registry(registry_path).models.values():
+        f = spec.source.pypi_files
+        if f:
+            done[materialise(f.packages, f.files, f.size, f.sha256, f.name)] = None
+    return list(done)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m capibara6.model_files missing-pins|prepare REGISTRY...` (used by scripts/_install.sh):
+    missing-pins prints, one a line, the pinned packages pip still has to install; prepare
+    assembles and verifies the files (a mismatch exits 1 with the reason)."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m capibara6.model_files")
+    ap.add_argument("command", choices=["missing-pins", "prepare"])
+    ap.add_argument("registry", nargs="+", type=Path)
+    args = ap.parse_args(argv)
+    try:
+        if args.command == "missing-pins":
+            pins = [p for r in args.registry for p in registry_pins(r)]
+            for pin in missing_pins(dict.fromkeys(pins)):
+                print(pin)
+        else:
+            for r in args.registry:
+                for path in prepare_registry(r):
+                    print(path)
+    except (ModelFileError, ValueError) as err:
+        print(f"capibara6 model files: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
