@@ -27,6 +27,7 @@ from typing import Literal, Protocol, Sequence
 
 from .events import CallArguments, CallStart, ContentDelta, Event, Parsed, collect
 from .history import Message, normalize_history, text_of
+from .reasoning import answer_start
 from .schema_grammar import dumps, literal, schema_to_gbnf
 from .spec import ToolChoice, ToolSpec
 from .stream import NAME, WS, GenericStreamParser, HermesStreamParser, Match, Pattern, StreamParser, match
@@ -71,8 +72,9 @@ class ToolFormat(Protocol):
         complete (only end of generation is left)."""
         ...
 
-    def trigger(self, text: str, tools: Sequence[ToolSpec]) -> Trigger | None:
-        """The first call opening in the answer so far, once it is certain; None before."""
+    def trigger(self, text: str, tools: Sequence[ToolSpec], starts_thinking: bool = False) -> Trigger | None:
+        """The first call opening in the answer so far, once it is certain; None before. Text
+        inside a leading `<think>` block (as split_reasoning reads it) opens nothing."""
         ...
 
     def parse(self, text: str, tools: Sequence[ToolSpec]) -> Parsed: ...
@@ -151,16 +153,20 @@ class HermesFormat:
         root = f"{ARGUMENTS_KEY} t{index} {CLOSE_BRACE}{fence}"
         return "\n".join([f"root ::= {root}", *rules]) + "\n"
 
-    def trigger(self, text: str, tools: Sequence[ToolSpec]) -> Trigger | None:
+    def trigger(self, text: str, tools: Sequence[ToolSpec], starts_thinking: bool = False) -> Trigger | None:
         """The marker anywhere; or, at the answer's very start, a JSON object opening with
         `"name": "<one of the tools>"`, bare or in a ```json / ``` fence (how small Qwen2.5 models
-        write calls). An object naming no tool (`{"name": "John"}`) is left alone."""
+        write calls). An object naming no tool (`{"name": "John"}`) is left alone. The answer
+        starts after a leading thinking block; inside one, nothing opens a call."""
+        start = answer_start(text, starts_thinking)
+        if start is None:
+            return None
         names = {t.name for t in tools}
         for pattern, kind in BARE_OPENINGS:
-            found, end, name = match(text, 0, pattern)
+            found, end, name = match(text, start, pattern)
             if found is Match.OK and name in names:
                 return Trigger(end, kind, name)
-        k = text.find(self.marker)
+        k = text.find(self.marker, start)
         return Trigger(k + len(self.marker), "marker") if k >= 0 else None
 
     def parse(self, text: str, tools: Sequence[ToolSpec]) -> Parsed:
@@ -190,7 +196,7 @@ class GenericFormat:
     def lazy_grammar(self, tools: Sequence[ToolSpec], parallel: bool, after: Trigger | None = None) -> str:
         raise ValueError("the generic format has no marker: every answer is under full_grammar")
 
-    def trigger(self, text: str, tools: Sequence[ToolSpec]) -> Trigger | None:
+    def trigger(self, text: str, tools: Sequence[ToolSpec], starts_thinking: bool = False) -> Trigger | None:
         return None  # every answer is constrained from its first token
 
     def parse(self, text: str, tools: Sequence[ToolSpec]) -> Parsed:

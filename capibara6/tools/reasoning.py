@@ -32,6 +32,15 @@ def split_reasoning(text: str, starts_thinking: bool = False) -> tuple[str | Non
     return body[:end].strip() or None, body[end + len(CLOSE) :].lstrip()
 
 
+def answer_start(text: str, starts_thinking: bool = False) -> int | None:
+    """Where the answer proper starts in `text` (after a leading thinking block, as
+    split_reasoning reads it): 0 when it does not think, None while still thinking."""
+    if not starts_thinking and not text.lstrip().startswith(OPEN):
+        return 0
+    end = text.find(CLOSE)
+    return None if end < 0 else end + len(CLOSE)
+
+
 class _S(Enum):
     START = 1  # not yet known whether the answer thinks
     THINK = 2

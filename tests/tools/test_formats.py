@@ -244,3 +244,11 @@ def test_history_rendered_by_a_hermes_template_reads_back_as_the_same_calls() ->
     parsed = HermesFormat().parse(answer, TOOLS)
     assert parsed.content is None
     assert [(c.name, c.arguments) for c in parsed.calls] == [("get_weather", '{"city": "Paris"}'), ("add", '{"a": 1, "b": 2}')]
+
+
+def test_nothing_inside_a_thinking_block_opens_a_call() -> None:
+    fmt = HermesFormat()
+    assert fmt.trigger("<think>maybe <tool_call> or {", TOOLS) is None
+    assert fmt.trigger('<think>plan</think>\n{"name": "add"', TOOLS) == Trigger(len('<think>plan</think>\n{"name": "add"'), "bare", "add")
+    assert fmt.trigger("plan</think><tool_call>", TOOLS, starts_thinking=True) == Trigger(len("plan</think><tool_call>"), "marker")
+    assert fmt.trigger("plan <tool_call>", TOOLS, starts_thinking=True) is None
