@@ -10,7 +10,7 @@ text up to the `{` that opens its arguments with a known tool's name in it. A ma
 does not match (prose after `<tool_call>`, an unknown name, arguments that are not an object)
 stays content. Once the header matched, the call has been announced (CallStart) and its arguments
 stream as they come, so a call cut short (max_tokens) keeps what was written and its arguments may
-not parse; OpenAI's calls cut by length behave the same. Under the grammars of
+not parse (as OpenAI's can when cut by length). Under the grammars of
 capibara6/tools/formats.py every call is well formed, and such a cut is the only way to get one.
 """
 
