@@ -260,7 +260,7 @@ class Generation:
             max_tokens = self.plan.max_tokens or max(1, min(limits.max_tokens_cap, room))
             call = replace(params, max_tokens=max_tokens, stop=stops, grammar=run.grammar if run and run.grammar else params.grammar)
             if run is not None and run.lazy is not None:
-                return run_auto(backend, prepared, call, outcome, cancel, run.format.marker, run.lazy)
+                return run_auto(backend, prepared, call, outcome, cancel, run)
             return backend.generate(prepared, call, outcome, cancel)
 
         def job(cancel: threading.Event) -> Iterator[TokenEvent]:

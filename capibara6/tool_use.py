@@ -28,7 +28,7 @@ from typing import Any, Iterator, Sequence
 
 from .backends.base import Backend
 from .errors import InvalidRequest
-from .tools.formats import ToolFormat, detect_format
+from .tools.formats import ToolFormat, Trigger, detect_format
 from .tools.reasoning import template_thinks
 from .tools.spec import ToolChoice, ToolError, ToolSpec, parse_tool_choice, parse_tools
 from .types import GenerationOutcome, Prepared, SamplingParams, TextPrompt, TokenEvent
@@ -148,41 +148,46 @@ class LinkedCancel(threading.Event):
 
 
 def run_auto(backend: Backend, prepared: Prepared, params: SamplingParams, outcome: GenerationOutcome,
-             cancel: threading.Event, marker: str, lazy: str) -> Iterator[TokenEvent]:
-    """Phase one free until `marker`, then phase two under `lazy` from prompt + text so far.
+             cancel: threading.Event, run: ToolRun) -> Iterator[TokenEvent]:
+    """Phase one free until the format's trigger, then phase two under the lazy grammar from
+    prompt + text so far.
 
-    Invariants: the text yielded is exactly phase one's text up to and including the marker,
-    then phase two's; `outcome` counts the prompt once (phase one's) and the completion tokens of
-    both; `max_tokens` bounds both phases together; the request's cancel stops either phase."""
+    The trigger is the call marker anywhere, or at the answer's start a JSON object (bare or in a
+    ```json fence) whose `"name"` is one of the tools: Qwen2.5-Coder-0.5B answered "weather in
+    Paris?" with a fenced object and no marker (`{"name": "reverse_string"}`, naming no tool,
+    stays text). Invariants: the text yielded is exactly phase one's up to the trigger's end, then phase
+    two's; `outcome` counts the prompt once (phase one's) and the completion tokens of both;
+    `max_tokens` bounds both phases together; the request's cancel stops either phase."""
+    assert run.request is not None
+    fmt, specs = run.format, run.request.specs
     first = GenerationOutcome()
     phase_cancel = LinkedCancel(cancel)
     seen = ""
-    found = -1
+    trig: Trigger | None = None
     events = backend.generate(prepared, params, first, phase_cancel)
     for ev in events:
         before = len(seen)
         seen += ev.text
-        found = seen.find(marker, max(0, before - len(marker) + 1))
+        trig = fmt.trigger(seen, specs) if ev.text else None
         _copy(first, outcome)
-        if found < 0:
+        if trig is None:
             yield ev
             continue
-        keep = found + len(marker) - before
-        yield replace(ev, text=ev.text[:keep])
+        yield replace(ev, text=ev.text[: max(0, trig.end - before)])
         phase_cancel.set()
-        for _ in events:  # the phase ends within a token; what it adds past the marker is dropped
+        for _ in events:  # the phase ends within a token; what it adds past the trigger is dropped
             pass
         break
     _copy(first, outcome)
-    if found < 0 or cancel.is_set():
+    if trig is None or cancel.is_set():
         return
-    written = seen[: found + len(marker)]
     left = params.max_tokens - first.completion_tokens
     if left <= 0:
         outcome.finish_reason = "length"
         return
+    lazy = run.lazy if trig.kind == "marker" and run.lazy else fmt.lazy_grammar(specs, run.request.parallel, after=trig)
     assert prepared.text is not None, "a chat prompt always has its templated text"
-    cont = backend.prepare(TextPrompt(prepared.text + written))
+    cont = backend.prepare(TextPrompt(prepared.text + seen[: trig.end]))
     second = GenerationOutcome()
     # no stop strings inside a call: the grammar ends it, and a user's stop must not cut its JSON
     call_params = replace(params, grammar=lazy, max_tokens=left, stop=())
