@@ -16,6 +16,7 @@ Bounds below leave a margin over those figures, never below llama.cpp's self-dis
 from __future__ import annotations
 
 import pathlib
+import threading
 from typing import Iterator
 
 import numpy as np
@@ -193,3 +194,30 @@ def test_fp8_kv_keeps_perplexity(native_int16: np.ndarray, qwen_model: GGUFModel
     # measured: top-1 0.970, KL 3.0e-3, perplexity -1.7% (E4M3's rounding moves it either way)
     assert top1 >= 0.94
     assert abs(ppl8 / ppl32 - 1) <= 0.03
+
+
+def test_registry_native_twin_chats_through_the_gguf_template(qwen_path: pathlib.Path) -> None:
+    """`qwen2.5-coder-0.5b-native` as models.yaml declares it (FP8 KV, int16): the chat is rendered
+    by the GGUF's own template (no chat_format), which puts Qwen's default system prompt first, and
+    the greedy answer is the function, ended by end of turn (finish_reason stop)."""
+    from capibara6.backends.native import NativeBackend
+    from capibara6.config import load_registry
+    from capibara6.types import GenerationOutcome, SamplingParams
+    from tests.fakes import prepared
+    from tests.serverproc import ROOT
+
+    spec = load_registry(ROOT / "models.yaml").models["qwen2.5-coder-0.5b-native"]
+    assert (spec.backend, spec.kv_cache, spec.chat_format) == ("native", "fp8", None)
+    spec = spec.model_copy(update={"n_ctx": 256})
+    b = NativeBackend.load("qwen2.5-coder-0.5b-native", spec, qwen_path, n_threads=1)
+    try:
+        user = CHAT_PROMPT.split("<|im_start|>user\n")[1].split("<|im_end|>")[0]
+        p = prepared(b, [{"role": "user", "content": user}])
+        assert b.chat_format == "jinja" and p.text == CHAT_PROMPT
+        out = GenerationOutcome()
+        events = list(b.generate(p, SamplingParams(max_tokens=64, temperature=0.0), out, threading.Event()))
+        text = "".join(e.text for e in events)
+        print(f"\nnative twin: {text!r}")
+        assert out.finish_reason == "stop" and "def square(x)" in text and "<|im_end|>" not in text
+    finally:
+        b.close()
