@@ -140,7 +140,7 @@ def print_models(registry: Registry, out: Any = None, states: dict[str, str] | N
     out = out or sys.stdout  # looked up per call, so a redirected stdout is honoured
     print(f"{'id':28} {'state':11} {'backend':9} {'n_ctx':>6} {'threads':>7}  tags / source", file=out)
     for mid, spec in registry.models.items():
-        src = spec.source.path or spec.source.pypi or spec.source.url
+        src = spec.source.label
         threads = resolve_threads(spec.n_threads)
         state = "not running" if states is None else states.get(mid, "unknown")
         print(f"{mid:28} {state:11} {spec.backend:9} {spec.n_ctx:>6} {threads:>7}  [{', '.join(spec.tags)}] {src}", file=out)

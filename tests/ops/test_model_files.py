@@ -107,4 +107,30 @@ def test_resolve_model_path_refuses_a_wrong_sha256(tmp_path: Path, monkeypatch: 
         "size": 45_755_264, "sha256": "0" * 64, "name": "wrong.gguf"}}})
     with pytest.raises(ModelFileError, match="refusing wrong.gguf"):
         resolve_model_path(spec, ROOT)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["wrong.gguf.lock"]  # no target, no temp file left
+
+
+def test_a_matching_stamp_spares_the_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Later starts: a stat against the stamp, no read of the file; a touched file is hashed again."""
+    parts, size, sha = _parts(tmp_path)
+    target = assemble(parts, tmp_path / "m.gguf", size, sha)
+    hashed: list[Path] = []
+    real = model_files.sha256_of
+
+    def counting(paths: list[Path]) -> tuple[int, str]:
+        hashed.extend(paths)
+        return real(paths)
+
+    monkeypatch.setattr(model_files, "sha256_of", counting)
+    assert verify_file(target, size, sha) and hashed == []
+    st = target.stat()
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert verify_file(target, size, sha) and hashed == [target]
+    assert verify_file(target, size, sha) and hashed == [target]  # the renewed stamp holds again
+    assert not verify_file(target, size, "f" * 64)  # another registry digest never trusts the stamp
+
+
+def test_listings_name_the_assembled_file() -> None:
+    spec = load_registry(ROOT / "models.yaml").models["qwen2.5-coder-0.5b"]
+    assert spec.source.label == "pypi_files:qwen2.5-coder-0.5b-instruct.gguf"
+    assert ModelSpec.model_validate({"source": {"path": "x.gguf"}}).source.label == "x.gguf"
