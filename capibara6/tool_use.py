@@ -100,8 +100,10 @@ def resolve(req: ToolRequest | None, messages: Messages, traits: ChatTraits) -> 
         prepared = fmt.prepare_messages(messages, specs if req is not None and req.choice.mode != "none" else ())
     except ToolError as err:
         raise InvalidRequest(str(err), param=err.param) from None
+    shown = req.raw if req is not None and traits.template is not None and fmt.marker else ()
     if req is None or req.choice.mode == "none":
-        return ToolRun(req, fmt, prepared, (), None, None, traits.thinks)
+        # the tools stay in the prompt (as OpenAI keeps them in context); nothing is constrained or read as a call
+        return ToolRun(req, fmt, prepared, shown, None, None, traits.thinks)
     try:
         if req.choice.mode == "auto" and fmt.marker:
             grammar, lazy = None, fmt.lazy_grammar(specs, req.parallel)
@@ -109,7 +111,6 @@ def resolve(req: ToolRequest | None, messages: Messages, traits: ChatTraits) -> 
             grammar, lazy = fmt.full_grammar(specs, req.choice, req.parallel), None
     except ToolError as err:
         raise InvalidRequest(str(err), param=err.param) from None
-    shown = req.raw if traits.template is not None and fmt.marker else ()
     return ToolRun(req, fmt, prepared, shown, grammar, lazy, traits.thinks)
 
 
