@@ -353,7 +353,10 @@ def resolve_gguf(args: argparse.Namespace) -> Path:
     spec = registry.models.get(args.model_id)
     if spec is None:
         sys.exit(f"{args.config} has no model {args.model_id!r}: pass --model-path <gguf>")
-    path = model_path(spec, Path(args.config).resolve().parent)
+    try:
+        path = model_path(spec, Path(args.config).resolve().parent)
+    except (FileNotFoundError, ImportError) as err:
+        sys.exit(f"{args.model_id}: {err}\npass --model-path <gguf>")
     if path is None:
         sys.exit(f"{args.model_id} is a remote entry: pass --model-path <gguf>")
     return path
