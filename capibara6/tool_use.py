@@ -74,7 +74,10 @@ class ToolRun:
 
 def tool_request(tools: list[dict[str, Any]] | None, choice: Any, parallel: bool) -> ToolRequest | None:
     """The request's `tools` / `tool_choice` / `parallel_tool_calls`, checked; None without tools
-    (then `tool_choice` may only be absent or `none`, as OpenAI answers)."""
+    (then `tool_choice` may only be absent, `none` or `auto`: the Responses API's default is
+    `auto`, and it asks for nothing without tools)."""
+    if not tools and choice in (None, "none", "auto"):
+        return None
     try:
         specs = parse_tools(tools) if tools else ()
         parsed = parse_tool_choice(choice, specs)

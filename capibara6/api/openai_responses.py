@@ -16,9 +16,9 @@ The stream is OpenAI's named events, each `event: <type>\\ndata: {...}` with a `
 An error once the headers are out is one `event: error` (whose data also carries `error`, so the
 SDK raises it as an `APIError`), and the stream ends. There is no `data: [DONE]` in this API.
 
-The field rule is chat's (capibara6/api/protocol.py) with this API's own tables below. Tool
-calling is not there yet (issue 16): `tools` other than `[]` and the tool input items
-(`function_call`, `function_call_output`) are a 400 naming them.
+The field rule is chat's (capibara6/api/protocol.py) with this API's own tables below. Function
+tools, `function_call` / `function_call_output` input items and `function_call` output items go
+through chat's tool path (capibara6/api/responses_tools.py); built-in tools are a 400 naming them.
 """
 
 from __future__ import annotations
@@ -36,12 +36,15 @@ from pydantic_core import PydanticCustomError
 
 from ..errors import ApiError, InvalidRequest, NotFound
 from ..serving import ChoiceEnd, Generation, Plan, Usage
+from ..tool_use import tool_request
 from ..types import SamplingParams
+from .answers import finish_reason
 from .grammar import response_format_grammar
 from .protocol import JsonSchemaFormat, Refusal, ResponseFormat, _apply_rule, _is
 from .requests import stream_default
 from .response_store import ResponseStore
 from .responses import counted, open_generation, until_disconnect
+from .responses_tools import ItemStream, chat_tool_choice, chat_tools, item_message, output_items, stream_items
 from .state import AppState, app_role, app_state
 from .streaming import EventStream
 
@@ -60,15 +63,10 @@ NO_EFFECT: dict[str, str] = {
     "prompt_cache_key": "a prompt-cache routing hint; our prefix cache needs none",
     "prompt_cache_retention": "how long OpenAI keeps cached prefixes",
     "prompt_cache_options": "OpenAI's cache breakpoints and their lifetime",
-    "max_tool_calls": "a cap on tool calls; no tools run here (tools are refused)",
+    "max_tool_calls": "a cap on calls to built-in tools; none run here (function calls are the client's to run)",
 }
 
-_TOOLS = "tool calling is served on /v1/chat/completions; the Responses API here answers with text (its tool items are not served yet)"
-
 UNSUPPORTED: dict[str, Refusal] = {
-    "tools": Refusal(f"{_TOOLS}; send no tools, or tools: [].", _is([])),
-    "tool_choice": Refusal(f"{_TOOLS}; omit tool_choice or send 'none' or 'auto'.", _is("none", "auto")),
-    "parallel_tool_calls": Refusal(f"{_TOOLS}; omit parallel_tool_calls or send true.", _is(True)),
     "background": Refusal("responses are not run in the background; omit background or send false.", _is(False)),
     "background_options": Refusal("responses are not run in the background; omit background_options."),
     "conversation": Refusal("there is no Conversations API here; use previous_response_id."),
@@ -141,6 +139,9 @@ class ResponsesRequest(BaseModel):
     store: bool = True
     previous_response_id: str | None = None
     metadata: dict[str, str] | None = None  # kept with the response and repeated in it
+    tools: list[dict[str, Any]] | None = None  # function tools (capibara6/api/responses_tools.py)
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="before")
     @classmethod
@@ -152,7 +153,8 @@ class ResponsesRequest(BaseModel):
 
 ROLES = ("user", "assistant", "system", "developer")
 TEXT_PARTS = ("input_text", "output_text")
-TOOL_ITEMS = ("function_call", "function_call_output", "custom_tool_call", "custom_tool_call_output")
+TOOL_ITEMS = ("function_call", "function_call_output")
+CUSTOM_TOOL_ITEMS = ("custom_tool_call", "custom_tool_call_output")
 
 
 def _part_text(part: Any, where: str) -> str:
@@ -175,7 +177,10 @@ def input_messages(input_: str | list[dict[str, Any]]) -> Messages:
         where = f"input[{i}]"
         kind = item.get("type", "message")
         if kind in TOOL_ITEMS:
-            raise InvalidRequest(f"{where}: input item type {kind!r} is not supported: {_TOOLS}.", param="input")
+            item_message(item, messages, where)
+            continue
+        if kind in CUSTOM_TOOL_ITEMS:
+            raise InvalidRequest(f"{where}: input item type {kind!r} is not supported (custom tools: send function tools).", param="input")
         if kind != "message":
             raise InvalidRequest(f"{where}: input item type {kind!r} is not supported (messages only).", param="input")
         role = item.get("role")
@@ -189,7 +194,7 @@ def input_messages(input_: str | list[dict[str, Any]]) -> Messages:
         else:
             raise InvalidRequest(f"{where}: content must be a string or a list of text parts.", param="input")
         messages.append({"role": role, "content": text})
-    if not any(m["role"] in ("user", "assistant") for m in messages):
+    if not any(m["role"] in ("user", "assistant", "tool") for m in messages):
         raise InvalidRequest("input has no user or assistant message.", param="input")
     return messages
 
@@ -247,7 +252,8 @@ def responses_plan(state: AppState, req: ResponsesRequest, messages: Messages) -
     if req.max_output_tokens is not None and req.max_output_tokens > s.max_tokens_cap:
         raise InvalidRequest(f"max_output_tokens is {req.max_output_tokens}; the limit is {s.max_tokens_cap}.", param="max_output_tokens")
     params = SamplingParams(temperature=req.temperature, top_p=req.top_p, grammar=grammar(req.text.format))
-    return Plan(req.model, True, [messages], 1, req.max_output_tokens, params)
+    tools = tool_request(chat_tools(req.tools), chat_tool_choice(req.tool_choice), req.parallel_tool_calls)
+    return Plan(req.model, True, [messages], 1, req.max_output_tokens, params, tools=tools)
 
 
 # -- Response objects ------------------------------------------------------------------------------
@@ -290,21 +296,27 @@ class Run:
             "completed_at": int(time.time()) if status == "completed" else None,
             "background": False, "error": None, "incomplete_details": incomplete,
             "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "max_tool_calls": None,
-            "model": req.model, "output": output, "parallel_tool_calls": True,
+            "model": req.model, "output": output, "parallel_tool_calls": req.parallel_tool_calls,
             "previous_response_id": req.previous_response_id, "reasoning": {"effort": None, "summary": None},
             "service_tier": "default", "store": req.store, "temperature": req.temperature,
-            "text": {"format": req.text.format.echo(), "verbosity": "medium"}, "tool_choice": "auto", "tools": [],
+            "text": {"format": req.text.format.echo(), "verbosity": "medium"}, "tool_choice": req.tool_choice or "auto",
+            "tools": req.tools or [],
             "top_logprobs": 0, "top_p": req.top_p, "truncation": "disabled", "usage": usage,
             "user": None, "metadata": req.metadata or {},
         }
 
-    def final(self, text: str, finish: str | None, usage: Usage) -> dict[str, Any]:
+    def final(self, text: str, finish: str | None, usage: Usage, output: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         status = "incomplete" if finish == "length" else "completed"
-        return self.response(status, [message_item(self.item_id, text, status)], usage_object(usage))
+        items = output if output is not None else [message_item(self.item_id, text, status)]
+        return self.response(status, items, usage_object(usage))
+
+    def message(self, text: str, status: str) -> dict[str, Any]:
+        return message_item(self.item_id, text, status)
 
 
-def keep(state: AppState, run: Run, response: dict[str, Any], history: Messages, text: str) -> None:
-    if run.req.store and not responses_store(state).put(response, [*history, {"role": "assistant", "content": text}]):
+def keep(state: AppState, run: Run, response: dict[str, Any], history: Messages, said: dict[str, Any]) -> None:
+    """Store the response and its conversation; `said` is the assistant turn (text, calls)."""
+    if run.req.store and not responses_store(state).put(response, [*history, said]):
         log.warning("responses: %s is over --responses-store-max-bytes on its own; not stored", run.id)
 
 
@@ -333,6 +345,14 @@ async def stream_events(state: AppState, run: Run, gen: Generation, history: Mes
     started = run.response("in_progress", [], None)
     yield frames.event("response.created", response=started)
     yield frames.event("response.in_progress", response=started)
+    if gen.tool_run is not None and gen.tool_run.calls_possible:
+        items = ItemStream(frames.event, item, run.message)
+        async for frame in stream_items(gen, items):
+            yield frame
+        done = run.final("", items.finish, gen.usage, items.items)
+        keep(state, run, done, history, items.stored())
+        yield frames.event("response.completed" if done["status"] == "completed" else "response.incomplete", response=done)
+        return
     yield frames.event("response.output_item.added", output_index=0, item=message_item(item, "", "in_progress"))
     part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
     yield frames.event("response.content_part.added", item_id=item, **where, part=part)
@@ -349,7 +369,7 @@ async def stream_events(state: AppState, run: Run, gen: Generation, history: Mes
     yield frames.event("response.content_part.done", item_id=item, **where, part={**part, "text": text})
     final = run.final(text, finish, gen.usage)
     yield frames.event("response.output_item.done", output_index=0, item=final["output"][0])
-    keep(state, run, final, history, text)
+    keep(state, run, final, history, {"role": "assistant", "content": text})
     yield frames.event("response.completed" if final["status"] == "completed" else "response.incomplete", response=final)
 
 
@@ -376,7 +396,12 @@ async def _create(req: ResponsesRequest, request: Request) -> Response:
         raise InvalidRequest("The 'stream_options' parameter is only allowed when 'stream' is true.", param="stream_options")
     messages, history = conversation(state, req)
     plan = responses_plan(state, req, messages)
-    gen = state.service.generation(plan)
+    try:
+        gen = state.service.generation(plan)
+    except InvalidRequest as err:
+        if err.param and err.param.startswith("messages"):  # the tool history is this API's `input`
+            raise InvalidRequest(err.message, param="input", code=err.code) from None
+        raise
     run = Run(req)
     if stream:
         return await open_stream(state, run, gen, history)
@@ -392,8 +417,12 @@ async def _create(req: ResponsesRequest, request: Request) -> Response:
                 else:
                     pieces.append(ev.text)
         text = "".join(pieces)
-        final = run.final(text, finish, gen.usage)
-        keep(state, run, final, history, text)
+        if gen.tool_run is not None and gen.tool_run.calls_possible:
+            output, said = output_items(text, gen, run.message)
+            final = run.final(text, finish_reason(finish, len(said.get("tool_calls") or ())), gen.usage, output)
+        else:
+            final, said = run.final(text, finish, gen.usage), {"role": "assistant", "content": text}
+        keep(state, run, final, history, said)
         return final
 
     return JSONResponse(await until_disconnect(request, complete()))

@@ -327,3 +327,39 @@ def test_thinking_goes_to_reasoning_content(tmp_path: Path) -> None:
     deltas = [c["choices"][0]["delta"] for c in sse_chunks(post(app, {"max_tokens": 20, "stream": True}))]
     assert "".join(d.get("reasoning_content") or "" for d in deltas) == "Paris is in France."
     assert "".join(d.get("content") or "" for d in deltas) == "Sunny."
+
+
+# -- the Responses API: function tools as items ------------------------------------------------------
+
+FLAT_WEATHER = {"type": "function", "name": "get_weather", "description": WEATHER["function"]["description"],
+                "parameters": SCHEMAS["get_weather"]}
+
+
+def test_responses_function_call_items_and_their_output(srv: ServerProcess) -> None:
+    c = client(srv)
+    first = c.responses.create(model=QWEN, input=ASK_WEATHER[0]["content"], tools=[FLAT_WEATHER], tool_choice="required",
+                               temperature=0, max_output_tokens=100)
+    calls = [item for item in first.output if item.type == "function_call"]
+    assert first.status == "completed" and len(calls) >= 1 and calls[0].name == "get_weather"
+    valid("get_weather", calls[0].arguments)
+    assert first.tools and first.tools[0].name == "get_weather"
+    # the result goes back as a function_call_output item, continuing the stored conversation
+    answer = c.responses.create(model=QWEN, previous_response_id=first.id, temperature=0, max_output_tokens=60,
+                                input=[{"type": "function_call_output", "call_id": calls[0].call_id,
+                                        "output": json.dumps({"sky": "sunny", "temperature_c": 31})}])
+    assert answer.status == "completed" and answer.output_text and not [i for i in answer.output if i.type == "function_call"]
+
+
+def test_responses_stream_sends_call_items(srv: ServerProcess) -> None:
+    body = {"model": QWEN, "input": ASK_WEATHER[0]["content"], "tools": [FLAT_WEATHER], "temperature": 0,
+            "tool_choice": {"type": "function", "name": "get_weather"}, "max_output_tokens": 100, "stream": True}
+    r = httpx.post(srv.url["standard"] + "/v1/responses", json=body, timeout=120)
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+    kinds = [e["type"] for e in events]
+    assert kinds[:3] == ["response.created", "response.in_progress", "response.output_item.added"], kinds
+    assert events[2]["item"]["type"] == "function_call" and events[2]["item"]["name"] == "get_weather"
+    fragments = "".join(e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta")
+    done = next(e for e in events if e["type"] == "response.function_call_arguments.done")
+    assert done["arguments"] == fragments and valid("get_weather", fragments)
+    assert kinds[-1] == "response.completed" and events[-1]["response"]["output"][0]["arguments"] == fragments
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
