@@ -6,8 +6,11 @@ objects for every vocabulary entry (262k for Gemma: ~25 s and hundreds of MB of 
 string arrays are skipped (their length is kept) and numeric arrays are read as one numpy array.
 
 Memory estimates (measured reasons in the pool's docstring):
-    first instance  = weights file size + KV cache for n_ctx + compute overhead
-    extra instance  = KV cache + compute overhead (weights are mmapped: the OS shares the pages)
+    first instance  = weights file size + sequence memory + compute overhead
+    extra instance  = sequence memory + compute overhead (weights are mmapped: the OS shares the pages)
+    sequence memory = KV of the attention layers for n_ctx + recurrent state x parallel sequences
+State-space and RWKV layers keep a fixed-size F32 state per sequence instead of KV cells (sizes
+read from the header as llama.cpp derives them: docs/ssm.md); hybrids have both.
 """
 
 from __future__ import annotations
@@ -125,36 +128,121 @@ def _value(m: mmap.mmap, pos: int, vtype: int) -> tuple[Any, int]:
     raise ValueError(f"unknown GGUF value type {vtype}")
 
 
-def kv_cache_bytes(meta: dict[str, Any], n_ctx: int, kv_cache: str | None) -> int:
-    """K and V for every layer at full n_ctx (an upper bound: sliding-window layers may use less)."""
+# Architectures whose every layer is recurrent (llama.cpp's llm_arch_is_recurrent): no KV cache.
+RECURRENT_ARCHS = frozenset({"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7"})
+# Hybrids whose every layer has attention AND a recurrent mixer side by side (falcon-h1); other
+# hybrids (jamba, granitehybrid, nemotron_h, lfm2) give `head_count_kv` per layer, 0 = recurrent.
+PARALLEL_HYBRID_ARCHS = frozenset({"falcon-h1"})
+STATE_ELEM_BYTES = 4  # llama.cpp keeps recurrent state in F32 (type_r, type_s), whatever kv_cache says
+
+
+def _per_layer(meta: dict[str, Any], key: str, layers: int, default: int) -> list[int]:
+    """A hyperparameter llama.cpp allows per layer (a GGUF array) or once (a scalar)."""
+    v = meta.get(key, default)
+    if isinstance(v, np.ndarray):
+        return [int(x) for x in v[:layers]] + [int(v[-1]) if len(v) else default] * max(0, layers - len(v))
+    return [int(v if v is not None else default)] * layers
+
+
+def is_recurrent(meta: dict[str, Any]) -> bool:
+    """The model keeps a recurrent state per sequence (SSM, RWKV, a hybrid), read from the header."""
     arch = meta.get("general.architecture", "")
-    layers = int(meta.get(f"{arch}.block_count", 0))
-    heads = int(meta.get(f"{arch}.attention.head_count", 1) or 1)
-    kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads) or heads)
+    return arch in RECURRENT_ARCHS or any(f"{arch}.{k}" in meta for k in ("ssm.conv_kernel", "wkv.head_size", "shortconv.l_cache"))
+
+
+def recurrent_layers(meta: dict[str, Any]) -> list[bool]:
+    """Per layer: does it hold a recurrent state? (llama.cpp's hparams.is_recurrent(il))"""
+    arch = meta.get("general.architecture", "")
+    n = int(meta.get(f"{arch}.block_count", 0))
+    if not is_recurrent(meta):
+        return [False] * n
+    if arch in RECURRENT_ARCHS or arch in PARALLEL_HYBRID_ARCHS:
+        return [True] * n
+    return [kv == 0 for kv in _per_layer(meta, f"{arch}.attention.head_count_kv", n, 0)]
+
+
+def attention_layers(meta: dict[str, Any]) -> list[bool]:
+    """Per layer: does it hold K and V for every cell? Pure recurrent models have none."""
+    arch = meta.get("general.architecture", "")
+    if arch in RECURRENT_ARCHS:
+        return []
+    recurrent = recurrent_layers(meta)
+    return [arch in PARALLEL_HYBRID_ARCHS or not r for r in recurrent]
+
+
+def recurrent_state_floats(meta: dict[str, Any]) -> tuple[int, int]:
+    """(r, s): floats of the two per-layer states of one sequence, as llama.cpp sizes them
+    (hparams n_embd_r / n_embd_s). RWKV: r = token shift (token_shift_count x n_embd), s = wkv
+    (n_embd x head_size). Mamba/Mamba-2: r = conv window ((d_conv - 1) x (d_inner + 2 n_group
+    d_state)), s = ssm (d_state x d_inner). LFM2: r = short conv (n_embd x (l_cache - 1)), s = 0."""
+    arch = meta.get("general.architecture", "")
     embd = int(meta.get(f"{arch}.embedding_length", 0))
-    k_len = int(meta.get(f"{arch}.attention.key_length", embd // heads if heads else 0))
-    v_len = int(meta.get(f"{arch}.attention.value_length", k_len))
+
+    def get(key: str, default: int = 0) -> int:
+        return int(meta.get(f"{arch}.{key}", default) or default)
+
+    if get("wkv.head_size"):
+        return get("token_shift_count", 2) * embd, embd * get("wkv.head_size")
+    if get("shortconv.l_cache"):
+        return embd * (get("shortconv.l_cache") - 1), 0
+    d_conv, d_inner, d_state, groups = get("ssm.conv_kernel"), get("ssm.inner_size"), get("ssm.state_size"), get("ssm.group_count")
+    return max(0, d_conv - 1) * (d_inner + 2 * groups * d_state), d_state * d_inner
+
+
+def recurrent_state_bytes(meta: dict[str, Any]) -> int:
+    """Bytes of recurrent state ONE sequence holds (0 for a transformer): constant in its length."""
+    r, s = recurrent_state_floats(meta)
+    return sum(recurrent_layers(meta)) * (r + s) * STATE_ELEM_BYTES
+
+
+def kv_cache_bytes(meta: dict[str, Any], n_ctx: int, kv_cache: str | None) -> int:
+    """K and V for every attention layer at full n_ctx (an upper bound: sliding-window layers may
+    use less); 0 for a pure SSM/RWKV model, only the attention layers of a hybrid."""
+    arch = meta.get("general.architecture", "")
+    attn = attention_layers(meta)
+    layers = len(attn) if attn else (0 if arch in RECURRENT_ARCHS else int(meta.get(f"{arch}.block_count", 0)))
+    heads = _per_layer(meta, f"{arch}.attention.head_count", layers, 1)
+    kv_heads = _per_layer(meta, f"{arch}.attention.head_count_kv", layers, 0)
+    embd = int(meta.get(f"{arch}.embedding_length", 0))
     per_elem = KV_ELEM_BYTES.get(kv_cache or "f16", 2.0)
-    return int(n_ctx * layers * kv_heads * (k_len + v_len) * per_elem)
+    total = 0.0
+    for il in range(layers):
+        if attn and not attn[il]:
+            continue
+        h = heads[il] or 1
+        hkv = kv_heads[il] or h
+        k_len = int(meta.get(f"{arch}.attention.key_length", embd // h))
+        v_len = int(meta.get(f"{arch}.attention.value_length", k_len))
+        total += n_ctx * hkv * (k_len + v_len) * per_elem
+    return int(total)
 
 
-def file_kv_cache_bytes(path: Path, n_ctx: int, kv_cache: str | None) -> int:
-    """kv_cache_bytes from a GGUF file's header; 0 if it cannot be read."""
+def sequence_memory_bytes(meta: dict[str, Any], n_ctx: int, kv_cache: str | None, n_seq: int = 1) -> int:
+    """What llama.cpp allocates for sequences at context creation: the KV cache of the attention
+    layers (n_ctx cells shared by all sequences: capibara6 makes one unified cache) plus one
+    recurrent state per parallel sequence (llama_memory_recurrent has n_seq_max cells)."""
+    return kv_cache_bytes(meta, n_ctx, kv_cache) + max(1, n_seq) * recurrent_state_bytes(meta)
+
+
+def file_kv_cache_bytes(path: Path, n_ctx: int, kv_cache: str | None, n_seq: int = 1) -> int:
+    """sequence_memory_bytes from a GGUF file's header; 0 if it cannot be read."""
     try:
-        return kv_cache_bytes(read_header(path).metadata, n_ctx, kv_cache)
+        return sequence_memory_bytes(read_header(path).metadata, n_ctx, kv_cache, n_seq)
     except (ValueError, OSError):
         return 0
 
 
-def estimate_file(path: Path, n_ctx: int, kv_cache: str | None) -> Estimate:
-    """Weights as stored in the file, KV for n_ctx, and the compute overhead."""
+def estimate_file(path: Path, n_ctx: int, kv_cache: str | None, n_seq: int = 1) -> Estimate:
+    """Weights as stored in the file, KV for n_ctx plus recurrent state for n_seq sequences, and
+    the compute overhead."""
     weights = path.stat().st_size
     try:
-        kv = kv_cache_bytes(read_header(path).metadata, n_ctx, kv_cache)
+        kv = sequence_memory_bytes(read_header(path).metadata, n_ctx, kv_cache, n_seq)
     except (ValueError, OSError):
         kv = 0  # not a readable GGUF: the load itself will fail and say why
     return Estimate(weights, kv, max(MIN_OVERHEAD, weights // 20))
 
 
-__all__ = ["KV_ELEM_BYTES", "MIN_OVERHEAD", "GGUFHeader", "StringArray", "TensorInfo", "estimate_file",
-           "file_kv_cache_bytes", "kv_cache_bytes", "read_header"]
+__all__ = ["KV_ELEM_BYTES", "MIN_OVERHEAD", "GGUFHeader", "StringArray", "TensorInfo", "attention_layers",
+           "estimate_file", "file_kv_cache_bytes", "is_recurrent", "kv_cache_bytes", "read_header",
+           "recurrent_layers", "recurrent_state_bytes", "recurrent_state_floats", "sequence_memory_bytes"]

@@ -12,6 +12,17 @@ prefix shares cells instead of copying them), one reusable `llama_batch`, and on
 per sequence with its own parameters and seed. Greedy sequences without penalties, grammar or
 logprobs skip the sampler chain: argmax of the logits row picks the same token (first maximum,
 as llama.cpp's greedy sampler) without copying 262k candidates per token.
+
+State-space and hybrid models (mamba, mamba2, rwkv6/7, falcon-h1, jamba, ...: llama.cpp's
+`llama_model_is_recurrent` / `_is_hybrid`) keep one fixed-size state per sequence id instead of
+KV cells (llama_memory_recurrent has n_seq_max cells, one per slot). A state holds ALL the tokens
+fed so far and cannot be cut back to an earlier position (`llama_memory_seq_rm` with p0 > 0
+fails), nor copied as a prefix. So for them the scheduler runs in `recurrent` mode (see
+scheduler.py): a cached slot is reused only when its whole token history is a prefix of the new
+prompt (a conversation continued), never trimmed, never `seq_cp`'d; preemption drops a state
+whole and recomputes it, as for KV. A pure recurrent model has no shared cells at all, so its
+cell budget is n_ctx per sequence (`n_cells = n_ctx x parallel`): nothing ever waits or is
+preempted for KV room; a hybrid's attention layers share n_ctx KV cells as a transformer does.
 """
 
 from __future__ import annotations
@@ -24,9 +35,10 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
+from ...gguf_header import estimate_file, file_kv_cache_bytes
 from ...llama_load import new_llama
 from ...threads import resolve_threads
-from ...types import GenerationOutcome, Prepared, SamplingParams, TokenEvent
+from ...types import Estimate, GenerationOutcome, Prepared, SamplingParams, TokenEvent
 from ..stops import StopText
 from .plain import LlamaCppBackend, _kv_kwargs, token_logprobs
 from .scheduler import Scheduler, SeqState
@@ -70,7 +82,11 @@ class LlamaDecoder:
         self._context = LlamaContext(model=llm._model, params=p, verbose=False)
         self.ctx = self._context.ctx
         self._mem = llama_cpp.llama_get_memory(self.ctx)
-        self.n_cells: int = llama_cpp.llama_n_ctx(self.ctx)
+        self.recurrent = bool(llama_cpp.llama_model_is_recurrent(self._model.model))
+        self.hybrid = bool(llama_cpp.llama_model_is_hybrid(self._model.model))
+        self.kv_cells: int = llama_cpp.llama_n_ctx(self.ctx)  # KV cells of the attention layers (shared)
+        # a pure recurrent model shares no cells: each sequence may use the whole n_ctx
+        self.n_cells: int = self.kv_cells * n_seq if self.recurrent else self.kv_cells
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._out_rows: list[int] = []  # batch index of each output row, in order
 
@@ -143,7 +159,10 @@ class LlamaDecoder:
         return bool(self._lc.llama_vocab_is_eog(self._vocab, token))
 
     def seq_rm(self, seq_id: int, p0: int, p1: int) -> None:
-        self._lc.llama_memory_seq_rm(self._mem, seq_id, p0, p1)
+        if not self._lc.llama_memory_seq_rm(self._mem, seq_id, p0, p1):
+            # recurrent state cannot be cut at p0 > 0; the scheduler never asks for that in
+            # recurrent mode, so reaching here is a bug: fail the step rather than decode garbage
+            raise RuntimeError(f"llama.cpp could not remove positions [{p0}, {p1}) of sequence {seq_id}")
 
     def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
         self._lc.llama_memory_seq_cp(self._mem, src, dst, p0, p1)
@@ -164,13 +183,27 @@ class LlamaCppBatchedBackend(LlamaCppBackend):
     def __init__(self, model_id: str, llm: Any, formatter: Any, path: Path, spec: ModelSpec, n_threads: int) -> None:
         super().__init__(model_id, llm, formatter, path, spec.kv_cache, n_threads)
         self.decoder = LlamaDecoder(llm, spec, n_threads)
-        self.n_ctx = self.decoder.n_cells  # kv_cache_bytes (inherited): the shared cache's cells
-        self.scheduler = Scheduler(self.decoder, spec.parallel, spec.prefill_chunk)
+        self.n_ctx = self.decoder.kv_cells  # the context each sequence may fill
+        self._n_seq = spec.parallel
+        self.scheduler = Scheduler(self.decoder, spec.parallel, spec.prefill_chunk,
+                                   recurrent=self.decoder.recurrent or self.decoder.hybrid)
         self.embed_batch = min(spec.n_batch, spec.n_ctx)  # this llm's own context is minimal (n_batch 32)
 
     @classmethod
     def max_concurrency(cls, spec: ModelSpec) -> int:
         return spec.parallel  # one context serves every sequence
+
+    @classmethod
+    def estimate(cls, spec: ModelSpec, path: Path | None) -> Estimate:
+        """One context: the shared KV cells plus a recurrent state per parallel sequence."""
+        assert path is not None
+        return estimate_file(path, spec.n_ctx, spec.kv_cache, n_seq=spec.parallel)
+
+    def kv_cache_bytes(self) -> int:
+        """The decoder context's sequence memory: shared KV cells + `parallel` recurrent states."""
+        if self._kv_bytes is None:
+            self._kv_bytes = file_kv_cache_bytes(self._path, self.n_ctx, self._kv_type, self._n_seq)
+        return self._kv_bytes
 
     @classmethod
     def threads(cls, spec: ModelSpec) -> int:

@@ -5,6 +5,13 @@ between calls) and adds what the high-level API lacks: per-request seeds, stop s
 leak, cancellation between tokens, and logprobs without `logits_all=True` (which would keep
 n_ctx x vocab floats: ~4 GB for Gemma's 262k vocab at n_ctx 4096). After each decode llama.cpp
 holds the last position's logits, which are exactly the distribution the token was sampled from.
+
+State-space and hybrid models (`recurrent`): llama.cpp keeps one state summarising every token
+fed, which cannot be cut back. Llama.generate's prefix reuse asks llama.cpp to drop positions from
+`len(prefix)` on, and for a state whose last position IS that one llama.cpp clears the whole state
+and reports success (a repeated prompt after a one-token answer would then decode its last token
+from an empty state). So a recurrent model reuses its state only when the new prompt strictly
+extends every token already fed (a continued conversation); otherwise it starts from scratch.
 """
 
 from __future__ import annotations
@@ -107,6 +114,7 @@ class LlamaCppBackend:
         arch = llm.metadata.get("general.architecture", "")
         # BERT-like GGUFs say `<arch>.attention.causal: false`: an encoder embeds, it cannot generate
         self.encoder_only = str(llm.metadata.get(f"{arch}.attention.causal", "true")).lower() == "false"
+        self.recurrent = _is_recurrent(llm)  # SSM / RWKV / hybrid: a per-sequence state (docs/ssm.md)
 
     # -- class side (backends/base.py BackendClass) --------------------------------------------
 
@@ -237,6 +245,8 @@ class LlamaCppBackend:
             grammar = LlamaGrammar.from_string(params.grammar, verbose=False)
         text = StopText(params.stop)
         vocab = llm._model.vocab
+        if self.recurrent and not _extends_state(llm, tokens):
+            llm.reset()  # clears the state: generate() then feeds the whole prompt
         gen = llm.generate(
             tokens,
             top_k=params.top_k,
@@ -304,6 +314,19 @@ class LlamaCppBackend:
         self.llm.close()
         self.llm = None
         gc.collect()
+
+
+def _is_recurrent(llm: Any) -> bool:
+    import llama_cpp
+
+    model = llm._model.model
+    return bool(llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model))
+
+
+def _extends_state(llm: Any, tokens: Sequence[int]) -> bool:
+    """The prompt starts with every token fed so far and adds at least one: the state is reusable."""
+    n = int(llm.n_tokens)
+    return 0 < n < len(tokens) and [int(t) for t in llm._input_ids[:n]] == list(tokens[:n])
 
 
 def _no_chat(messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] = ()) -> tuple[str, tuple[str, ...]]:

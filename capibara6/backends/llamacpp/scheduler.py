@@ -17,6 +17,12 @@ prompt, to be recomputed later (vLLM's "recompute" preemption); its stream just 
 prefix cache: a new prompt that starts with tokens held by any slot (finished or still running)
 reuses them (trim in place, or `seq_cp` in the unified KV cache, which shares cells, not copies).
 
+`recurrent=True` (SSM, RWKV and hybrid models: one state per sequence id that summarises every
+token fed, see batched.py) narrows prefix reuse to what such a state can do: a FINISHED slot whose
+whole token history is a prefix of the new prompt continues in place; no trim, no copy from another
+slot, no sharing with a running one. Preemption and eviction drop whole states, which works as
+for KV.
+
 The native calls sit behind `Decoder`, so scheduling can be tested with a scripted decoder.
 """
 
@@ -121,6 +127,7 @@ class Scheduler:
         clock: Callable[[], float] = time.monotonic,
         keep_stats: int = 4096,
         model_id: str | None = None,
+        recurrent: bool = False,
     ) -> None:
         """`model_id`: named by the crash log line if a decode dies by a fatal signal; None: the
         model the creating thread runs (the pool builds a backend, hence its scheduler, inside
@@ -128,6 +135,7 @@ class Scheduler:
         self.model_id = model_id if model_id is not None else crash.current_model()
         self.decoder = decoder
         self.prefill_chunk = prefill_chunk
+        self.recurrent = recurrent  # whole-state reuse only (see the module docstring)
         self._slots = [_Slot() for _ in range(n_slots)]
         self._waiting: list[SeqState] = []  # FIFO, guarded by _cond
         self._running: list[SeqState] = []  # admission order, scheduler thread only
@@ -253,6 +261,8 @@ class Scheduler:
         best, key = (-1, 0), (0, False)
         for i, sl in enumerate(self._slots):
             k = _common_prefix(sl.tokens, prompt, limit)
+            if self.recurrent and (sl.owner is not None or k != len(sl.tokens)):
+                continue  # a state cannot be cut back or shared: only a finished, whole history
             if (k, sl.owner is None) > key:
                 best, key = (i, k), (k, sl.owner is None)
         return best if best[1] >= MIN_PREFIX_REUSE else (-1, 0)
