@@ -30,6 +30,7 @@ from __future__ import annotations
 import queue
 import random
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
     from ...config import ModelSpec
 
 _POLL_S = 0.05  # how often a reader waiting for its next token re-checks `cancel`
+HELPER_N_CTX = 256  # the Llama object's own context (tokenizer, metadata): llama.cpp's smallest
 
 
 class LlamaDecoder:
@@ -197,7 +199,11 @@ class LlamaCppBatchedBackend(LlamaCppBackend):
     def estimate(cls, spec: ModelSpec, path: Path | None) -> Estimate:
         """One context: the shared KV cells plus a recurrent state per parallel sequence."""
         assert path is not None
-        return estimate_file(path, spec.n_ctx, spec.kv_cache, n_seq=spec.parallel)
+        est = estimate_file(path, spec.n_ctx, spec.kv_cache, n_seq=spec.parallel)
+        # + the Llama object's own minimal context (one sequence, HELPER_N_CTX cells): for a
+        # recurrent model that is one more state (measured: a 2.2 MB state shows up once more)
+        helper = file_kv_cache_bytes(path, HELPER_N_CTX, spec.kv_cache, 1)
+        return replace(est, overhead=est.overhead + helper)
 
     def kv_cache_bytes(self) -> int:
         """The decoder context's sequence memory: shared KV cells + `parallel` recurrent states."""
@@ -215,7 +221,7 @@ class LlamaCppBatchedBackend(LlamaCppBackend):
         assert path is not None
         # This Llama object serves the weights, tokenizer and metadata; its own context is kept
         # minimal (llama.cpp's smallest) because generation runs in the decoder's context.
-        llm = new_llama(model_path=str(path), n_ctx=256, n_batch=32, n_threads=1, logits_all=False, verbose=False)
+        llm = new_llama(model_path=str(path), n_ctx=HELPER_N_CTX, n_batch=32, n_threads=1, logits_all=False, verbose=False)
         try:
             return cls(model_id, llm, cls._pick_formatter(llm, spec.chat_format, spec.embedding is not None), path, spec, n_threads)
         except Exception:
