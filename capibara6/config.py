@@ -93,6 +93,15 @@ class EmbeddingSpec(_Strict):
     normalize: bool = Field(True, description="Scale each vector to unit L2 norm (what retrieval expects).")
 
 
+class PreferSpec(_Strict):
+    """When `model: auto` on the consensus port should pick this model (capibara6/orchestrator/routing.py)."""
+
+    min_prompt_tokens: int | None = Field(
+        None, ge=1, description="Prompts of at least this many (estimated) tokens go to the models that set it, "
+        "e.g. a state-space or hybrid model whose cost per token does not grow with the context; shorter "
+        "prompts avoid them while another model fits.")
+
+
 class ModelSpec(_Strict):
     """One registry entry. Every field may also be set in `defaults:`."""
 
@@ -125,6 +134,8 @@ class ModelSpec(_Strict):
     owned_by: str = Field("capibara6", description="owned_by in /v1/models.")
     embedding: EmbeddingSpec | None = Field(
         None, description="This model serves /v1/embeddings, pooled this way (llamacpp, native); absent: it does not embed.")
+    prefers: PreferSpec | None = Field(
+        None, description="Routing preferences for `model: auto` (consensus port): {min_prompt_tokens: N}.")
 
     @model_validator(mode="after")
     def _kv_cache_fits_backend(self) -> ModelSpec:

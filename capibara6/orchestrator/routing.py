@@ -4,9 +4,13 @@ Resolution, first match wins:
 1. `consensus.experts` in the body: exactly those models (other `consensus` fields override the
    ensemble named by `model`, if any, else the defaults below);
 2. `model` names an ensemble from models.yaml (`ensembles:`), optionally overridden by `consensus`;
-3. `model: "auto"`: route by task tag (below) to every registry model carrying that tag, highest
-   priority first, at most AUTO_MAX_EXPERTS; no model with the tag -> the `general` models; none
-   of those -> the highest-priority model;
+3. `model: "auto"`: first by prompt length, then by task tag (below). A prompt of at least
+   `prefers.min_prompt_tokens` (estimated) tokens goes to the models that set a threshold it
+   meets (state-space / hybrid experts: their cost per token does not grow with the context),
+   those with the task tag first; a shorter prompt is routed by tag among the models whose
+   threshold it does not meet (falling back to all of them when that leaves none): every
+   registry model carrying the tag, highest priority first, at most AUTO_MAX_EXPERTS; no model
+   with the tag -> the `general` models; none of those -> the highest-priority model;
 4. a registry model id with a `consensus` field: that model alone (a one-expert consensus);
 5. a registry model id without one: not a consensus request (None) -> answered like port 8082.
 
@@ -18,13 +22,21 @@ The `auto` classifier is deliberately simple and explainable (its reason travels
   Devanagari, ...), or Latin-script text has at least two stop words of another language
   (es/fr/de/pt/it) and more of them than English stop words;
 - `general` otherwise.
+
+Prompt length: the caller may pass the prompt's token count; otherwise it is estimated as UTF-8
+bytes / 4 (BPE tokenizers average about 4 bytes per token on English prose; code and non-Latin
+scripts have more tokens per byte, so the estimate errs towards short). The experts are not loaded
+yet when routing runs, so no tokenizer is at hand. The decision (tokens, whether it was estimated,
+the threshold that applied) travels in the response's `consensus.route`.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -84,7 +96,7 @@ class ConsensusPlan:
     timeout_s: float
     min_responses: int
     temperature: float | None = None
-    route: dict[str, str] | None = None  # auto routing: {"tag", "reason"}
+    route: dict[str, Any] | None = None  # auto routing: {"tag", "reason", "prompt_tokens", "long_context", ...}
 
 
 def classify(text: str) -> tuple[str, str]:
@@ -113,16 +125,48 @@ def _by_priority(registry: Registry, ids: list[str]) -> list[str]:
     return sorted(ids, key=lambda m: -registry.models[m].priority)  # stable: registry order on ties
 
 
-def _auto_experts(registry: Registry, tag: str) -> list[str]:
+def _auto_experts(registry: Registry, tag: str, among: list[str] | None = None) -> list[str]:
+    pool = among if among is not None else list(registry.models)
     for want in (tag, "general"):
-        found = [m for m, spec in registry.models.items() if want in spec.tags]
+        found = [m for m in pool if want in registry.models[m].tags]
         if found:
             return _by_priority(registry, found)[:AUTO_MAX_EXPERTS]
-    return _by_priority(registry, list(registry.models))[:1]
+    return _by_priority(registry, pool)[:1]
 
 
-def resolve(registry: Registry, model: str, options: ConsensusOptions | None, text: str) -> ConsensusPlan | None:
-    """The consensus plan for a request, or None for a plain single-model request."""
+def estimate_tokens(text: str) -> int:
+    """Tokens of `text` without a tokenizer: UTF-8 bytes / 4 (see the module docstring)."""
+    return math.ceil(len(text.encode("utf-8")) / 4)
+
+
+def _threshold(registry: Registry, model: str) -> int | None:
+    prefers = registry.models[model].prefers
+    return prefers.min_prompt_tokens if prefers is not None else None
+
+
+def route_auto(registry: Registry, text: str, prompt_tokens: int | None = None) -> tuple[list[str], dict[str, Any]]:
+    """(experts, route) for `model: auto`: long prompts to the models that prefer them, then tags."""
+    tag, reason = classify(text)
+    n = prompt_tokens if prompt_tokens is not None else estimate_tokens(text)
+    route: dict[str, Any] = {"tag": tag, "reason": reason, "prompt_tokens": n, "tokens_estimated": prompt_tokens is None}
+    thresholds = {m: t for m in registry.models if (t := _threshold(registry, m)) is not None}
+    met = [m for m, t in thresholds.items() if n >= t]
+    if met:
+        route["long_context"] = True
+        route["min_prompt_tokens"] = min(thresholds[m] for m in met)
+        route["reason"] = f"{n} prompt tokens >= min_prompt_tokens {route['min_prompt_tokens']}; {reason}"
+        tagged = [m for m in met if tag in registry.models[m].tags]
+        rest = [m for m in met if m not in tagged]
+        return (_by_priority(registry, tagged) + _by_priority(registry, rest))[:AUTO_MAX_EXPERTS], route
+    route["long_context"] = False
+    short = [m for m in registry.models if m not in thresholds]
+    return _auto_experts(registry, tag, short or None), route
+
+
+def resolve(registry: Registry, model: str, options: ConsensusOptions | None, text: str,
+            prompt_tokens: int | None = None) -> ConsensusPlan | None:
+    """The consensus plan for a request, or None for a plain single-model request. `prompt_tokens`
+    (when the caller knows it) replaces the length estimate of `auto` routing."""
     ensemble: EnsembleSpec | None = registry.ensembles.get(model)
     route = None
     if ensemble is None and model != AUTO and model not in registry.models:
@@ -132,8 +176,8 @@ def resolve(registry: Registry, model: str, options: ConsensusOptions | None, te
     elif ensemble is not None:
         name, experts = model, list(ensemble.experts)
     elif model == AUTO:
-        tag, reason = classify(text)
-        name, experts, route = AUTO, _auto_experts(registry, tag), {"tag": tag, "reason": reason}
+        experts, route = route_auto(registry, text, prompt_tokens)
+        name = AUTO
     elif options is None:
         return None
     else:
@@ -177,6 +221,8 @@ def ensemble_cards(registry: Registry) -> list[dict[str, object]]:
                       "description": ens.description, "ensemble": info})
     tags = sorted({t for spec in registry.models.values() for t in spec.tags})
     cards.append({"id": AUTO, "object": "model", "created": 0, "owned_by": "capibara6",
-                  "description": "Routes by task tag (code, multilingual, general) to the tagged models; strategy vote.",
-                  "ensemble": {"experts": "by tag", "tags": tags, "strategy": "vote", "max_experts": AUTO_MAX_EXPERTS}})
+                  "description": "Routes long prompts to the models that prefer them (prefers.min_prompt_tokens), "
+                                 "then by task tag (code, multilingual, general); strategy vote.",
+                  "ensemble": {"experts": "by length, then tag", "tags": tags, "strategy": "vote", "max_experts": AUTO_MAX_EXPERTS,
+                               "min_prompt_tokens": {m: t for m in registry.models if (t := _threshold(registry, m)) is not None}}})
     return cards
