@@ -157,3 +157,52 @@ def test_models_and_metrics(cserver: ServerProcess) -> None:
     text = httpx.get(cserver.url["consensus"] + "/metrics", timeout=10).text
     assert 'capibara6_consensus_expert_latency_seconds_count{expert="gemma-b"}' in text
     assert "capibara6_consensus_agreement_ratio_bucket" in text
+
+
+# -- routing by prompt length to state-space experts (issue 21) ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def lserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """Tiny random-weight models only (no Gemma): a transformer, a Mamba-2 and a Falcon-H1 hybrid,
+    the two recurrent ones preferring prompts of 256 tokens or more."""
+    from tests.backends.ssm_models import write_tiny_falcon_h1, write_tiny_mamba2, write_tiny_transformer
+
+    tmp = tmp_path_factory.mktemp("long-context")
+    files = {"tiny-llama": write_tiny_transformer(tmp / "llama.gguf"), "tiny-mamba2": write_tiny_mamba2(tmp / "mamba2.gguf"),
+             "tiny-falcon-h1": write_tiny_falcon_h1(tmp / "falcon-h1.gguf")}
+    models: dict[str, Any] = {m: {"source": {"path": str(p)}, "chat_format": "chatml", "tags": ["general"]} for m, p in files.items()}
+    models["tiny-mamba2"]["prefers"] = {"min_prompt_tokens": 256}
+    models["tiny-falcon-h1"]["prefers"] = {"min_prompt_tokens": 256}
+    registry = {"defaults": {"n_ctx": 4096, "n_threads": 1}, "pool": {"max_loaded": 3}, "models": models,
+                "ensembles": {"mixed": {"experts": ["tiny-llama", "tiny-mamba2"], "strategy": "vote"}}}
+    proc = ServerProcess(registry, tmp).wait_healthy()
+    yield proc
+    proc.stop()
+
+
+LONG = [{"role": "user", "content": "the cat sat on the mat and the dog ran home. " * 30}]  # 1350 bytes: 338 estimated tokens
+
+
+def test_auto_routes_long_prompts_to_the_ssm_experts(lserver: ServerProcess) -> None:
+    c = client(lserver)
+    short = consensus_of(c.chat.completions.create(model="auto", messages=[{"role": "user", "content": "the cat"}], max_tokens=4, temperature=0))
+    assert [e["model"] for e in short["experts"]] == ["tiny-llama"]
+    assert short["route"]["long_context"] is False and short["route"]["prompt_tokens"] == 2
+    out = c.chat.completions.create(model="auto", messages=LONG, max_tokens=4, temperature=0)
+    long = consensus_of(out)
+    assert sorted(e["model"] for e in long["experts"]) == ["tiny-falcon-h1", "tiny-mamba2"]
+    assert all(e["status"] == "ok" and e["prompt_tokens"] > 1000 for e in long["experts"])  # byte tokens: the real count
+    route = long["route"]
+    assert route["long_context"] is True and route["prompt_tokens"] == 338 and route["min_prompt_tokens"] == 256
+    assert route["tokens_estimated"] is True and "338 prompt tokens >= min_prompt_tokens 256" in route["reason"]
+    assert out.choices[0].message.content == next(e["answer"] for e in long["experts"] if e["model"] == long["chosen"]["expert"])
+
+
+def test_an_ensemble_mixes_a_transformer_and_an_ssm_expert(lserver: ServerProcess) -> None:
+    out = client(lserver).chat.completions.create(model="mixed", messages=LONG, max_tokens=4, temperature=0)
+    c = consensus_of(out)
+    assert [e["model"] for e in c["experts"]] == ["tiny-llama", "tiny-mamba2"] and "route" not in c
+    assert all(e["status"] == "ok" and e["completion_tokens"] >= 1 for e in c["experts"])
+    auto = next(m for m in httpx.get(lserver.url["consensus"] + "/v1/models", timeout=30).json()["data"] if m["id"] == "auto")
+    assert auto["ensemble"]["min_prompt_tokens"] == {"tiny-mamba2": 256, "tiny-falcon-h1": 256}
