@@ -28,8 +28,9 @@ from tests.engine.conftest import _tiny_vocab, write_tiny_llama
 TINY_MAMBA2 = {"n_embd": 64, "n_layer": 2, "d_inner": 128, "d_state": 16, "d_conv": 4, "n_group": 1, "n_head": 8, "n_ctx": 8192}
 # rwkv7: 2 heads of 64 (the size real RWKV-7 models use); LoRA ranks small
 TINY_RWKV7 = {"n_embd": 128, "n_layer": 2, "head_size": 64, "n_ff": 128, "lora": 8, "n_ctx": 8192}
-# falcon-h1: attention 4 heads (2 KV) of 16 beside a Mamba-2 mixer of 8 heads of 16
-TINY_FALCON_H1 = {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_head_kv": 2, "head_dim": 16, "n_ff": 128,
+# falcon-h1: attention 4 heads (2 KV) of 32 (a q8_0 KV cache needs head sizes in blocks of 32)
+# beside a Mamba-2 mixer of 8 heads of 16
+TINY_FALCON_H1 = {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_head_kv": 2, "head_dim": 32, "n_ff": 128,
                   "d_inner": 128, "d_state": 16, "d_conv": 4, "n_group": 1, "ssm_heads": 8, "n_ctx": 8192}
 
 

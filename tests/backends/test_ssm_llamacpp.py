@@ -161,3 +161,29 @@ def test_state_bytes_are_what_llama_cpp_holds_per_sequence(batched: LlamaCppBatc
     finally:
         plain.close()
     assert batched.kv_cache_bytes() == sequence_memory_bytes(meta, 512, None, 3)
+
+
+def test_quantized_kv_cache_and_packed_embeddings(gguf: Path) -> None:
+    """kv_cache q8_0 (the C4A registry's default) applies to a hybrid's attention layers and is
+    ignored by a pure SSM (its state stays F32); embeddings of several inputs packed into one
+    decode (one sequence, hence one state, each) equal each input embedded alone."""
+    import numpy as np
+
+    from capibara6.types import TextPrompt
+
+    plain = LlamaCppBackend.load("m", spec(gguf, kv_cache="q8_0"), gguf, 1)
+    batched = LlamaCppBatchedBackend.load("m", spec(gguf, kv_cache="q8_0", parallel=2), gguf, 1)
+    try:
+        assert greedy(batched, PROMPTS[0]) == greedy(plain, PROMPTS[0])
+    finally:
+        batched.close()
+        plain.close()
+    emb = LlamaCppBackend.load("m", spec(gguf, embedding={"pooling": "mean"}), gguf, 1)
+    try:
+        inputs = [emb.prepare(TextPrompt(p)) for p in PROMPTS]
+        together_ = emb.embed(inputs, "mean", True)
+        alone = [emb.embed([p], "mean", True)[0] for p in inputs]
+        assert max(float(np.abs(a - b).max()) for a, b in zip(together_, alone)) < 1e-5
+        assert float(np.abs(together_[0] - together_[1]).max()) > 1e-3  # different inputs, different vectors
+    finally:
+        emb.close()
