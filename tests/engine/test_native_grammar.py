@@ -77,6 +77,27 @@ def test_best_and_top_k_equal_the_full_mask(backend: NativeBackend) -> None:
         g.close()
 
 
+@pytest.mark.parametrize(("top_p", "min_p"), [(0.9, 0.0), (0.5, 0.0), (1.0, 0.05), (0.95, 0.1)])
+def test_top_p_and_min_p_draw_what_the_full_mask_draws(backend: NativeBackend, top_p: float, min_p: float) -> None:
+    """Same seed, token for token: the chunked cut (Sampler._constrained_cut) against drawing
+    from the logits with all 262,144 tokens masked."""
+    tok, runner = backend.tokenizer, backend.runner
+    g, g_ref = Grammar.for_tokenizer(tok, JSON), Grammar.for_tokenizer(tok, JSON)
+    s = Sampler(temperature=0.9, top_p=top_p, min_p=min_p, seed=11, grammar=g)
+    ref = Sampler(temperature=0.9, top_p=top_p, min_p=min_p, seed=11)
+    try:
+        runner.reset()
+        logits = runner.prefill(tok.tokenize(PROMPT))
+        for _ in range(12):
+            t = s.sample(logits, []).token
+            assert t == ref._draw(g_ref.mask(logits))
+            g_ref.accept(t)
+            logits = runner.forward([t])
+    finally:
+        g.close()
+        g_ref.close()
+
+
 def test_a_complete_grammar_allows_only_end_of_generation(backend: NativeBackend) -> None:
     tok = backend.tokenizer
     g = Grammar.for_tokenizer(tok, YES_NO)
