@@ -16,12 +16,12 @@ candidates as give the *same* token the full mask would give:
 - `best`: the allowed token of highest logit. Candidates in descending logit order, in chunks of
   1, 64, 1024, 16384, then the rest; the first allowed one wins (exact argmax of the masked
   logits). Greedy under the JSON grammar: 0.2-0.3 ms per token, 0.97-0.99x the unconstrained
-  rate (55.3 vs 57.3 tokens/s); llama-cpp-python's chain, which masks every candidate, runs at
-  0.18x its own unconstrained rate on the same file (12.3 vs 70.2 tokens/s), same run.
-- `rounds`: those chunks one at a time, for a sampler whose cut is known before every token has
-  been asked (top-p, min-p: capibara6/engine/sampler.py).
+  rate (58.1 vs 59.5 tokens/s); llama-cpp-python's chain, which masks every candidate, runs at
+  0.18-0.22x its own unconstrained rate on the same file (17.3 vs 78.1 tokens/s), same run.
+- `rounds`: those chunks one at a time, for a sampler that stops once its draw is certain
+  (top-k, top-p, min-p: capibara6/engine/sampler.py).
 - `top_allowed(k)`: the k best allowed tokens, the same way (exact top-k of the masked logits;
-  where fewer than k tokens are allowed, e.g. after `{`, that is the whole vocabulary).
+  where fewer than k tokens are allowed, e.g. after `{`, that asks the whole vocabulary).
 - `allows`: one candidate (rejection sampling in the sampler).
 - `mask`: the whole vocabulary, for samplers whose cut needs every allowed token's mass.
 

@@ -4,16 +4,16 @@ top-p -> min-p -> temperature -> draw. Works on a small candidate set (argpartit
 
 With a grammar (capibara6/engine/grammar.py) the token is drawn from the distribution the masked
 logits define, exactly as if every excluded token were at -inf, but the grammar is asked about as
-few tokens as that takes (a full mask of Gemma's 262k vocabulary costs 70-450 ms per token):
-greedy takes the best allowed token; with top_k the k best allowed tokens are the whole candidate
-pool (top-p and min-p then cut inside it, as they do without a grammar); pure temperature draws
-by rejection (draw, keep it if allowed: P(t) = p(t) / P(allowed) exactly), falling back to the
-whole allowed set after REJECTION_DRAWS misses, which keeps the distribution exact; top-p or
-min-p without top_k ask in chunks until the drawn token is certain (`_constrained_cut`). Measured under the JSON grammar on Gemma 3 270M
-(scripts/bench_native_grammar.py, 1 thread, shared 2-core VM; 57.3 tokens/s unconstrained): greedy
-55.3, temperature 1 (rejection) 54.7, top_p 0.9 32.0, top_k 40 15.7 (where fewer than 40 tokens
-are allowed, e.g. after `{`, finding the 40 best allowed asks the whole vocabulary, ~100 ms). Logprobs stay those of the
-unmasked logits, as the llama.cpp backends report them.
+few tokens as that takes (a full mask of Gemma's 262k vocabulary costs ~100 ms per token): greedy
+takes the best allowed token; pure temperature draws by rejection (draw, keep it if allowed:
+P(t) = p(t) / P(allowed) exactly, then the chunked draw after REJECTION_DRAWS misses); top-k,
+top-p and min-p ask in chunks, best logit first, until the token drawn for the step's random
+number is the one the full mask would draw (`_constrained_draw`; tested token for token).
+Measured under the JSON grammar on Gemma 3 270M (scripts/bench_native_grammar.py, 1 thread,
+shared 2-core VM; 59.5 tokens/s unconstrained): greedy 58.1, temperature 1 51.3, top_k 40 54.3,
+top_p 0.9 30.0 (inside a JSON string nearly every token is allowed and top-p's pool is wide, so
+the cut is often certain only after the 16384-token chunk). Logprobs stay those of the unmasked
+logits, as the llama.cpp backends report them.
 """
 
 from __future__ import annotations
@@ -112,62 +112,72 @@ class Sampler:
         return self._with_logprobs(raw, tok)
 
     def _constrained(self, x: np.ndarray, g: Grammar) -> int:
-        """The token `_draw` / argmax would pick from `g.mask(x)`, asking `g` about few tokens."""
+        """A token drawn from the distribution `_draw` draws from on `g.mask(x)`, asking `g` about few tokens."""
         if self.temperature <= 0.0:
             return g.best(x)
-        if self.top_k > 0:  # the k best allowed tokens are the pool; the other cuts work inside it
-            keep = g.top_allowed(x, self.top_k)
-            only = np.full(x.shape, -np.inf, dtype=np.float32)
-            only[keep] = x[keep]
-            return self._draw(only)
-        if self.top_p >= 1.0 and self.min_p <= 0.0:
+        if self.top_k <= 0 and self.top_p >= 1.0 and self.min_p <= 0.0:
             for _ in range(REJECTION_DRAWS):
                 tok = self._draw(x)
                 if g.allows(tok):
                     return tok
-        return self._constrained_cut(x, g)
+        return self._constrained_draw(x, g)
 
-    def _constrained_cut(self, x: np.ndarray, g: Grammar) -> int:
-        """`_draw(g.mask(x))` with top_k 0: the same token for the same random number, found
-        before every token is asked when it is already certain. The allowed tokens found so far
-        come first in the true order (every unasked token has a lower logit) and the unasked
-        allowed mass lies in [0, tail], tail = the unmasked mass not asked yet. min-p alone is
-        certain once the lowest asked logit is below its threshold (best allowed + log min_p).
-        Top-p keeps a prefix of k tokens, k_lo <= k <= k_hi (the cut for no allowed mass left
-        and for all of `tail`); the drawn index only grows with k, so when the draw is the same
-        token for k_lo and k_hi, it is that token for the true k."""
+    def _constrained_draw(self, x: np.ndarray, g: Grammar) -> int:
+        """Draw from the masked logits' pool, best first, with one random number u, as soon as
+        the token is certain. After a round, the allowed tokens found are the pool's head in its
+        true order (every unasked token has a lower logit, <= `lowest`); what may follow them is
+        at most `unknown` of unmasked mass: the mass not asked yet, and with top_k at most
+        (k - found) tokens of logit <= lowest. The drawn index only grows with that mass (top-p
+        keeps more, the draw's total grows), so a token drawn both with none and with all of it
+        is the token the full mask draws for this u."""
         fin = np.isfinite(x)
+        top = float(x[fin].max())
         w = np.zeros(x.shape, dtype=np.float64)
-        w[fin] = np.exp(x[fin].astype(np.float64) - x[fin].max())
-        tail = float(w.sum())
+        w[fin] = np.exp(x[fin].astype(np.float64) - top)
+        tail, n_unasked = float(w.sum()), int(fin.sum())
         lowest = np.inf
         u = float(self.rng.random())
+        k = self.top_k if self.top_k > 0 else None
         for r in g.rounds(x):
             if r.asked.size:
                 tail -= float(w[r.asked].sum())
+                n_unasked -= r.asked.size
                 lowest = min(lowest, float(x[r.asked].min()))
-            ids = r.allowed
+            ids = r.allowed if k is None else r.allowed[:k]
             if ids.size == 0:
                 if r.complete:
                     return g.best(x)  # raises: no token can continue the grammar
                 continue
-            if self.top_p >= 1.0:
-                certain = r.complete or (self.min_p > 0.0 and lowest < float(x[ids[0]]) + np.log(self.min_p))
-                if certain:  # in id order, as `_draw` walks a pool it does not cut
-                    return self._pick(x, np.sort(ids), u)
-                continue
-            c = np.cumsum(w[ids])
-            k_lo = int(np.searchsorted(c, self.top_p * c[-1], side="left")) + 1
-            if r.complete:
-                return self._pick(x, ids[:k_lo], u)
-            hi = self.top_p * (c[-1] + max(0.0, tail))
-            if c[-1] < hi:
-                continue  # the cut may lie past what has been asked
-            k_hi = int(np.searchsorted(c, hi, side="left")) + 1
-            tok = self._pick(x, ids[:k_lo], u)
-            if k_hi == k_lo or self._pick(x, ids[:k_hi], u) == tok:
+            if r.complete or (k is not None and ids.size == k):
+                n_more, unknown = 0, 0.0
+            else:
+                n_more = n_unasked if k is None else min(n_unasked, k - ids.size)
+                unknown = min(max(0.0, tail), n_more * float(np.exp(lowest - top)))
+            tok = self._certain(x, ids, w, n_more, unknown, lowest, u)
+            if tok is not None:
                 return tok
         raise AssertionError("rounds() ends with a complete round")
+
+    def _certain(
+        self, x: np.ndarray, ids: np.ndarray, w: np.ndarray, n_more: int, unknown: float, lowest: float, u: float
+    ) -> int | None:
+        """The token for u when `ids` (best first) may be followed by up to n_more tokens of
+        total unmasked mass <= unknown, each of logit <= lowest; None when that is not certain."""
+        if self.top_p < 1.0:
+            c = np.cumsum(w[ids])
+            k_lo = int(np.searchsorted(c, self.top_p * c[-1], side="left")) + 1
+            hi = self.top_p * (c[-1] + unknown)
+            if c[-1] < hi:
+                return None  # the cut may keep tokens not asked yet
+            k_hi = int(np.searchsorted(c, hi, side="left")) + 1
+            tok = self._pick(x, ids[:k_lo], u)
+            return tok if k_hi == k_lo or self._pick(x, ids[:k_hi], u) == tok else None
+        if n_more == 0 or (self.min_p > 0.0 and lowest < float(x[ids[0]]) + np.log(self.min_p)):
+            return self._pick(x, ids, u)  # nothing unasked can be in the pool
+        # the draw's total may grow by up to n_more tokens of tempered weight <= that of `lowest`
+        extra = n_more * float(np.exp((lowest - float(x[ids[0]])) / self.temperature))
+        tok = self._pick(x, ids, u)
+        return tok if self._pick(x, ids, u, extra) == tok else None
 
     def _draw(self, x: np.ndarray) -> int:
         n = x.shape[0]
@@ -181,9 +191,10 @@ class Sampler:
             cand = np.arange(n)
         return self._pick(x, cand)
 
-    def _pick(self, x: np.ndarray, cand: np.ndarray, u: float | None = None) -> int:
+    def _pick(self, x: np.ndarray, cand: np.ndarray, u: float | None = None, extra: float = 0.0) -> int:
         """min-p, temperature and the draw (random number `u` in [0, 1), drawn here if None),
-        over the candidate ids `cand` of x, in their order."""
+        over the candidate ids `cand` of x, in their order. `extra`: tempered weight (relative
+        to the best candidate's) of tokens after them; -1 when the draw falls among those."""
         c = x[cand].astype(np.float64)
         if self.min_p > 0.0:
             keep = c >= c.max() + np.log(self.min_p)  # p_i >= min_p * p_max, in log space
@@ -192,7 +203,9 @@ class Sampler:
         p = np.exp(c - c.max())
         cdf = np.cumsum(p)
         u = self.rng.random() if u is None else u
-        i = int(np.searchsorted(cdf, u * cdf[-1], side="right"))
+        i = int(np.searchsorted(cdf, u * (cdf[-1] + extra), side="right"))
+        if extra > 0.0 and i >= len(cand):
+            return -1
         return int(cand[min(i, len(cand) - 1)])
 
     def _top_p(self, x: np.ndarray, cand: np.ndarray | None) -> np.ndarray:

@@ -77,20 +77,35 @@ def test_best_and_top_k_equal_the_full_mask(backend: NativeBackend) -> None:
         g.close()
 
 
-@pytest.mark.parametrize(("top_p", "min_p"), [(0.9, 0.0), (0.5, 0.0), (1.0, 0.05), (0.95, 0.1)])
-def test_top_p_and_min_p_draw_what_the_full_mask_draws(backend: NativeBackend, top_p: float, min_p: float) -> None:
-    """Same seed, token for token: the chunked cut (Sampler._constrained_cut) against drawing
+def full_mask_draw(s: Sampler, masked: np.ndarray) -> int:
+    """The reference: `_draw`'s pool on the fully masked logits (top-k, then top-p inside it),
+    best first, drawn with one random number from s.rng (min-p and temperature in `_pick`)."""
+    allowed = np.flatnonzero(np.isfinite(masked))
+    pool = allowed[np.lexsort((allowed, -masked[allowed]))]
+    if s.top_k > 0:
+        pool = pool[: s.top_k]
+    if s.top_p < 1.0:
+        c = np.cumsum(np.exp(masked[pool].astype(np.float64) - masked[pool[0]]))
+        pool = pool[: int(np.searchsorted(c, s.top_p * c[-1], side="left")) + 1]
+    return s._pick(masked, pool)
+
+
+@pytest.mark.parametrize(("top_k", "top_p", "min_p"),
+                         [(0, 0.9, 0.0), (0, 0.5, 0.0), (0, 1.0, 0.05), (0, 0.95, 0.1), (40, 1.0, 0.0), (40, 0.9, 0.0),
+                          (5, 1.0, 0.05)])
+def test_cut_samplers_draw_what_the_full_mask_draws(backend: NativeBackend, top_k: int, top_p: float, min_p: float) -> None:
+    """Same seed, token for token: the chunked draw (Sampler._constrained_draw) against drawing
     from the logits with all 262,144 tokens masked."""
     tok, runner = backend.tokenizer, backend.runner
     g, g_ref = Grammar.for_tokenizer(tok, JSON), Grammar.for_tokenizer(tok, JSON)
-    s = Sampler(temperature=0.9, top_p=top_p, min_p=min_p, seed=11, grammar=g)
-    ref = Sampler(temperature=0.9, top_p=top_p, min_p=min_p, seed=11)
+    kw = {"temperature": 0.9, "top_k": top_k, "top_p": top_p, "min_p": min_p, "seed": 11}
+    s, ref = Sampler(grammar=g, **kw), Sampler(**kw)  # type: ignore[arg-type]
     try:
         runner.reset()
         logits = runner.prefill(tok.tokenize(PROMPT))
         for _ in range(12):
             t = s.sample(logits, []).token
-            assert t == ref._draw(g_ref.mask(logits))
+            assert t == full_mask_draw(ref, g_ref.mask(logits))
             g_ref.accept(t)
             logits = runner.forward([t])
     finally:
@@ -123,7 +138,7 @@ def test_completed_grammar_ends_the_generation_with_stop(backend: NativeBackend)
     {"temperature": 0.0},
     {"temperature": 1.0, "seed": 1},  # rejection draws
     {"temperature": 0.9, "top_k": 40, "top_p": 0.95, "seed": 2},  # the k best allowed tokens
-    {"temperature": 0.9, "top_p": 0.9, "min_p": 0.05, "seed": 3},  # the full mask
+    {"temperature": 0.9, "top_p": 0.9, "min_p": 0.05, "seed": 3},  # chunks until certain
     {"temperature": 0.7, "repeat_penalty": 1.3, "frequency_penalty": 0.5, "seed": 4},
 ])
 def test_every_sampler_keeps_the_output_in_the_schema(backend: NativeBackend, kw: dict[str, Any]) -> None:
