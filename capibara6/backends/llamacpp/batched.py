@@ -36,11 +36,14 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
+from ...engine.grammar import Grammar
+from ...engine.sampler import Sampler
 from ...gguf_header import estimate_file, file_kv_cache_bytes
 from ...llama_load import new_llama
 from ...threads import resolve_threads
 from ...types import Estimate, GenerationOutcome, Prepared, SamplingParams, TokenEvent
 from ..stops import StopText
+from .constrained import Constrained
 from .plain import LlamaCppBackend, _kv_kwargs, token_logprobs
 from .scheduler import Scheduler, SeqState
 
@@ -108,11 +111,8 @@ class LlamaDecoder:
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_penalties(
                 self.n_vocab, 64, params.repeat_penalty, params.frequency_penalty, params.presence_penalty))
         if params.grammar:
-            grammar = lc.llama_sampler_init_grammar(self._vocab, params.grammar.encode("utf-8"), b"root")
-            if not grammar:
-                lc.llama_sampler_free(chain)
-                raise ValueError("the grammar (response_format) could not be parsed")
-            lc.llama_sampler_chain_add(chain, grammar)
+            lc.llama_sampler_free(chain)
+            return Constrained(Sampler.from_params(params, Grammar(self._vocab, self.n_vocab, params.grammar)))
         if params.temperature <= 0:
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
             return chain
@@ -125,7 +125,9 @@ class LlamaDecoder:
         return chain
 
     def free_sampler(self, sampler: Any) -> None:
-        if sampler is not None:
+        if isinstance(sampler, Constrained):
+            sampler.close()
+        elif sampler is not None:
             self._lc.llama_sampler_free(sampler)
 
     # -- Decoder protocol (scheduler thread) ------------------------------------------------
@@ -152,6 +154,8 @@ class LlamaDecoder:
     def sample(self, sampler: Any, index: int) -> int:
         if sampler is None:
             return int(np.argmax(self._row(index)))
+        if isinstance(sampler, Constrained):
+            return sampler.sample(self._row(index))
         return int(self._lc.llama_sampler_sample(sampler, self.ctx, self._out_rows[index]))
 
     def logprobs(self, index: int, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import numpy as np
 
 from ...chat_templates import Formatter, get_formatter, jinja_formatter
+from ...engine.grammar import Grammar
+from ...engine.sampler import Sampler
 from ...gguf_header import estimate_file, file_kv_cache_bytes
 from ...llama_load import new_llama
 from ...threads import resolve_threads
@@ -47,6 +49,7 @@ from ...types import (
 from ..checks import check_logit_bias, check_token_ids
 from ..pooling import check_inputs, normalized
 from ..stops import StopText
+from .constrained import Constrained
 
 if TYPE_CHECKING:
     from ...config import ModelSpec
@@ -66,6 +69,21 @@ def _kv_kwargs(kv_cache: str | None) -> dict[str, Any]:
         raise ValueError(f"kv_cache {kv_cache!r} is not one of {sorted(_KV_TYPES)} for backend llamacpp")
     # a quantized V cache needs flash attention in llama.cpp
     return {"type_k": _KV_TYPES[kv_cache], "type_v": _KV_TYPES[kv_cache], "flash_attn": True}
+
+
+def _only_processor(constrained: Constrained) -> Any:
+    """A grammar for Llama.generate: our few-candidate constrained pick (see Constrained) decides
+    the token, and every other logit becomes -inf, so llama.cpp's chain can only take it.
+    (LlamaGrammar in the chain masks the whole vocabulary each step: 0.2x decode on Gemma.)"""
+    from llama_cpp import LogitsProcessorList
+
+    def only(_input_ids: Any, scores: np.ndarray) -> np.ndarray:
+        token = constrained.sample(scores)
+        out = np.full_like(scores, -np.inf)
+        out[token] = 0.0
+        return out
+
+    return LogitsProcessorList([only])
 
 
 def _bias_processor(bias: tuple[tuple[int, float], ...]) -> Any:
@@ -238,11 +256,11 @@ class LlamaCppBackend:
 
         llm = self.llm
         llm.set_seed(params.seed if params.seed is not None else random.getrandbits(31))
-        grammar = None
+        constrained = None
+        processor = _bias_processor(params.logit_bias)
         if params.grammar:
-            from llama_cpp import LlamaGrammar
-
-            grammar = LlamaGrammar.from_string(params.grammar, verbose=False)
+            constrained = Constrained(Sampler.from_params(params, Grammar(llm._model.vocab, self._n_vocab, params.grammar)))
+            processor = _only_processor(constrained)
         text = StopText(params.stop)
         vocab = llm._model.vocab
         if self.recurrent and not _extends_state(llm, tokens):
@@ -256,8 +274,7 @@ class LlamaCppBackend:
             repeat_penalty=params.repeat_penalty,
             frequency_penalty=params.frequency_penalty,
             presence_penalty=params.presence_penalty,
-            grammar=grammar,
-            logits_processor=_bias_processor(params.logit_bias),
+            logits_processor=processor,
         )
         try:
             for token in gen:
@@ -284,6 +301,8 @@ class LlamaCppBackend:
                 yield TokenEvent(-1, tail)
         finally:
             gen.close()
+            if constrained is not None:
+                constrained.close()
 
     def _logprobs(self, token: int, k: int) -> tuple[float, dict[str, float]]:
         """Log-softmax of the logits the token was sampled from (the last decoded position)."""
