@@ -87,6 +87,11 @@ class ToolFormat(Protocol):
         ...
 
 
+def read_whole(parser: StreamParser, text: str) -> Parsed:
+    """A whole answer read by the format's stream parser: the stream and the whole parse cannot disagree."""
+    return collect(parser.feed(text) + parser.finish())
+
+
 def call_rules(tools: Sequence[ToolSpec], only: str | None = None) -> tuple[list[str], str]:
     """The rules of each tool's call object (`t<i>-call`, its arguments `t<i>`) and an
     expression for "any one of them" (or only the tool named `only`).
@@ -170,8 +175,7 @@ class HermesFormat:
         return Trigger(k + len(self.marker), "marker") if k >= 0 else None
 
     def parse(self, text: str, tools: Sequence[ToolSpec]) -> Parsed:
-        p = self.stream_parser(tools)
-        return collect(p.feed(text) + p.finish())
+        return read_whole(self.stream_parser(tools), text)
 
     def stream_parser(self, tools: Sequence[ToolSpec]) -> StreamParser:
         return HermesStreamParser(tools)
@@ -200,8 +204,7 @@ class GenericFormat:
         return None  # every answer is constrained from its first token
 
     def parse(self, text: str, tools: Sequence[ToolSpec]) -> Parsed:
-        p = self.stream_parser(tools)
-        return collect(p.feed(text) + p.finish())
+        return read_whole(self.stream_parser(tools), text)
 
     def stream_parser(self, tools: Sequence[ToolSpec]) -> StreamParser:
         return GenericStreamParser(tools)
