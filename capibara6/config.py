@@ -134,6 +134,9 @@ class ModelSpec(_Strict):
     owned_by: str = Field("capibara6", description="owned_by in /v1/models.")
     embedding: EmbeddingSpec | None = Field(
         None, description="This model serves /v1/embeddings, pooled this way (llamacpp, native); absent: it does not embed.")
+    isolation: Literal["worker", "in_process"] = Field(
+        "in_process", description="worker: this model runs in its own process (a crash, leak or busy core stays there; "
+        "see docs/workers.md); in_process: on the server's threads. remote entries are always in process.")
     prefers: PreferSpec | None = Field(
         None, description="Routing preferences for `model: auto` (consensus port): {min_prompt_tokens: N}.")
 

@@ -115,3 +115,10 @@ class ServiceUnavailable(ApiError):
     def __init__(self, message: str, code: str = "model_unavailable", retry_after_s: int | None = None) -> None:
         headers = {"Retry-After": str(retry_after_s)} if retry_after_s else None
         super().__init__(message, code=code, headers=headers)
+
+
+class ModelCrashed(ServiceUnavailable):
+    """A model's worker process died (signal, OOM kill, exception at load); 503 model_crashed."""
+
+    def __init__(self, message: str, retry_after_s: int | None = None) -> None:
+        super().__init__(message, code="model_crashed", retry_after_s=retry_after_s)

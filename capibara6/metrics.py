@@ -27,7 +27,7 @@ disable_created_metrics()  # no `*_created` gauge per series: it doubles the ser
 POOL_STATES = ("unloaded", "loading", "ready", "busy", "unloading")
 ROLES = frozenset({"standard", "streaming", "consensus"})
 ENDPOINTS = frozenset({"chat", "completions", "consensus", "embeddings", "responses"})
-UNLOAD_REASONS = frozenset({"idle", "evicted", "memory", "shutdown", "error", "admin"})
+UNLOAD_REASONS = frozenset({"idle", "evicted", "memory", "shutdown", "error", "admin", "crashed"})
 REJECT_REASONS = frozenset({"unauthorized", "too_large", "shutting_down"})
 UNKNOWN = "_unknown"
 CUSTOM = "_custom"  # consensus over an explicit expert list rather than a named ensemble
@@ -61,6 +61,7 @@ class Metrics:
         self.prompt_tokens: Any = Counter(p + "prompt_tokens", "Prompt tokens processed.", ["model"], registry=r)
         self.generation_tokens: Any = Counter(p + "generation_tokens", "Tokens generated.", ["model"], registry=r)
         self.loads: Any = Counter(p + "model_loads", "Model loads.", ["model"], registry=r)
+        self.crashes: Any = Counter(p + "model_crashes", "Model worker processes that died (signal, OOM kill, load crash).", ["model"], registry=r)
         self.unloads: Any = Counter(p + "model_unloads", "Model unloads.", ["model", "reason"], registry=r)
         self.running = Gauge(p + "num_requests_running", "Requests generating now.", registry=r)
         self.waiting = Gauge(p + "num_requests_waiting", "Requests waiting for a model slot.", registry=r)
@@ -88,10 +89,10 @@ class Metrics:
         """Swap each labelled metric for a view whose labels() keeps values in their vocabulary."""
         model = self.model_label
         (self.ttft, self.itl, self.e2e, self.queue_time, self.load_time, self.prompt_tokens, self.generation_tokens,
-         self.loads, self.prefix_cache_hits, self.prefix_cache_tokens, self.embedding_requests, self.embedding_tokens) = (
+         self.loads, self.crashes, self.prefix_cache_hits, self.prefix_cache_tokens, self.embedding_requests, self.embedding_tokens) = (
             _Vocab(m, model=model) for m in (
                 self.ttft, self.itl, self.e2e, self.queue_time, self.load_time,
-                self.prompt_tokens, self.generation_tokens, self.loads, self.prefix_cache_hits, self.prefix_cache_tokens,
+                self.prompt_tokens, self.generation_tokens, self.loads, self.crashes, self.prefix_cache_hits, self.prefix_cache_tokens,
                 self.embedding_requests, self.embedding_tokens,
             )
         )
@@ -155,6 +156,10 @@ class PoolCollector:
         loaded = GaugeMetricFamily("capibara6_models_loaded", "Models in memory.")
         state = GaugeMetricFamily("capibara6_model_state", "1 for the state each model is in.", labels=["model", "state"])
         kv = GaugeMetricFamily("capibara6_kv_cache_bytes", "KV cache bytes held per model.", labels=["model"])
+        rss = GaugeMetricFamily("capibara6_model_rss_bytes", "Resident bytes of each model's worker processes.", labels=["model"])
+        rss_of = getattr(self._pool, "rss_snapshot", None)
+        for model, b in (rss_of() if rss_of is not None else []):
+            rss.add_metric([model], float(b))
         n = 0
         for model, current, kv_bytes in self._pool.metric_snapshot():
             for s in POOL_STATES:
@@ -162,7 +167,7 @@ class PoolCollector:
             kv.add_metric([model], float(kv_bytes))
             n += current in ("ready", "busy")
         loaded.add_metric([], float(n))
-        yield from (loaded, state, kv)
+        yield from (loaded, state, kv, rss)
 
 
 class RequestTimer:

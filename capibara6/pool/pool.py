@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import gc
+import itertools
 import logging
 import threading
 import time
@@ -22,10 +23,11 @@ from .. import crash
 from ..backends import backend_class, estimate, load_backend
 from ..backends.base import Backend
 from ..config import ModelSpec, Registry
-from ..errors import ModelBusy, ModelNotFound, QueueFull, ServiceUnavailable
+from ..errors import ModelBusy, ModelCrashed, ModelNotFound, QueueFull, ServiceUnavailable
 from ..metrics import Metrics
 from ..threads import resolve_threads
 from ..types import Estimate, GenerationOutcome, SamplingParams, TextPrompt
+from ..workers.placement import Placement
 from .budget import GIB, budget_bytes, choose_victims
 from .queue import Waiter
 from .slots import Instance, ModelSlot
@@ -50,6 +52,8 @@ class OneAtATime:
         return resolve_threads(spec.n_threads, concurrent=spec.parallel)
 
 
+CRASH_BACKOFF_S = 2.0  # a load that crashes holds the model back 2, 4, 8 ... s
+CRASH_BACKOFF_MAX_S = 300.0
 SHUTDOWN_WAIT_S = 5.0  # close(): how long a still-running lease may keep its instance
 WARMUP_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
 
@@ -75,6 +79,9 @@ class ModelPool:
         # (tests) serves one lease per instance unless its test says otherwise
         self._classes = classes or (backend_class if loader is None else (lambda spec: OneAtATime))
         self._loader = loader or (lambda mid, spec, n: load_backend(mid, spec, registry.base_dir, n))
+        self._workers = loader is None  # a custom loader (tests' fakes) stays in process
+        self.placement = Placement()
+        self._keys = itertools.count(1)
         self._estimator = estimator or (lambda mid, spec: estimate(spec, registry.base_dir))
         self._clock = clock
         self.max_loaded = registry.pool.max_loaded
@@ -117,7 +124,20 @@ class ModelPool:
             "memory_bytes": slot.held_bytes,
             "idle_s": idle,
             "idle_unload_s": slot.spec.idle_unload_s,
+            "isolation": "worker" if self._isolated(slot.spec) else "in_process",
+            "workers": [{"pid": getattr(i.backend, "pid", None), "cpus": list(self.placement.given.get(i.key, ()))}
+                        for i in slot.instances if i.key is not None],
+            "crash_reason": slot.crash_reason,
+            "crashes_in_a_row": slot.load_crashes,
         }
+
+    def rss_snapshot(self) -> list[tuple[str, int]]:
+        """(model id, resident bytes of its worker processes) per model running in workers."""
+        return [(mid, sum(i.backend.memory_bytes() for i in s.instances)) for mid, s in self._slots.items()
+                if self._isolated(s.spec)]
+
+    def _isolated(self, spec: ModelSpec) -> bool:
+        return self._workers and spec.isolation == "worker" and spec.backend != "remote"
 
     def memory_used(self) -> int:
         return sum(s.held_bytes for s in self._slots.values())
@@ -157,6 +177,12 @@ class ModelPool:
         if self._closing:
             raise ServiceUnavailable("The server is shutting down.", code="shutting_down")
         self._start_reaper()
+        wait = slot.held_until - self._clock()
+        if not slot.instances and slot.loading is None and wait > 0:
+            raise ModelCrashed(
+                f"Model '{model_id}' is held back for {wait:.0f} s after {slot.load_crashes} crashed load(s): {slot.crash_reason}.",
+                retry_after_s=max(1, int(wait + 0.999)),
+            )
         inst = slot.free_instance() if not slot.queue else None
         if inst is not None:
             self._grant(slot, inst)
@@ -266,23 +292,66 @@ class ModelPool:
             slot.reserved = need
             await asyncio.gather(*(self._close(v, insts, "evicted") for v, insts in evicted))
             t0 = time.monotonic()
-            backend = await asyncio.to_thread(_as_model(mid, self._loader), mid, spec, self._threads(spec))
+            key, backend = await self._load_instance(slot)
         except Exception as err:  # any load failure: this model is unavailable, others serve
             self._load_failed(slot, err, first)
             return
         finally:
             slot.loading = None
             slot.reserved = 0
+        slot.load_crashes = 0
+        slot.crash_reason = None
         charged = need
         if first:
             charged = int(backend.memory_bytes()) or need
-        slot.instances.append(Instance(backend, self._capacity(spec), charged))
+        slot.instances.append(Instance(backend, self._capacity(spec), charged, key=key))
         if first:
             slot.idle_since = slot.last_used = self._clock()
         self.metrics.loads.labels(mid).inc()
         self.metrics.load_time.labels(mid).observe(time.monotonic() - t0)
         log.info("loaded %s (instance %d, %.0f MB)", mid, len(slot.instances), charged / 1e6)
         self._pump(slot)
+
+    async def _load_instance(self, slot: ModelSlot) -> tuple[str | None, Backend]:
+        """Load one instance: in a worker process pinned to its CPUs, or in process (custom loader,
+        `isolation: in_process`, remote)."""
+        mid, spec, n = slot.model_id, slot.spec, self._threads(slot.spec)
+        if not self._isolated(spec):
+            return None, await asyncio.to_thread(_as_model(mid, self._loader), mid, spec, n)
+        from ..backends import model_path
+        from ..workers import WorkerBackend
+
+        key = f"{mid}#{next(self._keys)}"
+        cpus = self.placement.assign(key, n)
+        loop = asyncio.get_running_loop()
+
+        def on_crash(reason: str) -> None:
+            loop.call_soon_threadsafe(self._crashed, slot, key, reason)
+
+        try:
+            path = model_path(spec, self.registry.base_dir)
+            return key, await asyncio.to_thread(WorkerBackend, mid, spec, path, n, cpus, on_crash)
+        except BaseException:
+            self.placement.release(key)
+            raise
+
+    def _crashed(self, slot: ModelSlot, key: str, reason: str) -> None:
+        """A worker died under a loaded instance: drop it (its leases fail on their own), count it,
+        and let the next request load the model again."""
+        self.placement.release(key)
+        inst = next((i for i in slot.instances if i.key == key), None)
+        if inst is None:
+            return
+        slot.instances.remove(inst)
+        slot.crash_reason = reason
+        if not slot.instances:
+            slot.idle_since = None
+        self.metrics.crashes.labels(slot.model_id).inc()
+        self.metrics.unloads.labels(slot.model_id, "crashed").inc()
+        log.error("model %s crashed: %s", slot.model_id, reason)
+        self._spawn(asyncio.to_thread(inst.backend.close))
+        self._pump(slot)
+        self._unblock_others(slot)
 
     def _make_room(self, slot: ModelSlot, need: int, first: bool) -> list[tuple[ModelSlot, list[Instance]]] | None:
         """Take LRU idle victims' instances so `need` fits; None when the load must wait or fail."""
@@ -312,8 +381,14 @@ class ModelPool:
     def _load_failed(self, slot: ModelSlot, err: Exception, first: bool) -> None:
         log.warning("loading %s failed: %s", slot.model_id, err)
         slot.estimate = None  # the file may be replaced before the next try
+        if isinstance(err, ModelCrashed):  # the worker died loading: hold the model back
+            slot.load_crashes += 1
+            slot.crash_reason = err.message
+            slot.held_until = self._clock() + min(CRASH_BACKOFF_MAX_S, CRASH_BACKOFF_S * 2 ** (slot.load_crashes - 1))
+            self.metrics.crashes.labels(slot.model_id).inc()
         if first:
-            slot.queue.fail_all(ServiceUnavailable(f"Model '{slot.model_id}' could not be loaded: {err}"))
+            slot.queue.fail_all(err if isinstance(err, ModelCrashed) else
+                                ServiceUnavailable(f"Model '{slot.model_id}' could not be loaded: {err}"))
         else:
             slot.instance_cap = len(slot.instances)  # serve with what loaded
         self._unblock_others(slot)
@@ -352,6 +427,8 @@ class ModelPool:
         """Free taken instances for real: close the backends, drop them, collect, trim the heap."""
         try:
             for inst in insts:
+                if inst.key is not None:
+                    self.placement.release(inst.key)
                 try:
                     await asyncio.to_thread(_as_model(slot.model_id, inst.backend.close))
                 except Exception as err:  # a failing close must not keep the slot unloading

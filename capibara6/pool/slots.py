@@ -23,6 +23,7 @@ class Instance:
     capacity: int
     charged: int  # bytes counted against the memory budget
     leases: int = 0
+    key: str | None = None  # its worker's placement key (None: in process)
 
     @property
     def free(self) -> bool:
@@ -45,6 +46,9 @@ class ModelSlot:
     instance_cap: int | None = None  # lowered when an extra instance failed to load
     estimate: Estimate | None = None  # cached: the file does not change under us
     idle_event: asyncio.Event = field(default_factory=asyncio.Event)
+    crash_reason: str | None = None  # how its worker last died (shown until it loads again)
+    load_crashes: int = 0  # consecutive loads that crashed: the backoff's exponent
+    held_until: float = 0.0  # pool clock: no load before this after crashed loads
     _load_started: asyncio.Future[None] | None = None
 
     def load_started(self) -> asyncio.Future[None]:

@@ -1,0 +1,127 @@
+"""A model worker's main: `python -m capibara6.workers.child FD` (a fresh interpreter, never a
+fork of the threaded server).
+
+Invariants: the first message is `("load", 0, (model_id, spec, path, n_threads, cpus))`; the
+worker pins itself to `cpus` (if any) before llama.cpp starts its threads, loads, and answers
+`("ready", 0, (n_ctx, memory_bytes))` or `("fail", 0, exception)` and exits. Then every request
+runs on its own thread (a batched instance serves several generations at once); writes to the
+socket go through one lock. `("close", 0, None)` closes the backend and exits 0. EOF on the
+socket (the server died) exits too, so a worker never outlives its server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import socket
+import sys
+import threading
+from multiprocessing.connection import Connection
+from typing import Any
+
+from .framing import decode, encode, encode_token
+
+# Test seam: model ids (comma-separated) whose worker kills itself with SIGSEGV before loading,
+# standing for a file that loads into a fault in llama.cpp.
+CRASH_ON_LOAD_ENV = "CAPIBARA6_TEST_CRASH_ON_LOAD"
+
+
+class Worker:
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+        self.cancels: dict[int, threading.Event] = {}
+        self.backend: Any = None
+
+    def send(self, data: bytes) -> None:
+        with self.lock:
+            self.conn.send_bytes(data)
+
+    def load(self, body: tuple[Any, ...]) -> None:
+        from .. import crash
+        from ..backends import backend_class
+
+        model_id, spec, path, n_threads, cpus = body
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+        crash.install()
+        if model_id in os.environ.get(CRASH_ON_LOAD_ENV, "").split(","):  # test seam: a load that faults
+            os.kill(os.getpid(), signal.SIGSEGV)
+        with crash.model_context(model_id):
+            self.backend = backend_class(spec).load(model_id, spec, path, n_threads)
+        self.send(encode("ready", 0, (self.backend.n_ctx, int(self.backend.memory_bytes()))))
+
+    def generate(self, req: int, body: tuple[Any, ...]) -> None:
+        from ..types import GenerationOutcome
+
+        prepared, params = body
+        cancel = self.cancels[req]
+        outcome = GenerationOutcome()
+        try:
+            for ev in self.backend.generate(prepared, params, outcome, cancel):
+                self.send(encode_token(req, ev))
+            self.send(encode("done", req, dataclasses.asdict(outcome)))
+        except BaseException as err:  # handed to the caller, raised there
+            self.send(encode("err", req, _picklable(err)))
+        finally:
+            self.cancels.pop(req, None)
+
+    def call(self, req: int, body: tuple[str, tuple[Any, ...], dict[str, Any]]) -> None:
+        name, args, kwargs = body
+        try:
+            if name == "embed":
+                args = (*args, self.cancels[req])
+            result = getattr(self.backend, name)(*args, **kwargs)
+            self.send(encode("ok", req, result))
+        except BaseException as err:
+            self.send(encode("err", req, _picklable(err)))
+        finally:
+            self.cancels.pop(req, None)
+
+    def serve(self) -> int:
+        op, _, body = decode(self.conn.recv_bytes())
+        try:
+            self.load(body)
+        except BaseException as err:
+            self.send(encode("fail", 0, _picklable(err)))
+            return 1
+        while True:
+            try:
+                op, req, body = decode(self.conn.recv_bytes())
+            except (EOFError, OSError):
+                return 0
+            if op == "cancel":
+                ev = self.cancels.get(req)
+                if ev is not None:
+                    ev.set()
+            elif op == "close":
+                self.backend.close()
+                self.send(encode("ok", req, None))
+                return 0
+            else:
+                self.cancels[req] = threading.Event()
+                target = self.generate if op == "gen" else self.call
+                threading.Thread(target=target, args=(req, body), daemon=True).start()
+
+
+def _picklable(err: BaseException) -> BaseException:
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(err))
+        return err
+    except Exception:
+        return RuntimeError(f"{type(err).__name__}: {err}")
+
+
+def main(argv: list[str]) -> int:
+    sock = socket.socket(fileno=int(argv[1]))
+    conn = Connection(sock.detach())
+    return Worker(conn).serve()
+
+
+if __name__ == "__main__":
+    code = main(sys.argv)
+    sys.stdout.flush()
+    os._exit(code)  # no interpreter teardown racing llama.cpp's threads

@@ -1,0 +1,45 @@
+"""The wire between the server and one worker: a Unix socketpair, framed by
+`multiprocessing.connection.Connection` (a 4-byte big-endian length, then the payload).
+
+Payload, by its first byte:
+
+- `t` token fast path: `<I` request id, `<i` token id, then the text as UTF-8 (a TokenEvent
+  with no logprobs and no piece: the common case, ~20 bytes a token, no pickle).
+- `p` everything else: a pickled `(op, request_id, body)` tuple. Control messages carry the
+  contract's dataclasses (Prompt, Prepared, SamplingParams, TokenEvent, GenerationOutcome)
+  pickled whole, so a field added to them crosses the boundary with no change here.
+
+Requests are multiplexed by id over the one connection (a batched instance runs several
+generations at once); request id 0 is the worker itself (load, close).
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+from typing import Any
+
+from ..types import TokenEvent
+
+_TOKEN = struct.Struct("<Ii")
+
+Message = tuple[str, int, Any]
+
+
+def encode_token(req: int, ev: TokenEvent) -> bytes:
+    """The `t` frame when the event fits it, else a pickled ("tok", req, event)."""
+    if ev.logprob is None and ev.top_logprobs is None and ev.piece is None and type(ev) is TokenEvent:
+        return b"t" + _TOKEN.pack(req, ev.token_id) + ev.text.encode("utf-8", "surrogatepass")
+    return encode("tok", req, ev)
+
+
+def encode(op: str, req: int, body: Any = None) -> bytes:
+    return b"p" + pickle.dumps((op, req, body), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def decode(data: bytes) -> Message:
+    if data[:1] == b"t":
+        req, token_id = _TOKEN.unpack_from(data, 1)
+        return "tok", req, TokenEvent(token_id, data[1 + _TOKEN.size :].decode("utf-8", "surrogatepass"))
+    op, req, body = pickle.loads(data[1:])
+    return str(op), int(req), body

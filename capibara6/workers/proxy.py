@@ -1,0 +1,277 @@
+"""`WorkerBackend`: the Backend contract, forwarded to a model worker process (child.py).
+
+One connection per worker, multiplexed by request id: a reader thread in the server decodes every
+frame and hands it to the waiting request's queue, so a batched worker streams several
+generations at once. Cancellation: `generate` forwards the caller's `cancel` the moment it sees it
+set (it checks between tokens and every CANCEL_POLL_S while waiting for one), and the worker sets
+its own event, which the backend checks between tokens: it stops within a token or two.
+
+A dead worker (EOF on the socket) fails every request in flight with ModelCrashed (503
+model_crashed) naming how it died, and calls `on_crash(reason)` once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import fields
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from ..errors import ModelCrashed
+from ..types import GenerationOutcome, Pooling, Prepared, Prompt, SamplingParams, TokenEvent
+from .framing import Message, decode, encode
+
+if TYPE_CHECKING:
+    from ..config import ModelSpec
+
+CANCEL_POLL_S = 0.02  # how often a generation waiting for its next token looks at `cancel`
+CLOSE_WAIT_S = 10.0  # close(): how long a worker may take to exit before it is killed
+
+WorkerCrashed = ModelCrashed
+
+
+def _rss_bytes(pid: int) -> int:
+    """Resident bytes of a process (VmRSS in /proc/PID/status); 0 once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def exit_reason(code: int | None) -> str:
+    if code is None:
+        return "its worker stopped answering"
+    if code < 0:
+        try:
+            return f"its worker was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"its worker was killed by signal {-code}"
+    return f"its worker exited with status {code}"
+
+
+class WorkerBackend:
+    """A loaded instance living in its own process. `memory_bytes` is the worker's RSS."""
+
+    def __init__(
+        self, model_id: str, spec: ModelSpec, path: Path | None, n_threads: int,
+        cpus: Sequence[int] = (), on_crash: Callable[[str], None] | None = None,
+    ) -> None:
+        self.model_id = model_id
+        self.cpus = tuple(cpus)
+        self.on_crash = on_crash
+        self.n_ctx = 0
+        self._ids = itertools.count(1)
+        self._pending: dict[int, queue.SimpleQueue[Message]] = {}
+        self._lock = threading.Lock()
+        self._dead: str | None = None
+        self._closing = False
+        parent, child = socket.socketpair()
+        env = dict(os.environ)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "capibara6.workers.child", str(child.fileno())],
+            pass_fds=(child.fileno(),), env=env,
+        )
+        child.close()
+        self.conn = Connection(parent.detach())
+        self.pid = self.proc.pid
+        try:
+            self.conn.send_bytes(encode("load", 0, (model_id, spec, path, n_threads, self.cpus)))
+            op, _, body = decode(self.conn.recv_bytes())
+        except (EOFError, OSError):
+            self.proc.wait()
+            self.conn.close()
+            raise ModelCrashed(f"Model '{model_id}' crashed while loading: {exit_reason(self.proc.returncode)}.") from None
+        if op == "fail":
+            self.proc.wait()
+            self.conn.close()
+            raise body
+        self.n_ctx, self._loaded_bytes = body
+        self._reader = threading.Thread(target=self._read, name=f"worker-{model_id}", daemon=True)
+        self._reader.start()
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _read(self) -> None:
+        while True:
+            try:
+                msg = decode(self.conn.recv_bytes())
+            except (EOFError, OSError):
+                break
+            q = self._pending.get(msg[1])
+            if q is not None:
+                q.put(msg)
+        try:
+            code = self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            code = None
+        reason = exit_reason(code)
+        with self._lock:
+            self._dead = reason
+            pending = list(self._pending.values())
+        for q in pending:
+            q.put(("crash", 0, reason))
+        if not self._closing and self.on_crash is not None:
+            self.on_crash(reason)
+
+    def _crashed(self, reason: str) -> ModelCrashed:
+        return ModelCrashed(f"Model '{self.model_id}' crashed: {reason}.")
+
+    def _open(self, op: str, body: Any) -> tuple[int, queue.SimpleQueue[Message]]:
+        req = next(self._ids)
+        q: queue.SimpleQueue[Message] = queue.SimpleQueue()
+        with self._lock:
+            if self._dead is not None:
+                raise self._crashed(self._dead)
+            self._pending[req] = q
+        try:
+            self.conn.send_bytes(encode(op, req, body))
+        except OSError:
+            self._pending.pop(req, None)
+            raise self._crashed(self._dead or "its connection broke") from None
+        return req, q
+
+    def _send_cancel(self, req: int) -> None:
+        try:
+            self.conn.send_bytes(encode("cancel", req))
+        except OSError:
+            pass
+
+    def _call(self, name: str, *args: Any, cancel: threading.Event | None = None, **kwargs: Any) -> Any:
+        req, q = self._open("call", (name, args, kwargs))
+        try:
+            while True:
+                try:
+                    op, _, body = q.get(timeout=CANCEL_POLL_S if cancel is not None else None)
+                except queue.Empty:
+                    if cancel is not None and cancel.is_set():
+                        self._send_cancel(req)
+                        cancel = None
+                    continue
+                if op == "ok":
+                    return body
+                if op == "crash":
+                    raise self._crashed(body)
+                raise body
+        finally:
+            self._pending.pop(req, None)
+
+    # -- the contract -----------------------------------------------------------------------
+
+    def prepare(self, prompt: Prompt) -> Prepared:
+        return self._call("prepare", prompt)
+
+    def generate(
+        self, prepared: Prepared, params: SamplingParams, outcome: GenerationOutcome, cancel: threading.Event
+    ) -> Iterator[TokenEvent]:
+        req, q = self._open("gen", (prepared, params))
+        sent_cancel = False
+        finished = False
+        try:
+            while True:
+                if cancel.is_set() and not sent_cancel:
+                    self._send_cancel(req)
+                    sent_cancel = True
+                try:
+                    op, _, body = q.get(timeout=CANCEL_POLL_S)
+                except queue.Empty:
+                    continue
+                if op == "tok":
+                    yield body
+                elif op == "done":
+                    finished = True
+                    for f in fields(GenerationOutcome):
+                        setattr(outcome, f.name, body[f.name])
+                    return
+                elif op == "crash":
+                    finished = True
+                    raise self._crashed(body)
+                else:
+                    finished = True
+                    raise body
+        finally:
+            if not finished:  # the consumer walked away: stop the worker's generation and wait
+                if not sent_cancel:  # for it, so the instance is free when the lease returns
+                    self._send_cancel(req)
+                self._drain(q)
+            self._pending.pop(req, None)
+
+    def _drain(self, q: queue.SimpleQueue[Message]) -> None:
+        """Wait (up to CLOSE_WAIT_S) for a cancelled generation's last frame."""
+        deadline = time.monotonic() + CLOSE_WAIT_S
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                op, _, _ = q.get(timeout=left)
+            except queue.Empty:
+                return
+            if op != "tok":
+                return
+
+    def embed(
+        self, prepared: Sequence[Prepared], pooling: Pooling, normalize: bool, cancel: threading.Event | None = None
+    ) -> list[np.ndarray]:
+        return self._call("embed", list(prepared), pooling, normalize, cancel=cancel or threading.Event())
+
+    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
+        return self._call("tokenize", text, add_bos=add_bos)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._call("detokenize", list(ids))
+
+    def set_threads(self, n_threads: int) -> None:
+        self._call("set_threads", n_threads)
+
+    def current_threads(self) -> int | None:
+        return self._call("current_threads")
+
+    def kv_cache_bytes(self) -> int:
+        if self._dead is not None:
+            return 0
+        try:
+            return int(self._call("kv_cache_bytes"))
+        except ModelCrashed:
+            return 0
+
+    def memory_bytes(self) -> int:
+        """The worker's resident set, measured (0 once it is gone)."""
+        return _rss_bytes(self.pid) if self._dead is None else 0
+
+    @property
+    def alive(self) -> bool:
+        return self._dead is None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send the worker a signal (tests, and close() past its wait)."""
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def close(self) -> None:
+        """Ask the worker to close and exit; kill it past CLOSE_WAIT_S. Process exit frees it all."""
+        self._closing = True
+        if self._dead is None:
+            try:
+                self.conn.send_bytes(encode("close", 0))
+            except OSError:
+                pass
+        try:
+            self.proc.wait(timeout=CLOSE_WAIT_S)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            self.proc.wait()
+        self._reader.join(timeout=CLOSE_WAIT_S)
+        self.conn.close()

@@ -1,0 +1,59 @@
+"""Core placement rules (capibara6/workers/placement.py) and the token frame (framing.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from capibara6.types import TokenEvent
+from capibara6.workers.framing import decode, encode, encode_token
+from capibara6.workers.placement import Placement, numa_nodes, parse_cpulist
+
+
+def test_workers_get_disjoint_sets_and_a_cpu_is_kept_for_http() -> None:
+    p = Placement(list(range(8)), nodes=[])
+    a, b = p.assign("a", 3), p.assign("b", 3)
+    assert set(a).isdisjoint(b) and len(a) == len(b) == 3
+    assert p.http_cpu == 7 and 7 not in a + b
+
+
+def test_two_cores_give_one_to_each_worker() -> None:
+    p = Placement([0, 1], nodes=[])
+    assert p.http_cpu is None
+    assert {p.assign("a", 1), p.assign("b", 1)} == {(0,), (1,)}
+
+
+def test_a_worker_stays_inside_one_numa_node() -> None:
+    p = Placement(list(range(16)), nodes=[list(range(8)), list(range(8, 16))])
+    a, b = p.assign("a", 4), p.assign("b", 4)
+    assert set(a) <= set(range(8)) or set(a) <= set(range(8, 16))
+    assert set(b) <= set(range(8)) or set(b) <= set(range(8, 16))
+    assert set(a).isdisjoint(b)
+
+
+def test_released_cpus_are_given_again_and_oversubscription_shares_least_used() -> None:
+    p = Placement([0, 1], nodes=[])
+    p.assign("a", 1)
+    p.assign("b", 1)
+    shared = p.assign("c", 1)
+    assert shared in {(0,), (1,)}
+    p.release("a")
+    p.release("c")
+    assert p.assign("d", 1) != p.given["b"]
+
+
+def test_numa_nodes_read_from_sysfs(tmp_path: Path) -> None:
+    for i, cpus in enumerate(["0-3", "4-5,7"]):
+        (tmp_path / f"node{i}").mkdir()
+        (tmp_path / f"node{i}" / "cpulist").write_text(cpus + "\n")
+    assert numa_nodes(tmp_path) == [[0, 1, 2, 3], [4, 5, 7]]
+    assert parse_cpulist("0-2,9") == [0, 1, 2, 9]
+
+
+def test_token_frames_round_trip() -> None:
+    plain = TokenEvent(42, "héllo")
+    frame = encode_token(7, plain)
+    assert frame[:1] == b"t" and len(frame) == 1 + 8 + len("héllo".encode())
+    assert decode(frame) == ("tok", 7, plain)
+    rich = TokenEvent(3, "x", logprob=-0.5, top_logprobs={"x": -0.5}, piece="x")
+    assert decode(encode_token(9, rich)) == ("tok", 9, rich)
+    assert decode(encode("gen", 5, {"a": 1})) == ("gen", 5, {"a": 1})
