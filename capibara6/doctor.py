@@ -35,6 +35,7 @@ from .gguf_header import read_header
 from .hw.probes import cpu_model, reported_features, run_probes
 from .pool.budget import GIB, budget_bytes, physical_memory
 from .threads import _cgroup_cpu_limit, inference_cpus, usable_cpus
+from .workers.placement import Placement
 
 STATE_FILE = "capibara6-build.json"
 REMOTE_TIMEOUT_S = 5.0
@@ -214,19 +215,24 @@ def threads_report(registry: Registry) -> dict[str, Any]:
            + f"); one kept for the server and its neighbours -> {inference} for inference "
            "(llama.cpp's threads spin while waiting: more threads than free CPUs collapse decode speed)")
     models = {}
+    placement = Placement()  # what each worker would be pinned to with every model loaded at once
     for mid, spec in registry.models.items():
         if spec.backend == "remote":
             continue
         n, concurrent = slot_threads(spec)
+        isolation = spec.isolation
+        cpus = list(placement.assign(mid, n)) if isolation == "worker" else None
         if spec.n_threads != "auto":
             how = f"pinned to {spec.n_threads}"
         elif concurrent == 1 and spec.parallel > 1:
             how = f"auto: all {inference} inference CPU(s); one batched decode serves its {spec.parallel} sequences"
         else:
             how = f"auto: {inference} inference CPU(s) / {concurrent} concurrent generation(s)"
-        models[mid] = {"setting": spec.n_threads, "threads": n, "concurrent": concurrent, "why": how}
+        models[mid] = {"setting": spec.n_threads, "threads": n, "concurrent": concurrent, "why": how,
+                       "isolation": isolation, "cpus": cpus}
     return {"affinity": affinity, "cgroup_quota": quota, "usable": usable, "inference": inference, "why": why,
-            "models": models}
+            "models": models, "placement": {"worker_cpus": placement.cpus, "http_cpu": placement.http_cpu,
+                                            "numa_nodes": placement.nodes}}
 
 
 def memory_report(registry: Registry) -> dict[str, Any]:
@@ -324,6 +330,13 @@ def render(report: dict[str, Any]) -> str:
     add(f"threads    {t['why']}")
     for mid, m in t["models"].items():
         add(f"  {mid:28} {m['threads']} thread(s) per generation ({m['why']})")
+        if m.get("cpus") is not None:
+            add(f"  {'':28} worker pinned to CPU(s) {','.join(map(str, m['cpus']))} (with every model loaded)")
+    pl = t.get("placement")
+    if pl:
+        add(f"placement  workers on CPU(s) {','.join(map(str, pl['worker_cpus']))}; HTTP keeps "
+            + (f"CPU {pl['http_cpu']}" if pl["http_cpu"] is not None else "no CPU of its own (2 or fewer)")
+            + f"; {len(pl['numa_nodes'])} NUMA node(s), each worker inside one where it fits")
     mem = report["memory"]
     add(f"memory     budget {mem['budget'] / GIB:.2f} GiB (memory_budget_gb: {mem['budget_setting']}; "
         f"RAM or cgroup limit {mem['physical'] / GIB:.2f} GiB), at most {mem['max_loaded']} models loaded")

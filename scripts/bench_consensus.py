@@ -8,9 +8,11 @@ once. Measured in one process, same run, warmed up, greedy (all experts generate
 - consensus (vote) with the thread split (each expert gets auto_threads(3) threads) and without it
   (each expert keeps its configured --threads, default all usable CPUs).
 floor = max(slowest expert alone, total expert CPU-seconds / cores); goal: consensus <= 1.2 x floor.
-The last line is JSON.
+`--isolation worker` runs each expert in its own worker process pinned to its CPUs
+(capibara6/workers); CPU seconds then include the workers' (from /proc/PID/stat). The last line
+is JSON.
 
-    python scripts/bench_consensus.py [--tokens 48] [--threads N] [--repeat 1]
+    python scripts/bench_consensus.py [--tokens 48] [--threads N] [--repeat 1] [--isolation in_process|worker]
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import time
@@ -53,16 +56,33 @@ def gguf_path() -> Path:
         return Path(g.assemble(private, overwrite=True))
 
 
+WORKER_PIDS: list[int] = []
+
+
+def cpu_seconds() -> float:
+    """This process's CPU seconds plus every live worker's (utime + stime in /proc/PID/stat)."""
+    total = time.process_time()
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in WORKER_PIDS:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
 async def timed(fn: Callable[[], Awaitable[Any]]) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) of one awaited call."""
-    w0, c0 = time.perf_counter(), time.process_time()
+    """(wall seconds, CPU seconds of this process and its workers) of one awaited call."""
+    w0, c0 = time.perf_counter(), cpu_seconds()
     await fn()
-    return time.perf_counter() - w0, time.process_time() - c0
+    return time.perf_counter() - w0, cpu_seconds() - c0
 
 
-async def bench(tokens: int, threads: int, repeat: int) -> dict[str, Any]:
+async def bench(tokens: int, threads: int, repeat: int, isolation: str = "in_process") -> dict[str, Any]:
     path = str(gguf_path())
-    models = {m: {"source": {"path": path}, "chat_format": "gemma", "n_ctx": 512, "n_threads": threads} for m in EXPERTS}
+    models = {m: {"source": {"path": path}, "chat_format": "gemma", "n_ctx": 512, "n_threads": threads,
+                  "isolation": isolation} for m in EXPERTS}
     registry = parse_registry({"models": models, "pool": {"max_loaded": 3}}, Path("."))
     pool = ModelPool(registry)
     service = Service(registry, pool, ServerSettings())
@@ -86,6 +106,8 @@ async def bench(tokens: int, threads: int, repeat: int) -> dict[str, Any]:
 
     for m in EXPERTS:  # load and warm every instance
         await alone(m)
+    placed = {m: pool.describe(m)["workers"] for m in EXPERTS}
+    WORKER_PIDS[:] = [w["pid"] for ws in placed.values() for w in ws]
     answer = await alone(EXPERTS[0])
     runs: dict[str, list[tuple[float, float]]] = {k: [] for k in ["seq", "split", "nosplit", *EXPERTS]}
     for _ in range(repeat):
@@ -105,7 +127,8 @@ async def bench(tokens: int, threads: int, repeat: int) -> dict[str, Any]:
     floor = max(max(alone_wall), sum(alone_cpu) / cores)
     split, nosplit, seq = med("split"), med("nosplit"), med("seq")
     return {
-        "bench": "consensus", "cores": cores, "experts": len(EXPERTS), "tokens": answer.completion_tokens,
+        "bench": "consensus", "isolation": isolation, "worker_cpus": {m: [w["cpus"] for w in ws] for m, ws in placed.items()},
+        "cores": cores, "experts": len(EXPERTS), "tokens": answer.completion_tokens,
         "configured_threads": threads, "repeat": repeat,
         "alone_wall_s": [round(x, 3) for x in alone_wall], "alone_cpu_s": [round(x, 3) for x in alone_cpu],
         "floor_s": round(floor, 3), "sequential_s": round(seq, 3),
@@ -123,8 +146,9 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=48, help="max_tokens per expert")
     ap.add_argument("--threads", type=int, default=usable_cpus(), help="configured n_threads per expert (the no-split case)")
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--isolation", choices=["in_process", "worker"], default="in_process")
     args = ap.parse_args()
-    result = asyncio.run(bench(args.tokens, args.threads, args.repeat))
+    result = asyncio.run(bench(args.tokens, args.threads, args.repeat, args.isolation))
     for k, v in result.items():
         if k != "bench":
             print(f"{k:26} {v}", file=sys.stderr)

@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """Serving overhead: the same greedy generation directly through llama-cpp-python and through
-capibara6's streaming port (real HTTP on loopback), alternated in one run.
+capibara6's streaming port (real HTTP on loopback), the model in a worker process (`gemma3-270m`,
+isolation: worker) and in process (`inproc`, same file), alternated in one run.
 
-Prints decode tok/s of both, their ratio, and TTFT of both (medians over the rounds); the last
-line is one JSON object. Goal: decode ratio >= 0.98 and TTFT overhead <= 5 ms at the median.
+Prints decode tok/s of each, the ratios, and TTFT (medians over the rounds), plus the transport's
+own cost per token (token frames through a socketpair, encode -> send -> recv -> decode, the
+path every streamed token takes out of a worker); the last line is one JSON object. Goal: decode
+ratio >= 0.98 and TTFT overhead <= 5 ms at the median, through the worker.
 
     python scripts/bench_overhead.py [--rounds 5] [--tokens 128] [--threads 1]
 """
@@ -36,8 +39,37 @@ def direct_run(llm: object, tokens: int) -> tuple[float, float, int]:
     return _rates(t0, stamps)
 
 
-def server_run(client: httpx.Client, url: str, tokens: int) -> tuple[float, float, int]:
-    body = {"model": "gemma3-270m", "prompt": PROMPT, "max_tokens": tokens, "temperature": 0}
+def ipc_us_per_token(n: int = 20000) -> float:
+    """Microseconds per token frame across a socketpair (one sender thread, one reader)."""
+    import socket
+    import threading
+    from multiprocessing.connection import Connection
+
+    from capibara6.types import TokenEvent
+    from capibara6.workers.framing import decode, encode_token
+
+    a, b = socket.socketpair()
+    tx, rx = Connection(a.detach()), Connection(b.detach())
+    ev = TokenEvent(1234, " word")
+
+    def send() -> None:
+        for i in range(n):
+            tx.send_bytes(encode_token(i, ev))
+
+    t = threading.Thread(target=send)
+    t0 = time.perf_counter()
+    t.start()
+    for _ in range(n):
+        decode(rx.recv_bytes())
+    dt = time.perf_counter() - t0
+    t.join()
+    tx.close()
+    rx.close()
+    return dt / n * 1e6
+
+
+def server_run(client: httpx.Client, url: str, tokens: int, model: str = "gemma3-270m") -> tuple[float, float, int]:
+    body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0}
     stamps = []
     t0 = time.perf_counter()
     with client.stream("POST", url + "/v1/completions", json=body) as r:
@@ -68,7 +100,10 @@ def main() -> int:
     llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
     registry = {
         "defaults": {"n_ctx": n_ctx, "n_threads": args.threads},
-        "models": {"gemma3-270m": {"source": {"path": str(path)}, "chat_format": "gemma"}},
+        "models": {
+            "gemma3-270m": {"source": {"path": str(path)}, "chat_format": "gemma", "isolation": "worker"},
+            "inproc": {"source": {"path": str(path)}, "chat_format": "gemma", "isolation": "in_process"},
+        },
     }
     with tempfile.TemporaryDirectory() as tmp:
         srv = ServerProcess(registry, Path(tmp)).wait_healthy()
@@ -79,7 +114,8 @@ def main() -> int:
             client = httpx.Client(timeout=300)
             direct_run(llm, 8)  # warm both: first calls pay page faults and graph allocation
             server_run(client, url, 8)
-            d, s = [], []
+            server_run(client, url, 8, "inproc")
+            d, s, p = [], [], []
             for i in range(args.rounds):
                 # Each side first runs a 2-token request on the same prompt (untimed): the two
                 # processes evict each other's weights from the CPU caches, and without this the
@@ -89,8 +125,11 @@ def main() -> int:
                 d.append(direct_run(llm, args.tokens))
                 server_run(client, url, 2)
                 s.append(server_run(client, url, args.tokens))
+                server_run(client, url, 2, "inproc")
+                p.append(server_run(client, url, args.tokens, "inproc"))
                 print(f"round {i}: direct ttft {d[-1][0]*1e3:.1f} ms {d[-1][1]:.1f} tok/s ({d[-1][2]} tok) | "
-                      f"server ttft {s[-1][0]*1e3:.1f} ms {s[-1][1]:.1f} tok/s ({s[-1][2]} tok)", flush=True)
+                      f"worker ttft {s[-1][0]*1e3:.1f} ms {s[-1][1]:.1f} tok/s ({s[-1][2]} tok) | "
+                      f"in-process ttft {p[-1][0]*1e3:.1f} ms {p[-1][1]:.1f} tok/s", flush=True)
         finally:
             srv.stop()
     med = statistics.median
@@ -104,6 +143,10 @@ def main() -> int:
         "direct_ttft_ms": round(med(x[0] for x in d) * 1e3, 2),
         "server_ttft_ms": round(med(x[0] for x in s) * 1e3, 2),
         "ttft_overhead_ms": round((med(x[0] for x in s) - med(x[0] for x in d)) * 1e3, 2),
+        "in_process_decode_tok_s": round(med(x[1] for x in p), 2),
+        "in_process_ttft_ms": round(med(x[0] for x in p) * 1e3, 2),
+        "worker_vs_in_process_decode_ratio": round(med(x[1] for x in s) / med(x[1] for x in p), 4),
+        "ipc_us_per_token": round(ipc_us_per_token(), 2),
     }
     print(json.dumps(result))
     return 0

@@ -58,7 +58,7 @@ def test_doctor_json_on_the_real_install(good: tuple[int, dict[str, Any]]) -> No
 def test_text_report_is_readable(good: tuple[int, dict[str, Any]]) -> None:
     text = doctor.render(good[1])
     for needle in ("CPU ", "llama.cpp  llama-cpp-python", "extra buffer types offered", "kernels    ok",
-                   "threads ", "memory     budget", "tok/s decode", "ok: every model generates"):
+                   "threads ", "placement  workers on CPU(s)", "memory     budget", "tok/s decode", "ok: every model generates"):
         assert needle in text, needle
 
 
@@ -100,3 +100,15 @@ def test_kernel_flags_follow_the_install_record() -> None:
     assert doctor.compile_flags("-march=x86-64-v3 -mtune=generic") == ["-march=x86-64-v3", "-mtune=generic"]
     assert doctor.compile_flags("", machine="aarch64") == ["-mcpu=native"]
     assert doctor.compile_flags("", machine="x86_64") == ["-march=native"]
+
+
+def test_doctor_shows_each_worker_on_its_own_cpus(gemma_path: Path, tmp_path: Path) -> None:
+    from capibara6.config import load_registry
+
+    reg = gemma_registry(gemma_path, b={"source": {"path": str(gemma_path)}, "isolation": "worker"})
+    reg["models"]["gemma3-270m"]["isolation"] = "worker"
+    (tmp_path / "models.yaml").write_text(yaml.safe_dump(reg))
+    t = doctor.threads_report(load_registry(tmp_path / "models.yaml"))
+    a, b = t["models"]["gemma3-270m"]["cpus"], t["models"]["b"]["cpus"]
+    assert a and b and set(a).isdisjoint(b)
+    assert t["placement"]["http_cpu"] not in a + b
