@@ -36,7 +36,7 @@ async def consensus_response(
     """The merged answer when the request asks for consensus (an ensemble, `auto`, or a
     `consensus` field); None when it is an ordinary request for one model."""
     state = app_state(request)
-    cplan = resolve(state.registry, req.model, req.consensus, question_of(plan.prompts[0]))
+    cplan = resolve(state.registry, req.model, req.consensus, question_of(plan.prompts[0]), whole=_whole_text(plan))
     if cplan is None:
         return None
     stream, include_usage = stream_mode(req, stream_default("consensus"))
@@ -44,6 +44,17 @@ async def consensus_response(
     run = ConsensusRun(state.service, cplan, plan)
     label = cplan.name if cplan.name != "custom" else "_custom"
     return await counted(request, label, _run(request, run, plan, req.model, stream, include_usage, state.settings.sse_ping_s))
+
+
+def _whole_text(plan: Plan) -> str:
+    """Everything the experts will read (every message, not only the last question): what
+    routing by prompt length must count."""
+    prompt = plan.prompts[0]
+    if isinstance(prompt, str):
+        return prompt
+    if prompt and isinstance(prompt[0], dict):
+        return "\n".join(str(m.get("content") or "") for m in prompt if isinstance(m, dict))
+    return ""
 
 
 async def _run(request: Request, run: ConsensusRun, plan: Plan, model: str, stream: bool, include_usage: bool,

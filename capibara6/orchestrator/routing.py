@@ -144,10 +144,13 @@ def _threshold(registry: Registry, model: str) -> int | None:
     return prefers.min_prompt_tokens if prefers is not None else None
 
 
-def route_auto(registry: Registry, text: str, prompt_tokens: int | None = None) -> tuple[list[str], dict[str, Any]]:
-    """(experts, route) for `model: auto`: long prompts to the models that prefer them, then tags."""
+def route_auto(registry: Registry, text: str, prompt_tokens: int | None = None,
+               whole: str | None = None) -> tuple[list[str], dict[str, Any]]:
+    """(experts, route) for `model: auto`: long prompts to the models that prefer them, then tags.
+    `text` (the question) picks the tag; the length is `prompt_tokens`, else the estimate of
+    `whole` (everything the experts will read: every message of a conversation), else of `text`."""
     tag, reason = classify(text)
-    n = prompt_tokens if prompt_tokens is not None else estimate_tokens(text)
+    n = prompt_tokens if prompt_tokens is not None else estimate_tokens(whole if whole is not None else text)
     route: dict[str, Any] = {"tag": tag, "reason": reason, "prompt_tokens": n, "tokens_estimated": prompt_tokens is None}
     thresholds = {m: t for m in registry.models if (t := _threshold(registry, m)) is not None}
     met = [m for m, t in thresholds.items() if n >= t]
@@ -164,7 +167,7 @@ def route_auto(registry: Registry, text: str, prompt_tokens: int | None = None) 
 
 
 def resolve(registry: Registry, model: str, options: ConsensusOptions | None, text: str,
-            prompt_tokens: int | None = None) -> ConsensusPlan | None:
+            prompt_tokens: int | None = None, whole: str | None = None) -> ConsensusPlan | None:
     """The consensus plan for a request, or None for a plain single-model request. `prompt_tokens`
     (when the caller knows it) replaces the length estimate of `auto` routing."""
     ensemble: EnsembleSpec | None = registry.ensembles.get(model)
@@ -176,7 +179,7 @@ def resolve(registry: Registry, model: str, options: ConsensusOptions | None, te
     elif ensemble is not None:
         name, experts = model, list(ensemble.experts)
     elif model == AUTO:
-        experts, route = route_auto(registry, text, prompt_tokens)
+        experts, route = route_auto(registry, text, prompt_tokens, whole)
         name = AUTO
     elif options is None:
         return None

@@ -70,3 +70,13 @@ def test_estimate_and_validation() -> None:
         parse_registry({"models": {"m": {"source": {"path": "/x"}, "prefers": {"max_prompt_tokens": 5}}}})
     auto = next(c for c in ensemble_cards(registry()) if c["id"] == "auto")
     assert auto["ensemble"]["min_prompt_tokens"] == {"mamba": 1000, "hybrid": 4000}  # type: ignore[index]
+
+
+def test_a_long_conversation_with_a_short_last_question_counts_as_long() -> None:
+    """The length is everything the experts read (`whole`), the tag still the last question."""
+    history = "word " * 1000  # 1250 estimated tokens of earlier turns
+    plan = resolve(registry(), "auto", None, "And the second one?", whole=history + "\nAnd the second one?")
+    assert plan is not None and plan.experts == ("mamba",)
+    assert plan.route is not None and plan.route["long_context"] and plan.route["prompt_tokens"] > 1250
+    short = resolve(registry(), "auto", None, "And the second one?")
+    assert short is not None and short.experts == ("llama",)
