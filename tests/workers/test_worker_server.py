@@ -163,3 +163,11 @@ def test_two_workers_get_disjoint_cpu_sets(wserver: ServerProcess) -> None:
     assert set(a["cpus"]).isdisjoint(b["cpus"]) and a["cpus"] and b["cpus"]
     assert os.sched_getaffinity(a["pid"]) == set(a["cpus"])
     assert os.sched_getaffinity(b["pid"]) == set(b["cpus"])
+
+
+def test_worker_rss_is_charged_and_exported(wserver: ServerProcess) -> None:
+    url = wserver.url["standard"]
+    d = load(url, "b")
+    rss = metric(url, 'capibara6_model_rss_bytes{model="b"}')
+    assert rss > 100 * 1024**2  # the weights live in the worker, not the server
+    assert d["memory_bytes"] > 100 * 1024**2 and d["isolation"] == "worker"
