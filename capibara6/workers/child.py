@@ -20,7 +20,7 @@ import threading
 from multiprocessing.connection import Connection
 from typing import Any
 
-from .framing import decode, encode, encode_token
+from .framing import decode, encode, encode_token, pack_error
 
 # Test seam: model ids (comma-separated) whose worker kills itself with SIGSEGV before loading,
 # standing for a file that loads into a fault in llama.cpp.
@@ -63,11 +63,13 @@ class Worker:
         cancel = self.cancels[req]
         outcome = GenerationOutcome()
         try:
-            for ev in self.backend.generate(prepared, params, outcome, cancel):
+            events = self.backend.generate(prepared, params, outcome, cancel)  # refusals raise here
+            self.send(encode("acc", req))
+            for ev in events:
                 self.send(encode_token(req, ev))
             self.send(encode("done", req, dataclasses.asdict(outcome)))
         except BaseException as err:  # handed to the caller, raised there
-            self.send(encode("err", req, _picklable(err)))
+            self.send(encode("err", req, pack_error(err)))
         finally:
             self.cancels.pop(req, None)
 
@@ -79,7 +81,7 @@ class Worker:
             result = getattr(self.backend, name)(*args, **kwargs)
             self.send(encode("ok", req, result))
         except BaseException as err:
-            self.send(encode("err", req, _picklable(err)))
+            self.send(encode("err", req, pack_error(err)))
         finally:
             self.cancels.pop(req, None)
 
@@ -88,7 +90,7 @@ class Worker:
         try:
             self.load(body)
         except BaseException as err:
-            self.send(encode("fail", 0, _picklable(err)))
+            self.send(encode("fail", 0, pack_error(err)))
             return 1
         while True:
             try:
@@ -110,16 +112,6 @@ class Worker:
                 self.cancels[req] = threading.Event()
                 target = self.generate if op == "gen" else self.call
                 threading.Thread(target=target, args=(req, body), daemon=True).start()
-
-
-def _picklable(err: BaseException) -> BaseException:
-    import pickle
-
-    try:
-        pickle.loads(pickle.dumps(err))
-        return err
-    except Exception:
-        return RuntimeError(f"{type(err).__name__}: {err}")
 
 
 def main(argv: list[str]) -> int:

@@ -15,6 +15,7 @@ generations at once); request id 0 is the worker itself (load, close).
 
 from __future__ import annotations
 
+import importlib
 import pickle
 import struct
 from typing import Any
@@ -43,3 +44,31 @@ def decode(data: bytes) -> Message:
         return "tok", req, TokenEvent(token_id, data[1 + _TOKEN.size :].decode("utf-8", "surrogatepass"))
     op, req, body = pickle.loads(data[1:])
     return str(op), int(req), body
+
+
+def pack_error(err: BaseException) -> tuple[str, str, tuple[Any, ...], dict[str, Any], str]:
+    """An exception as (module, class, args, __dict__, str): rebuilt without calling its
+    __init__, so errors with their own constructors (ContextLengthExceeded) cross as themselves."""
+    state = {k: v for k, v in vars(err).items() if _picklable(v)} if hasattr(err, "__dict__") else {}
+    args = err.args if _picklable(err.args) else (str(err),)
+    return type(err).__module__, type(err).__qualname__, args, state, f"{type(err).__name__}: {err}"
+
+
+def unpack_error(body: tuple[str, str, tuple[Any, ...], dict[str, Any], str]) -> BaseException:
+    module, name, args, state, text = body
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        err = cls.__new__(cls)
+        BaseException.__init__(err, *args)
+        err.__dict__.update(state)
+        return err
+    except Exception:
+        return RuntimeError(text)
+
+
+def _picklable(v: Any) -> bool:
+    try:
+        pickle.dumps(v)
+        return True
+    except Exception:
+        return False

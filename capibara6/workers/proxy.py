@@ -30,7 +30,7 @@ import numpy as np
 
 from ..errors import ModelCrashed
 from ..types import GenerationOutcome, Pooling, Prepared, Prompt, SamplingParams, TokenEvent
-from .framing import Message, decode, encode
+from .framing import Message, decode, encode, unpack_error
 
 if TYPE_CHECKING:
     from ..config import ModelSpec
@@ -98,7 +98,7 @@ class WorkerBackend:
         if op == "fail":
             self.proc.wait()
             self.conn.close()
-            raise body
+            raise unpack_error(body)
         self.n_ctx, self._loaded_bytes = body
         self._reader = threading.Thread(target=self._read, name=f"worker-{model_id}", daemon=True)
         self._reader.start()
@@ -165,7 +165,7 @@ class WorkerBackend:
                     return body
                 if op == "crash":
                     raise self._crashed(body)
-                raise body
+                raise unpack_error(body)
         finally:
             self._pending.pop(req, None)
 
@@ -177,7 +177,23 @@ class WorkerBackend:
     def generate(
         self, prepared: Prepared, params: SamplingParams, outcome: GenerationOutcome, cancel: threading.Event
     ) -> Iterator[TokenEvent]:
+        """As the contract asks, refusals (ContextLengthExceeded ...) raise here, at the call: the
+        worker answers `acc` once its backend's generate accepted the prompt, before prefill."""
         req, q = self._open("gen", (prepared, params))
+        try:
+            op, _, body = q.get()
+        except BaseException:
+            self._send_cancel(req)
+            self._pending.pop(req, None)
+            raise
+        if op != "acc":
+            self._pending.pop(req, None)
+            raise self._crashed(body) if op == "crash" else unpack_error(body)
+        return self._stream(req, q, outcome, cancel)
+
+    def _stream(
+        self, req: int, q: queue.SimpleQueue[Message], outcome: GenerationOutcome, cancel: threading.Event
+    ) -> Iterator[TokenEvent]:
         sent_cancel = False
         finished = False
         try:
@@ -201,7 +217,7 @@ class WorkerBackend:
                     raise self._crashed(body)
                 else:
                     finished = True
-                    raise body
+                    raise unpack_error(body)
         finally:
             if not finished:  # the consumer walked away: stop the worker's generation and wait
                 if not sent_cancel:  # for it, so the instance is free when the lease returns

@@ -57,3 +57,14 @@ def test_token_frames_round_trip() -> None:
     rich = TokenEvent(3, "x", logprob=-0.5, top_logprobs={"x": -0.5}, piece="x")
     assert decode(encode_token(9, rich)) == ("tok", 9, rich)
     assert decode(encode("gen", 5, {"a": 1})) == ("gen", 5, {"a": 1})
+
+
+def test_errors_with_their_own_constructors_cross_as_themselves() -> None:
+    import pickle
+
+    from capibara6.types import ContextLengthExceeded
+    from capibara6.workers.framing import pack_error, unpack_error
+
+    err = ContextLengthExceeded(902, 200, 1024)
+    back = unpack_error(pickle.loads(pickle.dumps(pack_error(err))))
+    assert type(back) is ContextLengthExceeded and str(back) == str(err) and vars(back) == vars(err)
