@@ -135,7 +135,7 @@ class ModelSpec(_Strict):
     embedding: EmbeddingSpec | None = Field(
         None, description="This model serves /v1/embeddings, pooled this way (llamacpp, native); absent: it does not embed.")
     isolation: Literal["worker", "in_process"] = Field(
-        "in_process", description="worker: this model runs in its own process (a crash, leak or busy core stays there; "
+        "worker", description="worker: this model runs in its own process (a crash, leak or busy core stays there; "
         "see docs/workers.md); in_process: on the server's threads. remote entries are always in process.")
     prefers: PreferSpec | None = Field(
         None, description="Routing preferences for `model: auto` (consensus port): {min_prompt_tokens: N}.")
