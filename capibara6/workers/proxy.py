@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 CANCEL_POLL_S = 0.02  # how often a generation waiting for its next token looks at `cancel`
 CLOSE_WAIT_S = 10.0  # close(): how long a worker may take to exit before it is killed
+STATS_WAIT_S = 1.0  # kv_cache_bytes(): longest wait for a worker's answer
 
 WorkerCrashed = ModelCrashed
 
@@ -79,6 +80,7 @@ class WorkerBackend:
         self._lock = threading.Lock()
         self._dead: str | None = None
         self._closing = False
+        self._last_kv = 0
         parent, child = socket.socketpair()
         env = dict(os.environ)
         self.proc = subprocess.Popen(
@@ -254,12 +256,21 @@ class WorkerBackend:
         return self._call("current_threads")
 
     def kv_cache_bytes(self) -> int:
-        if self._dead is not None:
-            return 0
+        """Asked of the worker with a STATS_WAIT_S limit (a /metrics scrape must never hang on a
+        wedged worker): past it, the last answer."""
         try:
-            return int(self._call("kv_cache_bytes"))
+            req, q = self._open("call", ("kv_cache_bytes", (), {}))
         except ModelCrashed:
             return 0
+        try:
+            op, _, body = q.get(timeout=STATS_WAIT_S)
+            if op == "ok":
+                self._last_kv = int(body)
+        except queue.Empty:
+            pass
+        finally:
+            self._pending.pop(req, None)
+        return self._last_kv
 
     def memory_bytes(self) -> int:
         """The worker's resident set, measured (0 once it is gone)."""
