@@ -5,6 +5,11 @@ loading, closing, warmup generation) runs in worker threads. A request takes a f
 when nobody is queued ahead of it; otherwise it joins the model's FIFO and `_pump` hands out slots
 in order whenever one frees up, a load finishes or memory is released. Every worker thread that
 runs a model's native code (load, warmup, close) does so inside `crash.model_context(model_id)`.
+
+Isolation (capibara6/workers): with `isolation: worker` (the default; never for remote entries or
+a custom `loader=`) each instance is a worker process pinned to CPUs from `self.placement`; its
+death comes back through `_crashed` on the loop (instance dropped, counted, next request loads
+again), and a worker that dies while loading holds the model back (`CRASH_BACKOFF_S`, doubling).
 """
 
 from __future__ import annotations
