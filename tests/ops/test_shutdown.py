@@ -46,7 +46,7 @@ def test_sigterm_drains_running_stream_then_exits_0(gemma_path: Path, tmp_path: 
     srv = ServerProcess(gemma_registry(gemma_path), tmp_path, args=["--shutdown-grace-s", "60"]).wait_healthy()
     try:
         url = srv.url["streaming"]
-        body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 48, "temperature": 0.8, "stop": [], "seed": 1}
+        body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 200, "temperature": 0.8, "stop": [], "seed": 1}
         first, out = threading.Event(), {}
         t = _stream_in_thread(url, body, first, out)
         assert first.wait(90) and "error" not in out, out
