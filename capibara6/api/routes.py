@@ -49,7 +49,10 @@ async def ready(request: Request) -> Response:
 
 
 def model_card(state: AppState, model_id: str) -> dict[str, Any]:
+    """OpenAI's model object plus `status`, and `crash_reason` while the model's worker last died
+    (cleared when it loads again)."""
     spec = state.registry.models[model_id]
+    crashed = state.pool.describe(model_id).get("crash_reason")
     return {
         "id": model_id,
         "object": "model",
@@ -60,6 +63,7 @@ def model_card(state: AppState, model_id: str) -> dict[str, Any]:
         "n_ctx": spec.n_ctx,
         "tags": spec.tags,
         "description": spec.description,
+        **({"crash_reason": crashed} if crashed else {}),
     }
 
 
