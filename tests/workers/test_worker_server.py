@@ -137,7 +137,6 @@ def test_crash_on_load_is_503_and_held_back(wserver: ServerProcess) -> None:
     assert d["status"] == "unloaded" and "SIGSEGV" in d["crash_reason"]
     card = httpx.get(url + "/v1/models/crashy", timeout=30).json()  # the reason in /v1/models too
     assert card["status"] == "unloaded" and "SIGSEGV" in card["crash_reason"]
-    assert "crash_reason" not in httpx.get(url + "/v1/models/b", timeout=30).json()
     ok = httpx.post(url + "/v1/completions", json={**LONG, "model": "b", "max_tokens": 2}, timeout=60)
     assert ok.status_code == 200
 
