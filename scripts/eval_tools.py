@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import socket
 import subprocess
 import sys
@@ -126,7 +125,6 @@ PROMPTS: list[tuple[str, str | None]] = [
     ("Hi! How are you doing today?", None),
 ]
 
-CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 
 
 # -- servers -----------------------------------------------------------------------------------
@@ -226,30 +224,12 @@ def ask_chat(client: httpx.Client, url: str, prompt: str, mode: str, expected: s
 
 
 def hermes_parser() -> Any:
-    """capibara6's Hermes parser when it is there, else a minimal local one (said in the output)."""
+    """capibara6's own Hermes parser (bare and fenced calls included), as the server reads answers."""
     from capibara6.tools.formats import HermesFormat
     from capibara6.tools.spec import parse_tools
 
     specs, fmt = parse_tools(TOOLS), HermesFormat()
-    try:
-        fmt.parse("", specs)
-    except NotImplementedError:
-        return None
     return lambda text: [(c.name, c.arguments) for c in fmt.parse(text, specs).calls]
-
-
-def local_parse(text: str) -> list[tuple[str, str]]:
-    calls = []
-    for body in CALL_RE.findall(text):
-        try:
-            obj = json.loads(body)
-        except json.JSONDecodeError:
-            calls.append(("", body))
-            continue
-        name = obj.get("name", "") if isinstance(obj, dict) else ""
-        args = obj.get("arguments") if isinstance(obj, dict) else None
-        calls.append((str(name), args if isinstance(args, str) else json.dumps(args)))
-    return calls
 
 
 def lenient_parse(text: str) -> list[tuple[str, str]]:
@@ -281,7 +261,7 @@ def ask_unconstrained(client: httpx.Client, url: str, template: str, prompt: str
     if r.status_code != 200:
         return Answer(error=f"HTTP {r.status_code}: {r.text[:160]}", seconds=seconds)
     out = r.json()["choices"][0]["text"]
-    calls = (parse or local_parse)(out)
+    calls = parse(out)
     return Answer(calls, bool(calls) or "<tool_call>" in out, out, seconds=seconds)
 
 
@@ -395,7 +375,7 @@ def run_unconstrained(server: Server, gguf: Path, items: list[tuple[str, str | N
     results["unconstrained"] = {"auto": score("auto", items, answers)}
     lenient = [Answer(c, bool(c), a.content, a.error, a.seconds) for a in answers for c in [a.calls or lenient_parse(a.content)]]
     results["unconstrained-lenient"] = {"auto": score("auto", items, lenient)}
-    return "capibara6.tools.formats.HermesFormat" if parse else "local <tool_call> parser (HermesFormat not implemented yet)"
+    return "capibara6.tools.formats.HermesFormat"
 
 
 def latency_ratio(ours: list[float | None], theirs: list[float | None]) -> float | None:

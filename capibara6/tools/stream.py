@@ -16,6 +16,7 @@ capibara6/tools/formats.py every call is well formed, and such a cut is the only
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from enum import Enum
 from typing import Callable, Sequence, Union
 
@@ -104,7 +105,7 @@ class ArgumentScanner:
         return len(s), False
 
 
-class StreamParser:
+class StreamParser(ABC):
     """Feed text as it is generated, get events. `finish()` once the answer is complete.
 
     Subclasses implement `_step(final)`: make one decision on `self.buf` from `self.pos`, return
@@ -133,8 +134,9 @@ class StreamParser:
         events, self._events = self._events, []
         return events
 
+    @abstractmethod
     def _step(self, final: bool) -> bool:
-        raise NotImplementedError
+        """One decision (see the class docstring); every format's parser defines it."""
 
     # -- helpers for the subclasses --------------------------------------------------------------
 
