@@ -19,12 +19,13 @@ except ImportError as e:  # pragma: no cover
 __all__ = [
     "set_num_threads", "get_num_threads", "use_threads", "build_info", "matmul", "softmax", "rmsnorm", "rope",
     "swiglu", "geglu", "gelu", "fp8_encode", "fp8_decode", "fp8_quantize_rows", "attention",
-    "qtype_block", "qmatmul", "qdequant", "crash_install", "crash_set_model", "crash_model", "crash_line",
+    "attention_paged", "qtype_block", "qmatmul", "qdequant", "crash_install", "crash_set_model", "crash_model", "crash_line",
 ]
 
 _F32 = np.dtype(np.float32)
 _U8 = np.dtype(np.uint8)
 _I32 = np.dtype(np.int32)
+_I64 = np.dtype(np.int64)
 FP8_MAX = 448.0
 
 
@@ -321,6 +322,104 @@ def attention(q, k, v, *, n_past, scale, window=0, k_scale=None, v_scale=None, r
     if rc != 0:
         raise MemoryError("attention: scratch allocation failed")
     return out
+
+
+def _int_arg(name, x, minimum):
+    if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {x!r}")
+    return int(x)
+
+
+def attention_paged(q, k, v, *, tables, q_start, n_past, block, scale, window=0,
+                    k_scale=None, v_scale=None, out=None):
+    """`attention` for several sequences in one call over a paged KV cache (a pool of blocks).
+    q [T_total, Hq, D] float32: sequence i owns rows q_start[i] .. q_start[i+1]-1 (q_start int64
+    [n_seq+1], q_start[0] == 0, non-decreasing, q_start[-1] == T_total; 0 rows allowed), at
+    positions n_past[i], n_past[i]+1, ... (n_past int64 [n_seq], >= 0).
+    k, v [n_blocks, block, Hkv, D] float32, or uint8 FP8 e4m3fn with k_scale, v_scale float32
+    [n_blocks, block, Hkv]. tables int32 [n_seq, max_blocks]: key j of sequence i is row j % block
+    of block tables[i, j // block]; n_past[i] + rows_i <= max_blocks * block. Only the blocks
+    holding a key some query of the sequence can see are read (keys max(0, n_past-window+1) ..
+    n_past+rows-1); other entries may be -1 (freed), every entry read must be in [0, n_blocks)
+    (checked in C before anything is read: ValueError naming `tables`). Hq % Hkv == 0, head h uses
+    kv head h // (Hq // Hkv); window > 0: key j visible from position p iff j <= p < j + window.
+    Per sequence the result is bit-identical to `attention(q_i, K_i, V_i, n_past=n_past[i],
+    scale=scale, window=window)` on its keys gathered contiguously (same tiles and key split; the
+    row address is the only difference), for any mix of sequences. One parallel job for all
+    sequences. Returns out [T_total, Hq, D] float32."""
+    _arr("q", q, ndims=(3,))
+    T, Hq, D = q.shape
+    if not isinstance(k, np.ndarray):
+        raise TypeError(f"k: expected a numpy.ndarray (float32 or uint8), got {type(k).__name__}")
+    if k.dtype not in (_F32, _U8):
+        raise TypeError(f"k: expected dtype float32 or uint8 (FP8 e4m3fn), got {k.dtype}")
+    _arr("k", k, dtype=k.dtype, ndims=(4,))
+    _arr("v", v, dtype=k.dtype, ndims=(4,))
+    n_blocks, blk, Hkv, Dk = k.shape
+    block = _int_arg("block", block, 1)
+    if blk != block:
+        raise ValueError(f"k: expected shape (n_blocks, block={block}, Hkv, D), got {k.shape}")
+    if Dk != D:
+        raise ValueError(f"k: expected head dim {D} (from q), got shape {k.shape}")
+    if v.shape != k.shape:
+        raise ValueError(f"v: expected shape {k.shape} (same as k), got {v.shape}")
+    if Hkv < 1 or Hq % Hkv:
+        raise ValueError(f"k: number of kv heads ({Hkv}) must divide the number of q heads ({Hq})")
+    window = _int_arg("window", window, 0)
+    _arr("tables", tables, dtype=_I32, ndims=(2,))
+    n_seq, max_blocks = tables.shape
+    _arr("q_start", q_start, dtype=_I64, ndims=(1,))
+    _arr("n_past", n_past, dtype=_I64, ndims=(1,))
+    if q_start.shape != (n_seq + 1,):
+        raise ValueError(f"q_start: expected shape ({n_seq + 1},) (n_seq + 1, n_seq = len(tables)), "
+                         f"got {q_start.shape}")
+    if n_past.shape != (n_seq,):
+        raise ValueError(f"n_past: expected shape ({n_seq},) (n_seq = len(tables)), got {n_past.shape}")
+    fp8 = k.dtype == _U8
+    if fp8:
+        if k_scale is None or v_scale is None:
+            raise ValueError("k_scale, v_scale: required (float32 [n_blocks, block, Hkv]) for an FP8 (uint8) cache")
+        _arr("k_scale", k_scale, ndims=(3,))
+        _arr("v_scale", v_scale, ndims=(3,))
+        if k_scale.shape != k.shape[:3]:
+            raise ValueError(f"k_scale: expected shape {k.shape[:3]}, got {k_scale.shape}")
+        if v_scale.shape != k.shape[:3]:
+            raise ValueError(f"v_scale: expected shape {k.shape[:3]}, got {v_scale.shape}")
+    elif k_scale is not None or v_scale is not None:
+        raise ValueError("k_scale, v_scale: only valid with an FP8 (uint8) cache")
+    out = _out(out, (T, Hq, D), inputs=(q, k, v, k_scale, v_scale))
+    ks = _ptr(k_scale) if fp8 else _ffi.NULL
+    vs = _ptr(v_scale) if fp8 else _ffi.NULL
+    kt = "uint8_t[]" if fp8 else "float[]"
+    err = _ffi.new("int64_t[2]")
+    rc = _lib.c6_attention_paged(_ptr(q), _ptr(k, kt), _ptr(v, kt), ks, vs, 1 if fp8 else 0, _wptr(out),
+                                 n_seq, T, _ptr(q_start, "int64_t[]"), _ptr(n_past, "int64_t[]"),
+                                 _ptr(tables, "int32_t[]"), max_blocks, block, n_blocks, Hq, Hkv, D,
+                                 float(scale), window, err)
+    if rc != 0:
+        _paged_error(rc, int(err[0]), int(err[1]), T, q_start, n_past, tables, block, n_blocks, window)
+    return out
+
+
+def _paged_error(rc, i, b, T, q_start, n_past, tables, block, n_blocks, window):
+    """Raise the error for c6_attention_paged's return code rc at sequence i, table slot b."""
+    if rc == -1:
+        raise MemoryError("attention_paged: scratch allocation failed")
+    if rc == -2:
+        where = f" (at sequence {i}: q_start[{i}] = {q_start[i]}, q_start[{i + 1}] = {q_start[i + 1]})" if i >= 0 else \
+            f" (q_start[0] = {q_start[0]}, q_start[-1] = {q_start[-1]})"
+        raise ValueError(f"q_start: expected 0 = q_start[0] <= q_start[1] <= ... <= q_start[-1] = T_total = {T}{where}")
+    if rc == -3:
+        raise ValueError(f"n_past: expected values >= 0, got n_past[{i}] = {n_past[i]}")
+    if rc == -4:
+        need = int(n_past[i]) + int(q_start[i + 1] - q_start[i])
+        raise ValueError(f"tables: too small: sequence {i} needs n_past + rows = {need} key positions, "
+                         f"tables hold max_blocks * block = {tables.shape[1]} * {block} = {tables.shape[1] * block}")
+    if rc == -5:
+        raise ValueError(f"tables: entry tables[{i}, {b}] = {tables[i, b]} is read (keys {b * block}..{(b + 1) * block - 1} "
+                         f"of sequence {i}, n_past {n_past[i]}, window {window}) but is not a block id in "
+                         f"[0, {n_blocks})")
+    raise ValueError(f"attention_paged: invalid arguments (code {rc})")
 
 
 # ------------------------------------------------------------------------------------ quantized

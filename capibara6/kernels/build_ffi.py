@@ -41,6 +41,11 @@ void c6_fp8_quantize_rows(const float *x, uint8_t *q, float *scale, int64_t R, i
 int  c6_attention(const float *q, const void *k, const void *v, const float *k_scale,
                   const float *v_scale, int kv_fp8, float *out, int64_t T, int64_t Hq, int64_t Hkv,
                   int64_t D, int64_t n_past, float scale, int64_t window, int64_t ring);
+int  c6_attention_paged(const float *q, const void *k, const void *v, const float *k_scale,
+                        const float *v_scale, int kv_fp8, float *out, int64_t n_seq, int64_t T_total,
+                        const int64_t *q_start, const int64_t *n_past, const int32_t *tables,
+                        int64_t max_blocks, int64_t block, int64_t n_blocks, int64_t Hq, int64_t Hkv,
+                        int64_t D, float scale, int64_t window, int64_t *err);
 int  c6_qmatmul(const float *x, const void *w, int wtype, float *y, int64_t M, int64_t N, int64_t K);
 int  c6_qmatmul16(const float *x, const void *w, int wtype, float *y, int64_t M, int64_t N, int64_t K);
 int  c6_qdequant(const void *w, int wtype, float *y, int64_t R, int64_t K);

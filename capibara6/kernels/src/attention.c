@@ -7,7 +7,11 @@
  * One task = (block of 16 query rows, kv head) handling its 16*g query vectors together so each
  * K/V row is loaded (and FP8-decoded) once per block; when there are fewer such tasks than threads
  * (decode), the key range is split across tasks and the partial (max, sum, acc) results are merged
- * (flash-decoding). */
+ * (flash-decoding).
+ * c6_attention_paged: the same per sequence, for several sequences in one call over a pool of
+ * fixed-size blocks: key j of a sequence is row j % block of block table[j / block]. The row
+ * address is the only difference from c6_attention on the gathered keys, so each sequence's result
+ * is bit-identical to that call (same tiles, same split decision, same arithmetic). */
 #include "capibara6_kernels.h"
 #include <math.h>
 #include <stdlib.h>
@@ -17,7 +21,8 @@
 typedef struct {
     const float *q; const float *kf, *vf; const uint8_t *k8, *v8; const float *ks, *vs;
     float *out, *part;
-    int64_t T, Hq, Hkv, D, n_past, window, nsplit, ring;
+    const int32_t *table;                  /* paged: block ids of this sequence (else NULL) */
+    int64_t T, Hq, Hkv, D, n_past, window, nsplit, ring, block;
     float scale;
 } at_ctx;
 
@@ -181,7 +186,9 @@ static void att_task(void *vctx, int64_t task) {
     for (int64_t j0 = a; j0 < b; j0 += C6_AT_TILE) {
         int64_t jn = b - j0 < C6_AT_TILE ? b - j0 : C6_AT_TILE;
         for (int64_t jj = 0; jj < jn; jj++) {      /* K/V rows of the tile (FP8: decoded once) */
-            int64_t j = j0 + jj, row = (c->ring > 0 ? j % c->ring : j) * Hkv + hk;
+            int64_t j = j0 + jj, row;
+            if (c->table) row = ((int64_t)c->table[j / c->block] * c->block + j % c->block) * Hkv + hk;
+            else row = (c->ring > 0 ? j % c->ring : j) * Hkv + hk;
             if (fp8) {
                 c6_fp8_decode_row(c->k8 + row * D, c->ks[row], kt + jj * D, D);
                 c6_fp8_decode_row(c->v8 + row * D, c->vs[row], vt + jj * D, D);
@@ -236,44 +243,150 @@ static void att_task(void *vctx, int64_t task) {
     free(l);
 }
 
+/* the key split of a call with T query rows at n_past (flash-decoding when there are fewer tasks
+ * than threads and enough keys) */
+static int64_t att_nsplit(int64_t T, int64_t Hkv, int64_t n_past, int64_t window, int nt) {
+    int64_t keys = n_past + T;
+    if (window > 0 && window < keys) keys = window;
+    int64_t ntb = (T + C6_AT_QB - 1) / C6_AT_QB;
+    return ntb * Hkv < nt && keys >= 256 ? nt : 1;
+}
+
+/* out[r] for r < R rows = the merge of the nsplit partial (max, sum, acc[D]) results in part */
+static void att_merge(const float *part, float *out, int64_t R, int64_t nsplit, int64_t D) {
+    for (int64_t r = 0; r < R; r++) {
+        const float *pp = part + r * nsplit * (D + 2);
+        float m = -INFINITY;
+        for (int64_t s = 0; s < nsplit; s++) m = pp[s * (D + 2)] > m ? pp[s * (D + 2)] : m;
+        double L = 0.0;
+        float *o = out + r * D;
+        memset(o, 0, sizeof(float) * (size_t)D);
+        for (int64_t s = 0; s < nsplit; s++) {
+            const float *ps = pp + s * (D + 2);
+            if (ps[1] == 0.0f) continue;
+            float w = c6_expf(ps[0] - m);
+            L += (double)ps[1] * w;
+            axpy(o, w, ps + 2, D);
+        }
+        scal(o, (float)(1.0 / L), D);
+    }
+}
+
+static void at_init(at_ctx *c, const float *q, const void *k, const void *v, const float *k_scale,
+                    const float *v_scale, int kv_fp8, float *out, int64_t T, int64_t Hq, int64_t Hkv,
+                    int64_t D, int64_t n_past, float scale, int64_t window) {
+    memset(c, 0, sizeof *c);
+    c->q = q; c->out = out; c->T = T; c->Hq = Hq; c->Hkv = Hkv; c->D = D; c->n_past = n_past;
+    c->window = window; c->scale = scale; c->nsplit = 1;
+    if (kv_fp8) { c->k8 = k; c->v8 = v; c->ks = k_scale; c->vs = v_scale; }
+    else { c->kf = k; c->vf = v; }
+}
+
 int c6_attention(const float *q, const void *k, const void *v, const float *k_scale,
                  const float *v_scale, int kv_fp8, float *out, int64_t T, int64_t Hq, int64_t Hkv,
                  int64_t D, int64_t n_past, float scale, int64_t window, int64_t ring) {
     if (T <= 0 || Hq <= 0) return 0;
     at_ctx c;
-    memset(&c, 0, sizeof c);
-    c.q = q; c.out = out; c.T = T; c.Hq = Hq; c.Hkv = Hkv; c.D = D; c.n_past = n_past;
-    c.window = window; c.scale = scale; c.nsplit = 1; c.ring = ring;
-    if (kv_fp8) { c.k8 = k; c.v8 = v; c.ks = k_scale; c.vs = v_scale; }
-    else { c.kf = k; c.vf = v; }
-    int nt = c6_get_num_threads();
-    int64_t keys = n_past + T;
-    if (window > 0 && window < keys) keys = window;
+    at_init(&c, q, k, v, k_scale, v_scale, kv_fp8, out, T, Hq, Hkv, D, n_past, scale, window);
+    c.ring = ring;
+    c.nsplit = att_nsplit(T, Hkv, n_past, window, c6_get_num_threads());
     int64_t ntb = (T + C6_AT_QB - 1) / C6_AT_QB;
-    if (ntb * Hkv < nt && keys >= 256) c.nsplit = nt;
     if (c.nsplit > 1) {
         c.part = malloc(sizeof(float) * (size_t)(T * Hq * c.nsplit * (D + 2)));
         if (!c.part) return -1;
     }
     c6_parallel_for(ntb * Hkv * c.nsplit, att_task, &c);
     if (c.nsplit > 1) {
-        for (int64_t r = 0; r < T * Hq; r++) {
-            const float *pp = c.part + r * c.nsplit * (D + 2);
-            float m = -INFINITY;
-            for (int64_t s = 0; s < c.nsplit; s++) m = pp[s * (D + 2)] > m ? pp[s * (D + 2)] : m;
-            double L = 0.0;
-            float *o = out + r * D;
-            memset(o, 0, sizeof(float) * (size_t)D);
-            for (int64_t s = 0; s < c.nsplit; s++) {
-                const float *ps = pp + s * (D + 2);
-                if (ps[1] == 0.0f) continue;
-                float w = c6_expf(ps[0] - m);
-                L += (double)ps[1] * w;
-                axpy(o, w, ps + 2, D);
-            }
-            scal(o, (float)(1.0 / L), D);
-        }
+        att_merge(c.part, out, T * Hq, c.nsplit, D);
         free(c.part);
     }
+    return 0;
+}
+
+/* ---- paged: all sequences' tasks in one parallel_for ---- */
+typedef struct {
+    at_ctx *seq;          /* one context per sequence (T = its rows) */
+    const int64_t *first; /* first[i] = first global task of sequence i; first[n] = all tasks */
+    int64_t n;
+} at_paged_ctx;
+
+static void att_paged_task(void *vctx, int64_t task) {
+    const at_paged_ctx *pc = vctx;
+    int64_t lo = 0, hi = pc->n;             /* the sequence i with first[i] <= task < first[i+1] */
+    while (hi - lo > 1) {
+        int64_t mid = (lo + hi) / 2;
+        if (pc->first[mid] <= task) lo = mid; else hi = mid;
+    }
+    att_task(&pc->seq[lo], task - pc->first[lo]);
+}
+
+/* every argument c6_attention_paged relies on to stay in bounds; bad = (sequence, table slot) */
+static int att_paged_check(int64_t n_seq, int64_t T_total, const int64_t *q_start,
+                           const int64_t *n_past, const int32_t *tables, int64_t max_blocks,
+                           int64_t block, int64_t n_blocks, int64_t window, int64_t *bad) {
+    bad[0] = -1; bad[1] = -1;
+    if (q_start[0] != 0 || q_start[n_seq] != T_total) return -2;
+    for (int64_t i = 0; i < n_seq; i++) {
+        bad[0] = i;
+        if (q_start[i + 1] < q_start[i] || q_start[i + 1] > T_total) return -2;
+        int64_t T = q_start[i + 1] - q_start[i], np_ = n_past[i];
+        if (np_ < 0) return -3;
+        if (np_ > max_blocks * block - T) return -4;
+        if (T == 0) continue;
+        int64_t lo = window > 0 && np_ - window + 1 > 0 ? np_ - window + 1 : 0, hi = np_ + T;
+        const int32_t *tb = tables + i * max_blocks;
+        for (int64_t b = lo / block; b <= (hi - 1) / block; b++)
+            if (tb[b] < 0 || tb[b] >= n_blocks) { bad[1] = b; return -5; }
+    }
+    return 0;
+}
+
+int c6_attention_paged(const float *q, const void *k, const void *v, const float *k_scale,
+                       const float *v_scale, int kv_fp8, float *out, int64_t n_seq, int64_t T_total,
+                       const int64_t *q_start, const int64_t *n_past, const int32_t *tables,
+                       int64_t max_blocks, int64_t block, int64_t n_blocks, int64_t Hq, int64_t Hkv,
+                       int64_t D, float scale, int64_t window, int64_t *err) {
+    int64_t bad[2];
+    if (!err) err = bad;
+    err[0] = err[1] = -1;
+    if (n_seq < 0 || T_total < 0 || block <= 0 || max_blocks < 0 || n_blocks < 0 || Hq <= 0 || Hkv <= 0 ||
+        Hq % Hkv || D <= 0 || window < 0) return -6;
+    int rc = att_paged_check(n_seq, T_total, q_start, n_past, tables, max_blocks, block, n_blocks, window, err);
+    if (rc != 0) return rc;
+    if (T_total <= 0) return 0;
+    at_ctx *seq = malloc(sizeof(at_ctx) * (size_t)n_seq);
+    int64_t *first = malloc(sizeof(int64_t) * (size_t)(n_seq + 1));
+    if (!seq || !first) { free(seq); free(first); return -1; }
+    int nt = c6_get_num_threads();
+    int64_t ntasks = 0, npart = 0;
+    for (int64_t i = 0; i < n_seq; i++) {
+        int64_t t0 = q_start[i], T = q_start[i + 1] - t0;
+        at_ctx *c = &seq[i];
+        at_init(c, q + t0 * Hq * D, k, v, k_scale, v_scale, kv_fp8, out + t0 * Hq * D, T, Hq, Hkv, D,
+                n_past[i], scale, window);
+        c->table = tables + i * max_blocks; c->block = block;
+        first[i] = ntasks;
+        if (T == 0) continue;
+        c->nsplit = att_nsplit(T, Hkv, n_past[i], window, nt);
+        ntasks += (T + C6_AT_QB - 1) / C6_AT_QB * Hkv * c->nsplit;
+        if (c->nsplit > 1) npart += T * Hq * c->nsplit * (D + 2);
+    }
+    first[n_seq] = ntasks;
+    float *part = NULL;
+    if (npart > 0) {
+        part = malloc(sizeof(float) * (size_t)npart);
+        if (!part) { free(seq); free(first); return -1; }
+        int64_t off = 0;
+        for (int64_t i = 0; i < n_seq; i++)
+            if (seq[i].T > 0 && seq[i].nsplit > 1) {
+                seq[i].part = part + off;
+                off += seq[i].T * Hq * seq[i].nsplit * (D + 2);
+            }
+    }
+    at_paged_ctx pc = {seq, first, n_seq};
+    c6_parallel_for(ntasks, att_paged_task, &pc);
+    for (int64_t i = 0; i < n_seq; i++)
+        if (seq[i].part) att_merge(seq[i].part, seq[i].out, seq[i].T * Hq, seq[i].nsplit, D);
+    free(part); free(seq); free(first);
     return 0;
 }

@@ -78,6 +78,20 @@ void c6_fp8_quantize_rows(const float *x, uint8_t *q, float *scale, int64_t R, i
 int  c6_attention(const float *q, const void *k, const void *v, const float *k_scale,
                   const float *v_scale, int kv_fp8, float *out, int64_t T, int64_t Hq, int64_t Hkv,
                   int64_t D, int64_t n_past, float scale, int64_t window, int64_t ring);
+/* c6_attention for n_seq sequences at once over a pool of blocks: k,v [n_blocks,block,Hkv,D] (float32
+ * or FP8 + scales [n_blocks,block,Hkv]). Sequence i owns query rows q_start[i]..q_start[i+1]-1 of
+ * q/out [T_total,Hq,D] (q_start[0] = 0, non-decreasing, q_start[n_seq] = T_total) at positions
+ * n_past[i].. ; its key j is row j % block of block tables[i*max_blocks + j/block]. Only the blocks
+ * holding keys its queries can see are read (others may be -1). Each sequence's result is
+ * bit-identical to c6_attention on its gathered keys (same tiles and split decision). Everything
+ * is checked before anything is read: returns 0; -1 allocation failure; -2 bad q_start; -3 n_past
+ * < 0; -4 n_past + rows > max_blocks*block; -5 a table entry to read not in [0, n_blocks); -6 bad
+ * sizes. err (may be NULL) gets (sequence, table slot) of the failure, -1 where not applicable. */
+int  c6_attention_paged(const float *q, const void *k, const void *v, const float *k_scale,
+                        const float *v_scale, int kv_fp8, float *out, int64_t n_seq, int64_t T_total,
+                        const int64_t *q_start, const int64_t *n_past, const int32_t *tables,
+                        int64_t max_blocks, int64_t block, int64_t n_blocks, int64_t Hq, int64_t Hkv,
+                        int64_t D, float scale, int64_t window, int64_t *err);
 
 /* Quantized weights in GGUF block layout (ggml type ids: Q4_0=2 Q5_0=6 Q8_0=8 Q4_K=12 Q5_K=13 Q6_K=14),
  * w = N rows of K/values_per_block blocks. y[M,N] = x[M,K] @ W^T the way llama.cpp's CPU backend
