@@ -226,3 +226,61 @@ def attention(
     p /= p.sum(axis=-1, keepdims=True)
     res = np.einsum("hts,shd->thd", p, vv)
     return _put(res, out)
+
+
+def attention_paged(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    *,
+    tables: np.ndarray,
+    q_start: np.ndarray,
+    n_past: np.ndarray,
+    block: int,
+    scale: float,
+    window: int = 0,
+    k_scale: np.ndarray | None = None,
+    v_scale: np.ndarray | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """`attention` per sequence over a paged cache (kernels.attention_paged's semantics): sequence i
+    owns q rows q_start[i]..q_start[i+1]-1 at positions n_past[i].., key j in row j % block of
+    block tables[i, j // block] of k, v [n_blocks, block, Hkv, D] (uint8 FP8: scales
+    [n_blocks, block, Hkv]). Only blocks holding visible keys are read (others may be -1);
+    ValueError for bad q_start, n_past, too small tables or a read entry outside [0, n_blocks)."""
+    t_total, hq, d = q.shape
+    n_blocks, hkv = k.shape[0], k.shape[2]
+    n_seq, max_blocks = tables.shape
+    if k.shape[1] != block:
+        raise ValueError(f"k: expected shape (n_blocks, block={block}, Hkv, D), got {k.shape}")
+    qs = np.asarray(q_start, np.int64)
+    npast = np.asarray(n_past, np.int64)
+    if qs.shape != (n_seq + 1,) or qs[0] != 0 or qs[-1] != t_total or np.any(np.diff(qs) < 0):
+        raise ValueError(f"q_start: expected 0 = q_start[0] <= ... <= q_start[-1] = T_total = {t_total}, got {qs}")
+    if npast.shape != (n_seq,) or np.any(npast < 0):
+        raise ValueError(f"n_past: expected {n_seq} values >= 0, got {npast}")
+    res = np.zeros((t_total, hq, d), np.float32)
+    for i in range(n_seq):
+        t0, t1, p = int(qs[i]), int(qs[i + 1]), int(npast[i])
+        s = p + t1 - t0
+        if s > max_blocks * block:
+            raise ValueError(f"tables: too small: sequence {i} needs {s} key positions, holds {max_blocks * block}")
+        if t1 == t0:
+            continue
+        lo = max(0, p - window + 1) if window > 0 else 0
+        for b in range(lo // block, (s - 1) // block + 1):
+            if not 0 <= tables[i, b] < n_blocks:
+                raise ValueError(f"tables: entry tables[{i}, {b}] = {tables[i, b]} is read but is not a block id in [0, {n_blocks})")
+        pos = np.arange(lo, s)  # keys before lo are invisible to every query: left as zeros
+        blk, row = tables[i, pos // block], pos % block
+        kk = np.zeros((s, hkv, d), k.dtype)
+        vv = np.zeros((s, hkv, d), v.dtype)
+        kk[lo:], vv[lo:] = k[blk, row], v[blk, row]
+        kw: dict = {}
+        if k.dtype == np.uint8:
+            assert k_scale is not None and v_scale is not None
+            ks, vs = np.ones((s, hkv), np.float32), np.ones((s, hkv), np.float32)
+            ks[lo:], vs[lo:] = k_scale[blk, row], v_scale[blk, row]
+            kw = {"k_scale": ks, "v_scale": vs}
+        res[t0:t1] = attention(q[t0:t1], kk, vv, n_past=p, scale=scale, window=window, **kw)
+    return _put(res, out)

@@ -332,6 +332,10 @@ static int att_paged_check(int64_t n_seq, int64_t T_total, const int64_t *q_star
         int64_t T = q_start[i + 1] - q_start[i], np_ = n_past[i];
         if (np_ < 0) return -3;
         if (np_ > max_blocks * block - T) return -4;
+    }
+    for (int64_t i = 0; i < n_seq; i++) {          /* then the table entries that will be read */
+        bad[0] = i;
+        int64_t T = q_start[i + 1] - q_start[i], np_ = n_past[i];
         if (T == 0) continue;
         int64_t lo = window > 0 && np_ - window + 1 > 0 ? np_ - window + 1 : 0, hi = np_ + T;
         const int32_t *tb = tables + i * max_blocks;
