@@ -21,6 +21,7 @@ _CLASSES: dict[str, str] = {
     "llamacpp": "capibara6.backends.llamacpp.plain:LlamaCppBackend",
     "llamacpp_batched": "capibara6.backends.llamacpp.batched:LlamaCppBatchedBackend",
     "native": "capibara6.backends.native:NativeBackend",
+    "native_batched": "capibara6.backends.native_batched:NativeBatchedBackend",
     "remote": "capibara6.backends.remote:RemoteBackend",
 }
 
@@ -31,9 +32,9 @@ def _import(name: str) -> BackendClass:
 
 
 def backend_class(spec: ModelSpec) -> BackendClass:
-    """The class serving this entry: llamacpp with parallel > 1 batches in one context."""
-    if spec.backend == "llamacpp" and spec.parallel > 1:
-        return _import("llamacpp_batched")
+    """The class serving this entry: llamacpp or native with parallel > 1 batches in one instance."""
+    if spec.backend in ("llamacpp", "native") and spec.parallel > 1:
+        return _import(f"{spec.backend}_batched")
     return _import(spec.backend)
 
 

@@ -179,13 +179,7 @@ class NativeBackend:
             if last:
                 emit += text.push("" if is_eog else dec.flush()) + text.flush()
             hit = text.stopped
-            top: dict[str, float] | None = None
-            if res.top is not None:
-                top = {}
-                for tid, lp in res.top:
-                    key = self.tokenizer.piece(tid).decode("utf-8", errors="replace")
-                    top[key] = max(lp, top.get(key, lp))
-            event = TokenEvent(res.token, emit, res.logprob, top)
+            event = TokenEvent(res.token, emit, res.logprob, None if res.top is None else self.top_pieces(res.top))
             if is_eog:
                 outcome.finish_reason = "stop"
                 if emit:  # only to flush held-back text; EOS is not a completion token
@@ -201,6 +195,14 @@ class NativeBackend:
             yield event
             if last or cancel.is_set():
                 return
+
+    def top_pieces(self, ranked: Sequence[tuple[int, float]]) -> dict[str, float]:
+        """[(token id, logprob)] -> {token text: logprob}; tokens with the same text keep the best."""
+        top: dict[str, float] = {}
+        for tid, lp in ranked:
+            key = self.tokenizer.piece(tid).decode("utf-8", errors="replace")
+            top[key] = max(lp, top.get(key, lp))
+        return top
 
     def embed(
         self, prepared: Sequence[Prepared], pooling: Pooling, normalize: bool, cancel: threading.Event | None = None

@@ -15,6 +15,7 @@ import numpy as np
 
 from .graph_llama import LlamaGraph
 from .kv_cache import KVCache
+from .paged_kv import PagedKV
 
 
 class Gemma3Graph(LlamaGraph):
@@ -42,7 +43,7 @@ class Gemma3Graph(LlamaGraph):
         kn = self.ops.rmsnorm(k.reshape(t * c.n_head_kv, c.head_dim_k), self.vec(il, "attn_k_norm.weight"), c.rms_eps)
         return qn.reshape(q.shape), kn.reshape(k.shape), v
 
-    def attn_block(self, x: np.ndarray, il: int, pos: np.ndarray, n_past: int, kv: KVCache) -> np.ndarray:
+    def attn_block(self, x: np.ndarray, il: int, pos: np.ndarray, n_past: int, kv: KVCache | PagedKV) -> np.ndarray:
         o = super().attn_block(x, il, pos, n_past, kv)
         return self.norm(o, self.vec(il, "post_attention_norm.weight"))
 

@@ -14,7 +14,8 @@ import numpy as np
 from .errors import UnsupportedModel
 from .gguf_loader import GGUFModel, ModelConfig
 from .kv_cache import KVCache
-from .weights import MATMUL_MODES, Weight, embed_rows, matmul
+from .paged_kv import PagedKV
+from .weights import MATMUL_MODES, ROW_PATH_MAX, RowPlan, Weight, embed_rows, matmul, matmul_rows
 
 
 class LlamaGraph:
@@ -26,6 +27,7 @@ class LlamaGraph:
         self.tok_embd = model["token_embd.weight"]
         out = model.get("output.weight")
         self.w_out = self.tok_embd if out is None else out  # tied embeddings when absent
+        self._plans: dict[str, RowPlan] | None = None  # set during forward_batch only
         if model.get("rope_freqs.weight") is not None:
             raise UnsupportedModel("rope_freqs (Llama 3.1 rope scaling) is not supported yet")
 
@@ -42,8 +44,13 @@ class LlamaGraph:
     def norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
         return self.ops.rmsnorm(x, weight, self.cfg.rms_eps)
 
+    def mm(self, x: np.ndarray, w: Weight) -> np.ndarray:
+        if self._plans is None:
+            return matmul(self.ops, x, w, self.act_bits)
+        return matmul_rows(self.ops, x, w, self.act_bits, self._plans)
+
     def linear(self, x: np.ndarray, il: int, name: str) -> np.ndarray:
-        y = matmul(self.ops, x, self.req(il, f"{name}.weight"), self.act_bits)
+        y = self.mm(x, self.req(il, f"{name}.weight"))
         if f"blk.{il}.{name}.bias" in self.m.tensors:
             y += self.vec(il, f"{name}.bias")
         return y
@@ -64,7 +71,7 @@ class LlamaGraph:
         v = self.linear(h, il, "attn_v").reshape(t, c.n_head_kv, c.head_dim_v)
         return q, k, v
 
-    def attn_block(self, x: np.ndarray, il: int, pos: np.ndarray, n_past: int, kv: KVCache) -> np.ndarray:
+    def attn_block(self, x: np.ndarray, il: int, pos: np.ndarray, n_past: int, kv: KVCache | PagedKV) -> np.ndarray:
         """Attention sub-block output (before the residual add) for x [T, n_embd]."""
         c, ops, t = self.cfg, self.ops, x.shape[0]
         h = self.norm(x, self.vec(il, "attn_norm.weight"))
@@ -72,10 +79,7 @@ class LlamaGraph:
         base, fscale = self.rope_params(il)
         ops.rope(q, pos, base, mode=c.rope_mode, rot_dim=c.rope_dim, freq_scale=fscale, out=q)
         ops.rope(k, pos, base, mode=c.rope_mode, rot_dim=c.rope_dim, freq_scale=fscale, out=k)
-        kv.store(il, n_past, k, v)
-        a = ops.attention(
-            q, n_past=n_past, scale=self.q_scale(), window=self.window(il), **kv.attention_args(il, n_past + t)
-        )
+        a = kv.attend(il, q, k, v, n_past=n_past, scale=self.q_scale(), window=self.window(il))
         return self.linear(a.reshape(t, c.n_head * c.head_dim_v), il, "attn_output")
 
     def q_scale(self) -> float:
@@ -86,7 +90,7 @@ class LlamaGraph:
         u = self.linear(h, il, "ffn_up")
         return self.linear(self.ops.swiglu(g, u), il, "ffn_down")
 
-    def layer(self, x: np.ndarray, il: int, pos: np.ndarray, n_past: int, kv: KVCache) -> np.ndarray:
+    def layer(self, x: np.ndarray, il: int, pos: np.ndarray, n_past: int, kv: KVCache | PagedKV) -> np.ndarray:
         x = x + self.attn_block(x, il, pos, n_past, kv)
         h = self.norm(x, self.vec(il, "ffn_norm.weight"))
         return x + self.ffn(h, il)
@@ -98,7 +102,7 @@ class LlamaGraph:
 
     def head(self, x: np.ndarray) -> np.ndarray:
         h = self.final_norm(x)
-        logits = matmul(self.ops, h, self.w_out, self.act_bits)
+        logits = self.mm(h, self.w_out)
         cap = self.cfg.final_logit_softcap
         if cap > 0:
             logits = np.tanh(logits / cap) * cap
@@ -121,3 +125,21 @@ class LlamaGraph:
         if want == "last":
             x = x[-1:]  # the vocab projection is the biggest matmul: skip it for earlier rows
         return self.head(np.ascontiguousarray(x))
+
+    def forward_batch(self, tokens: np.ndarray, pos: np.ndarray, kv: PagedKV, counts: list[int],
+                      out_rows: np.ndarray) -> np.ndarray:
+        """Several sequences in one pass: `tokens` [T] at positions `pos` [T] are the rows of the
+        segments `kv.begin` was given (each sequence's rows contiguous, `counts` rows each, in
+        order). Each weight is read once per call of `RowPlan` (once for a decode-only step),
+        and every row takes the kernel path it takes alone (see RowPlan); attention reads each
+        sequence's own blocks. Logits [len(out_rows), vocab] of the batch rows `out_rows` (the
+        vocab projection takes the row path, as one row alone does)."""
+        x = self.embed(tokens)
+        self._plans = {kind: RowPlan.of(counts, limit) for kind, limit in ROW_PATH_MAX.items()}
+        try:
+            for il in range(self.cfg.n_layer):
+                x = self.layer(x, il, pos, 0, kv)
+            self._plans = {kind: RowPlan.of([1] * out_rows.size, limit) for kind, limit in ROW_PATH_MAX.items()}
+            return self.head(np.ascontiguousarray(x[out_rows]))
+        finally:
+            self._plans = None

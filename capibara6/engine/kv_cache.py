@@ -131,6 +131,14 @@ class KVCache:
             return {**args, "k": lay.k[:n].astype(np.float32), "v": lay.v[:n].astype(np.float32)}
         return {**args, "k": lay.k, "v": lay.v}
 
+    def attend(self, il: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, *, n_past: int, scale: float,
+               window: int) -> np.ndarray:
+        """Store k, v [T, Hkv, D] at positions n_past.., then attention of q [T, Hq, D] over the cache."""
+        self.store(il, n_past, k, v)
+        out: np.ndarray = self.ops.attention(q, n_past=n_past, scale=scale, window=window,
+                                             **self.attention_args(il, n_past + q.shape[0]))
+        return out
+
     def reusable_prefix(self, held: int, common: int) -> int:
         """Of `common` leading positions shared with a new sequence, how many the cache can keep
         when it holds `held` positions: rings have overwritten positions < held - ring, and the

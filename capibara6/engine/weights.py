@@ -56,3 +56,49 @@ def embed_rows(ops: ModuleType, w: Weight, tokens: np.ndarray) -> np.ndarray:
     if isinstance(w, QWeight):
         return w.rows(ops, tokens)
     return np.ascontiguousarray(w[tokens], dtype=np.float32)
+
+
+# The most rows a matmul may have and still take the row kernels, whose result for a row does not
+# depend on the other rows (checked bit for bit): qmatmul below 16 rows (then fp32 panels), the
+# fp32 matmul up to 4 (GEMV; then GEMM). Each path is row-independent on its own, not across.
+ROW_PATH_MAX = {"q": 15, "f": 4}
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """How a batched pass splits its rows so that every row takes the kernel path it takes when
+    its sequence runs alone: rows of segments short enough for the row kernels go in calls of at
+    most ROW_PATH_MAX rows, the rows of the longer (prefill) segments in one call. Weights are
+    read once per call: once per step while the short rows fit one call (decode of up to 15
+    sequences on quantized weights)."""
+
+    small: tuple[np.ndarray | slice, ...]
+    big: np.ndarray | None
+
+    @classmethod
+    def of(cls, counts: list[int], limit: int) -> RowPlan:
+        small: list[int] = []
+        big: list[int] = []
+        start = 0
+        for n in counts:
+            (small if n <= limit else big).extend(range(start, start + n))
+            start += n
+        chunks = [np.asarray(small[i : i + limit], np.int64) for i in range(0, len(small), limit)]
+        return cls(tuple(_as_slice(c) for c in chunks), np.asarray(big, np.int64) if big else None)
+
+
+def _as_slice(idx: np.ndarray) -> np.ndarray | slice:
+    lo = int(idx[0])
+    return slice(lo, lo + idx.size) if int(idx[-1]) - lo + 1 == idx.size else idx
+
+
+def matmul_rows(ops: ModuleType, x: np.ndarray, w: Weight, act_bits: int, plans: dict[str, RowPlan]) -> np.ndarray:
+    """`matmul` of a batched pass, row paths as `RowPlan` says (plans["q"] for block-quantized
+    weights, plans["f"] for fp32 ones)."""
+    plan = plans["q" if isinstance(w, QWeight) else "f"]
+    if plan.big is None and len(plan.small) == 1 and isinstance(plan.small[0], slice):
+        return matmul(ops, x, w, act_bits)  # one call covers every row (decode-only step)
+    y = np.empty((x.shape[0], w.shape[0]), np.float32)
+    for part in (*plan.small, *(() if plan.big is None else (plan.big,))):
+        y[part] = matmul(ops, np.ascontiguousarray(x[part]), w, act_bits)
+    return y

@@ -23,7 +23,8 @@ whole token history is a prefix of the new prompt continues in place; no trim, n
 slot, no sharing with a running one. Preemption and eviction drop whole states, which works as
 for KV.
 
-The native calls sit behind `Decoder`, so scheduling can be tested with a scripted decoder.
+The native calls sit behind `Decoder`, so scheduling can be tested with a scripted decoder; the
+same scheduler drives llama.cpp (llamacpp/batched.py) and the native engine (native_batched.py).
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ MIN_PREFIX_REUSE = 8  # shorter shared prefixes (BOS, chat header) are not worth
 
 
 class Decoder(Protocol):
-    """The native side the scheduler drives (implemented in backends/llamacpp_batched.py)."""
+    """The native side the scheduler drives: llama.cpp (llamacpp/batched.py: LlamaDecoder) or our
+    engine (backends/native_batched.py: NativeDecoder). May also have `reusable(seq_id, n) -> bool`."""
 
     n_cells: int  # KV cells shared by all sequences
 
@@ -134,6 +136,9 @@ class Scheduler:
         that model's `crash.model_context`)."""
         self.model_id = model_id if model_id is not None else crash.current_model()
         self.decoder = decoder
+        # optional on a Decoder: `reusable(seq_id, n)`, False when the first n positions of that
+        # sequence can no longer be continued (the native paged cache frees out-of-window blocks)
+        self._reusable: Callable[[int, int], bool] | None = getattr(decoder, "reusable", None)
         self.prefill_chunk = prefill_chunk
         self.recurrent = recurrent  # whole-state reuse only (see the module docstring)
         self._slots = [_Slot() for _ in range(n_slots)]
@@ -263,6 +268,8 @@ class Scheduler:
             k = _common_prefix(sl.tokens, prompt, limit)
             if self.recurrent and (sl.owner is not None or k != len(sl.tokens)):
                 continue  # a state cannot be cut back or shared: only a finished, whole history
+            if k and self._reusable is not None and not self._reusable(i, k):
+                continue  # a sliding-window layer no longer holds what the next query would see
             if (k, sl.owner is None) > key:
                 best, key = (i, k), (k, sl.owner is None)
         return best if best[1] >= MIN_PREFIX_REUSE else (-1, 0)
