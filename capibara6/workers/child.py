@@ -1,5 +1,6 @@
-"""A model worker's main: `python -m capibara6.workers.child FD` (a fresh interpreter, never a
-fork of the threaded server).
+"""A model worker's main: `python -m capibara6.workers.child IN_FD OUT_FD` (a fresh interpreter,
+never a fork of the threaded server). IN_FD carries the server's messages, OUT_FD the worker's
+(one socketpair per direction: see framing.py).
 
 Invariants: the first message is `("load", 0, (model_id, spec, path, n_threads, cpus))`; the
 worker pins itself to `cpus` (if any) before llama.cpp starts its threads, loads, and answers
@@ -32,15 +33,16 @@ INLINE_CALLS = frozenset({"prepare", "tokenize", "detokenize", "set_threads", "c
 
 
 class Worker:
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
+    def __init__(self, conn: Connection, out: Connection | None = None) -> None:
+        self.conn = conn  # read by the main thread only
+        self.out = out or conn  # written by every thread, under `lock`
         self.lock = threading.Lock()
         self.cancels: dict[int, threading.Event] = {}
         self.backend: Any = None
 
     def send(self, data: bytes) -> None:
         with self.lock:
-            self.conn.send_bytes(data)
+            self.out.send_bytes(data)
 
     def load(self, body: tuple[Any, ...]) -> None:
         from .. import crash
@@ -115,9 +117,8 @@ class Worker:
 
 
 def main(argv: list[str]) -> int:
-    sock = socket.socket(fileno=int(argv[1]))
-    conn = Connection(sock.detach())
-    return Worker(conn).serve()
+    conns = [Connection(socket.socket(fileno=int(fd)).detach()) for fd in argv[1:3]]
+    return Worker(*conns).serve()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,12 @@
-"""The wire between the server and one worker: a Unix socketpair, framed by
+"""The wire between the server and one worker: two Unix socketpairs, one per direction (server ->
+worker: requests, cancels; worker -> server: answers, tokens), each framed by
 `multiprocessing.connection.Connection` (a 4-byte big-endian length, then the payload).
+
+One socket per direction because a Unix socket has one wait queue for its readers and writers:
+over a single socketpair, every token frame the worker wrote woke its main thread (blocked reading
+the same socket for the next request) once the server had read the frame, on the worker's own
+pinned CPU: 1.06 wakeups and 15-75 us of that CPU per token, measured from
+/proc/PID/task/TID/schedstat.
 
 Payload, by its first byte:
 
