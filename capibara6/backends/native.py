@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..chat_templates import get_formatter, jinja_formatter
+from ..chat_templates import Formatter, get_formatter, jinja_formatter
 from ..engine.grammar import Grammar
 from ..engine.runner import Runner
 from ..engine.sampler import Sampler
@@ -53,13 +53,15 @@ CAPABILITIES = Capabilities(grammar=True)  # llama.cpp's grammar engine on our l
 
 
 class NativeBackend:
-    def __init__(self, model_id: str, runner: Runner, tokenizer: Tokenizer, chat_format: str) -> None:
+    def __init__(self, model_id: str, runner: Runner, tokenizer: Tokenizer, chat_format: str,
+                 formatter: Formatter | None = None) -> None:
         self.model_id = model_id
         self.runner = runner
         self.tokenizer = tokenizer
         self.n_ctx = runner.n_ctx
         self.chat_format = chat_format
-        self._formatter = get_formatter(chat_format)  # the one chat-template path (chat_templates.py)
+        # the one chat-template path (chat_templates.py); "jinja" comes with the GGUF's own formatter
+        self._formatter = formatter or get_formatter(chat_format)
 
     # -- class side (backends/base.py BackendClass) --------------------------------------------
 

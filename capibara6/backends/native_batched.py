@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..chat_templates import Formatter
 from ..engine.batch_runner import BatchRunner
 from ..engine.grammar import Grammar
 from ..engine.runner import Runner
@@ -102,8 +103,9 @@ class NativeDecoder:
 class NativeBatchedBackend(NativeBackend):
     """Tokenizer, templates, embeddings and logprob pieces from NativeBackend; generation batched."""
 
-    def __init__(self, model_id: str, runner: Runner, tokenizer: Tokenizer, chat_format: str, spec: ModelSpec) -> None:
-        super().__init__(model_id, runner, tokenizer, chat_format)
+    def __init__(self, model_id: str, runner: Runner, tokenizer: Tokenizer, chat_format: str, spec: ModelSpec,
+                 formatter: Formatter | None = None) -> None:
+        super().__init__(model_id, runner, tokenizer, chat_format, formatter)
         self.batch = BatchRunner(
             runner.model, n_seq=spec.parallel, n_ctx=spec.n_ctx, kv_cache=spec.kv_cache or "fp32",
             prefill_chunk=spec.prefill_chunk, block=BLOCK, n_threads=runner.n_threads, ops=runner.ops, matmul=spec.matmul,
@@ -125,12 +127,10 @@ class NativeBatchedBackend(NativeBackend):
              ops: str = "kernels") -> NativeBatchedBackend:
         single = NativeBackend.load(model_id, spec, path, n_threads, ops)  # weights, tokenizer, template
         try:
-            backend = cls(model_id, single.runner, single.tokenizer, single.chat_format, spec)
+            return cls(model_id, single.runner, single.tokenizer, single.chat_format, spec, single._formatter)
         except Exception:
             single.close()
             raise
-        backend._formatter = single._formatter
-        return backend
 
     def generate(
         self, prepared: Prepared, params: SamplingParams, outcome: GenerationOutcome, cancel: threading.Event

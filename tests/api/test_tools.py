@@ -57,7 +57,9 @@ ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris right n
 def srv(qwen_path: Path, gemma_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     # parallel 2: the batched backend (the default registry runs Qwen with parallel 4)
     qwen = {"backend": "llamacpp", "source": {"path": str(qwen_path)}, "n_ctx": 2048, "parallel": 2, "tags": ["code", "general"]}
-    native = {"backend": "native", "source": {"path": str(qwen_path)}, "n_ctx": 1024, "kv_cache": "fp8", "idle_unload_s": 0}
+    # parallel 2: the native batched backend (one instance, paged KV), as the default registry's
+    native = {"backend": "native", "source": {"path": str(qwen_path)}, "n_ctx": 2048, "kv_cache": "fp8", "idle_unload_s": 0,
+              "parallel": 2}
     proc = ServerProcess(gemma_registry(gemma_path, **{QWEN: qwen, NATIVE: native}), tmp_path_factory.mktemp("tools"))
     yield proc.wait_healthy()
     proc.stop()
