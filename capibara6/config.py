@@ -116,7 +116,8 @@ class ModelSpec(_Strict):
     matmul: MatmulMode = Field(
         "int16", description="native: int16 or int8 activations against the file's quantized weights "
         "(int8 = llama.cpp's arithmetic), or fp32 (every weight dequantized at load).")
-    parallel: int = Field(1, ge=1, le=64, description="Generations that may run at once on this model.")
+    parallel: int = Field(1, ge=1, le=64, description="Generations that may run at once on this model; "
+                          "llamacpp and native with parallel > 1: one instance batching them (n_ctx shared).")
     idle_unload_s: float = Field(300.0, ge=0, description="Unload after this many idle seconds (0: never).")
     # A waiting request holds its parsed body and a coroutine, no model memory, so the queue can be
     # deep: 16 refused 3 of 20 concurrent streams on the default registry (15 of 32 in the burst

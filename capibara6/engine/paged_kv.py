@@ -151,12 +151,14 @@ class PagedKV:
     def _alloc_group(self, window: int, layers: tuple[int, ...], n_blocks: int) -> _Group:
         h, dk, dv, b = self.n_head_kv, self.head_dim_k, self.head_dim_v, self.block
         n = len(layers)
-        if self.dtype == "fp8":  # np.zeros: pages are not resident until a block is first written
+        # np.zeros everywhere: pages are not resident until a block is first written, and a row is
+        # read only once its position is stored
+        if self.dtype == "fp8":
             return _Group(window, layers, BlockPool(n_blocks),
                           [np.zeros((n_blocks, b, h, dk), np.uint8) for _ in range(n)],
                           [np.zeros((n_blocks, b, h, dv), np.uint8) for _ in range(n)],
-                          [np.ones((n_blocks, b, h), np.float32) for _ in range(n)],
-                          [np.ones((n_blocks, b, h), np.float32) for _ in range(n)])
+                          [np.zeros((n_blocks, b, h), np.float32) for _ in range(n)],
+                          [np.zeros((n_blocks, b, h), np.float32) for _ in range(n)])
         dt = np.float32 if self.dtype == "fp32" else np.float16
         return _Group(window, layers, BlockPool(n_blocks),
                       [np.zeros((n_blocks, b, h, dk), dt) for _ in range(n)],
