@@ -26,13 +26,15 @@ def spec(**kw: Any) -> ModelSpec:
 
 def test_class_side_answers_from_the_entry(tmp_path: Path) -> None:
     plain, batched, native = spec(), spec(parallel=4), spec(backend="native", parallel=2)
+    native1 = spec(backend="native")
     remote = ModelSpec.model_validate({"backend": "remote", "source": {"url": "http://127.0.0.1:1"}})
     assert backend_class(plain).max_concurrency(plain) == 1
     assert backend_class(batched).max_concurrency(batched) == 4  # one context serves all four
-    assert backend_class(native).max_concurrency(native) == 1  # two instances share the mapped weights
-    # threads are decided once, by the class: a batch decodes for all its sequences, instances split
+    assert backend_class(native).max_concurrency(native) == 2  # one batched instance (paged KV) serves both
+    assert backend_class(native1).max_concurrency(native1) == 1
+    # threads are decided once, by the class: a batch decodes for all its sequences
     assert backend_class(batched).threads(batched) == resolve_threads("auto", concurrent=1)
-    assert backend_class(native).threads(native) == resolve_threads("auto", concurrent=2)
+    assert backend_class(native).threads(native) == resolve_threads("auto", concurrent=1)
     assert backend_class(remote).threads(remote) == 1 and not capabilities(remote).local
     assert estimate(remote, tmp_path).first == 0
     assert estimate(plain, tmp_path).weights > 100 * 2**20  # the GGUF's size, read before loading
