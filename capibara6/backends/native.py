@@ -141,6 +141,12 @@ class NativeBackend:
     def generate(
         self, prepared: Prepared, params: SamplingParams, outcome: GenerationOutcome, cancel: threading.Event
     ) -> Iterator[TokenEvent]:
+        ids = self._start(prepared, params, outcome)
+        grammar = Grammar.for_tokenizer(self.tokenizer, params.grammar) if params.grammar else None
+        return self._constrained(ids, params, outcome, cancel, grammar)
+
+    def _start(self, prepared: Prepared, params: SamplingParams, outcome: GenerationOutcome) -> list[int]:
+        """The prompt ids of a generation, after the checks every native generation makes first."""
         ids = list(prepared.tokens or ()) or [self.tokenizer.bos_id]
         check_logit_bias(params.logit_bias, self.tokenizer.n_vocab)
         if len(ids) + params.max_tokens > self.n_ctx:
@@ -148,8 +154,7 @@ class NativeBackend:
         outcome.prompt_tokens = len(ids)
         outcome.completion_tokens = 0
         outcome.finish_reason = None
-        grammar = Grammar.for_tokenizer(self.tokenizer, params.grammar) if params.grammar else None
-        return self._constrained(ids, params, outcome, cancel, grammar)
+        return ids
 
     def _constrained(
         self, ids: list[int], params: SamplingParams, outcome: GenerationOutcome, cancel: threading.Event,

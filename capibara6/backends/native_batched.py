@@ -16,7 +16,6 @@ single-sequence `Runner` over the same mapped weights (its own small KV cache).
 from __future__ import annotations
 
 import pathlib
-import queue
 import threading
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -30,9 +29,8 @@ from ..engine.runner import Runner
 from ..engine.sampler import Sampler, SampleResult
 from ..engine.tokenizer import Tokenizer
 from ..threads import resolve_threads
-from ..types import ContextLengthExceeded, GenerationOutcome, Prepared, SamplingParams, TokenEvent
-from .checks import check_logit_bias
-from .llamacpp.scheduler import Scheduler, SeqState
+from ..types import GenerationOutcome, Prepared, SamplingParams, TokenEvent
+from .llamacpp.scheduler import Scheduler, SeqState, read_tokens
 from .native import NativeBackend
 from .stops import StopText
 
@@ -135,13 +133,7 @@ class NativeBatchedBackend(NativeBackend):
     def generate(
         self, prepared: Prepared, params: SamplingParams, outcome: GenerationOutcome, cancel: threading.Event
     ) -> Iterator[TokenEvent]:
-        ids = list(prepared.tokens or ()) or [self.tokenizer.bos_id]
-        check_logit_bias(params.logit_bias, self.tokenizer.n_vocab)
-        if len(ids) + params.max_tokens > self.n_ctx:
-            raise ContextLengthExceeded(len(ids), params.max_tokens, self.n_ctx)
-        outcome.prompt_tokens = len(ids)
-        outcome.completion_tokens = 0
-        outcome.finish_reason = None
+        ids = self._start(prepared, params, outcome)
         if params.max_tokens <= 0:
             outcome.finish_reason = "length"
             return iter(())
@@ -159,23 +151,7 @@ class NativeBatchedBackend(NativeBackend):
         text = StopText(params.stop)
         dec = self.tokenizer.stream()
         try:
-            while True:
-                try:
-                    item = seq.events.get(timeout=_POLL_S)
-                except queue.Empty:
-                    if cancel.is_set():
-                        return
-                    continue
-                if cancel.is_set():
-                    return
-                if item[0] == "end":
-                    outcome.finish_reason = item[1]
-                    break
-                if item[0] == "error":
-                    raise item[1]
-                _, token, lp = item
-                outcome.completion_tokens += 1
-                outcome.cached_tokens = seq.reused
+            for token, lp in read_tokens(seq, outcome, cancel, _POLL_S):
                 emit = text.push(dec.add(token))
                 if lp is None:
                     yield TokenEvent(token, emit)
@@ -184,6 +160,8 @@ class NativeBatchedBackend(NativeBackend):
                 if text.stopped:
                     outcome.finish_reason = "stop"
                     break
+            if cancel.is_set():
+                return
             tail = "" if text.stopped else text.push(dec.flush())
             tail += text.flush()
             if tail:

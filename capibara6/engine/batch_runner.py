@@ -15,20 +15,17 @@ split differently between steps takes other tiles in windowed attention and may 
 
 from __future__ import annotations
 
-import pathlib
 from collections.abc import Sequence
 from types import ModuleType
 
 import numpy as np
 
-from .gguf_loader import GGUFModel, load_gguf
-from .ops import load_ops, ops_name
+from .gguf_loader import GGUFModel
 from .paged_kv import PagedKV, Segment
-from .runner import GRAPHS
-from .weights import MATMUL_MODES, QWeight
+from .runner import ModelRun
 
 
-class BatchRunner:
+class BatchRunner(ModelRun):
     def __init__(
         self,
         model: GGUFModel,
@@ -44,35 +41,15 @@ class BatchRunner:
     ) -> None:
         """n_ctx: KV positions shared by all sequences (each may fill it alone, as llama.cpp's
         unified cache); n_seq: sequence ids 0..n_seq-1."""
-        if matmul not in MATMUL_MODES:
-            raise ValueError(f"matmul must be one of {tuple(MATMUL_MODES)}, got {matmul!r}")
-        if matmul == "fp32" and any(isinstance(w, QWeight) for w in model.tensors.values()):
-            raise ValueError("matmul='fp32' needs every weight dequantized (BatchRunner.load does it)")
-        self.ops = load_ops(ops) if isinstance(ops, str) else ops
-        self.n_threads = max(1, n_threads)
-        self.model = model
-        self.config = c = model.config
+        super().__init__(model, ops, matmul, n_threads)
+        c = self.config
         self.n_ctx = n_ctx
         self.n_seq = n_seq
-        self.graph = GRAPHS[c.arch](model, self.ops, matmul)
         self.kv = PagedKV(
             self.ops, n_layer=c.n_layer, n_head_kv=c.n_head_kv, head_dim_k=c.head_dim_k, head_dim_v=c.head_dim_v,
             dtype=kv_cache, windows=tuple(self.graph.window(il) for il in range(c.n_layer)),
             n_seq=n_seq, n_cells=n_ctx, block=block, max_chunk=prefill_chunk + n_seq,
         )
-
-    @classmethod
-    def load(cls, path: str | pathlib.Path, **kwargs: object) -> BatchRunner:
-        weights = "fp32" if kwargs.get("matmul") == "fp32" else "quantized"
-        return cls(load_gguf(path, weights=weights), **kwargs)  # type: ignore[arg-type]
-
-    @property
-    def ops_name(self) -> str:
-        return ops_name(self.ops)
-
-    @property
-    def n_vocab(self) -> int:
-        return self.config.n_vocab
 
     def step(self, tokens: Sequence[int], pos: Sequence[int], seq_ids: Sequence[int], want: Sequence[bool]) -> np.ndarray:
         """Evaluate one batch; logits [rows wanting them, vocab] in batch order. Every sequence's

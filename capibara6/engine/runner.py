@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import ModuleType
+from typing import TypeVar
 
 import numpy as np
 
@@ -34,7 +35,42 @@ class Step:
     logits: np.ndarray
 
 
-class Runner:
+_R = TypeVar("_R", bound="ModelRun")
+
+
+class ModelRun:
+    """What the single-sequence Runner and the BatchRunner share: the model, its graph, the ops
+    and the threads of the calling thread's forward passes."""
+
+    def __init__(self, model: GGUFModel, ops: str | ModuleType, matmul: str, n_threads: int) -> None:
+        """matmul: activations for block-quantized weights: "int16" (~fp32), "int8" (llama.cpp's
+        arithmetic); "fp32" is a load mode (`load`: every weight dequantized)."""
+        if matmul not in MATMUL_MODES:
+            raise ValueError(f"matmul must be one of {tuple(MATMUL_MODES)}, got {matmul!r}")
+        if matmul == "fp32" and any(isinstance(w, QWeight) for w in model.tensors.values()):
+            raise ValueError("matmul='fp32' needs every weight dequantized: load_gguf(path, weights='fp32') "
+                             "(Runner.load does it)")
+        self.ops = load_ops(ops) if isinstance(ops, str) else ops
+        self.n_threads = max(1, n_threads)  # applied per forward pass, in the calling thread
+        self.model = model
+        self.config = model.config
+        self.graph = GRAPHS[self.config.arch](model, self.ops, matmul)
+
+    @classmethod
+    def load(cls: type[_R], path: str | pathlib.Path, **kwargs: object) -> _R:
+        weights = "fp32" if kwargs.get("matmul") == "fp32" else "quantized"
+        return cls(load_gguf(path, weights=weights), **kwargs)  # type: ignore[arg-type]
+
+    @property
+    def ops_name(self) -> str:
+        return ops_name(self.ops)
+
+    @property
+    def n_vocab(self) -> int:
+        return self.config.n_vocab
+
+
+class Runner(ModelRun):
     def __init__(
         self,
         model: GGUFModel,
@@ -46,20 +82,9 @@ class Runner:
         ops: str | ModuleType = "auto",
         matmul: str = "int16",
     ) -> None:
-        """matmul: activations for block-quantized weights: "int16" (~fp32), "int8" (llama.cpp's
-        arithmetic); "fp32" is a load mode (`Runner.load`: every weight dequantized)."""
-        if matmul not in MATMUL_MODES:
-            raise ValueError(f"matmul must be one of {tuple(MATMUL_MODES)}, got {matmul!r}")
-        if matmul == "fp32" and any(isinstance(w, QWeight) for w in model.tensors.values()):
-            raise ValueError("matmul='fp32' needs every weight dequantized: load_gguf(path, weights='fp32') "
-                             "(Runner.load does it)")
-        self.ops = load_ops(ops) if isinstance(ops, str) else ops
-        self.n_threads = max(1, n_threads)  # applied per forward pass, in the calling thread
-        self.model = model
-        self.config = model.config
+        super().__init__(model, ops, matmul, n_threads)
         self.n_ctx = n_ctx
         self.prefill_chunk = max(1, prefill_chunk)
-        self.graph = GRAPHS[self.config.arch](model, self.ops, matmul)
         c = self.config
         self.kv = KVCache(
             self.ops,
@@ -73,19 +98,6 @@ class Runner:
             max_chunk=self.prefill_chunk,
         )
         self.tokens: list[int] = []
-
-    @classmethod
-    def load(cls, path: str | pathlib.Path, **kwargs: object) -> Runner:
-        weights = "fp32" if kwargs.get("matmul") == "fp32" else "quantized"
-        return cls(load_gguf(path, weights=weights), **kwargs)  # type: ignore[arg-type]
-
-    @property
-    def ops_name(self) -> str:
-        return ops_name(self.ops)
-
-    @property
-    def n_vocab(self) -> int:
-        return self.config.n_vocab
 
     def reset(self) -> None:
         self.tokens = []

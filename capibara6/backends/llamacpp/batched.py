@@ -27,7 +27,6 @@ preempted for KV room; a hybrid's attention layers share n_ctx KV cells as a tra
 
 from __future__ import annotations
 
-import queue
 import random
 import threading
 from dataclasses import replace
@@ -45,7 +44,7 @@ from ...types import Estimate, GenerationOutcome, Prepared, SamplingParams, Toke
 from ..stops import StopText
 from .constrained import Constrained
 from .plain import LlamaCppBackend, _kv_kwargs, token_logprobs
-from .scheduler import Scheduler, SeqState
+from .scheduler import Scheduler, SeqState, read_tokens
 
 if TYPE_CHECKING:
     from collections.abc import Sequence as Seq
@@ -255,23 +254,7 @@ class LlamaCppBatchedBackend(LlamaCppBackend):
     ) -> Iterator[TokenEvent]:
         text = StopText(params.stop)
         try:
-            while True:
-                try:
-                    item = seq.events.get(timeout=_POLL_S)
-                except queue.Empty:
-                    if cancel.is_set():
-                        return
-                    continue
-                if cancel.is_set():
-                    return
-                if item[0] == "end":
-                    outcome.finish_reason = item[1]
-                    break
-                if item[0] == "error":
-                    raise item[1]
-                _, token, lp = item
-                outcome.completion_tokens += 1
-                outcome.cached_tokens = seq.reused
+            for token, lp in read_tokens(seq, outcome, cancel, _POLL_S):
                 raw = self.llm.detokenize([token], special=False)
                 if lp is None:
                     yield TokenEvent(token, text.feed(raw))
@@ -280,6 +263,8 @@ class LlamaCppBatchedBackend(LlamaCppBackend):
                 if text.stopped:
                     outcome.finish_reason = "stop"
                     break
+            if cancel.is_set():
+                return
             tail = text.flush()
             if tail:
                 yield TokenEvent(-1, tail)

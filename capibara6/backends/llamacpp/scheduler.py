@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator, Protocol
 from typing import Sequence as Seq
 
 from ... import crash
-from ...types import SamplingParams
+from ...types import GenerationOutcome, SamplingParams
 
 log = logging.getLogger("capibara6.scheduler")
 
@@ -416,6 +416,29 @@ class Scheduler:
         self.stats.append(stat)
         if len(self.stats) > self._keep_stats:
             del self.stats[: len(self.stats) // 2]
+
+
+def read_tokens(seq: SeqState, outcome: GenerationOutcome, cancel: threading.Event, poll_s: float) -> Iterator[tuple[int, Any]]:
+    """A request thread's side of a sequence: (token, logprobs or None) as the scheduler emits
+    them, counted into `outcome`. Ends when the sequence ends (outcome.finish_reason set) or when
+    `cancel` is set (re-checked every poll_s while waiting); a failed step is raised."""
+    while True:
+        try:
+            item = seq.events.get(timeout=poll_s)
+        except queue.Empty:
+            if cancel.is_set():
+                return
+            continue
+        if cancel.is_set():
+            return
+        if item[0] == "end":
+            outcome.finish_reason = item[1]
+            return
+        if item[0] == "error":
+            raise item[1]
+        outcome.completion_tokens += 1
+        outcome.cached_tokens = seq.reused
+        yield item[1], item[2]
 
 
 def _common_prefix(a: Seq[int], b: Seq[int], limit: int) -> int:
