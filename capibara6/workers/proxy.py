@@ -83,8 +83,8 @@ class _Relays:
     def _free(self) -> set[int] | None:
         """The CPUs no worker holds (None: there are none, or no affinity API)."""
         if self._allowed is None:
-            try:
-                self._allowed = frozenset(os.sched_getaffinity(0))
+            try:  # the main thread's mask (the event loop's: never pinned here), the server's own
+                self._allowed = frozenset(os.sched_getaffinity(os.getpid()))
             except (AttributeError, OSError):
                 self._allowed = frozenset()
         free = set(self._allowed).difference(*(cpus for cpus, _ in self._held.values()))

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
 
 from capibara6.types import TokenEvent
 from capibara6.workers.framing import decode, encode, encode_token
 from capibara6.workers.placement import Placement, numa_nodes, parse_cpulist
+from capibara6.workers.proxy import _Relays
 
 
 def test_workers_get_disjoint_sets_and_a_cpu_is_kept_for_http() -> None:
@@ -68,3 +74,37 @@ def test_errors_with_their_own_constructors_cross_as_themselves() -> None:
     err = ContextLengthExceeded(902, 200, 1024)
     back = unpack_error(pickle.loads(pickle.dumps(pack_error(err))))
     assert type(back) is ContextLengthExceeded and str(back) == str(err) and vars(back) == vars(err)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
+def test_relaying_threads_stay_off_the_workers_cpus_while_free_ones_exist() -> None:
+    allowed = sorted(os.sched_getaffinity(0))
+    relays = _Relays()
+    tid: list[int] = []
+    go, done = threading.Event(), threading.Event()
+
+    def reader() -> None:  # stands for a worker's reader thread
+        tid.append(threading.get_native_id())
+        go.set()
+        done.wait(10)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    go.wait(10)
+    a, b = SimpleNamespace(cpus=(allowed[0],)), SimpleNamespace(cpus=tuple(allowed[1:]))
+    try:
+        relays.hold(a, tid[0])  # type: ignore[arg-type]
+        assert os.sched_getaffinity(tid[0]) == set(allowed[1:])
+        pinned = relays.pin_caller()  # a stream's consuming thread, for the stream's duration
+        assert os.sched_getaffinity(0) == set(allowed[1:])
+        relays.unpin_caller(pinned)
+        assert os.sched_getaffinity(0) == set(allowed)
+        relays.hold(b, 0)  # type: ignore[arg-type]  # the workers now hold every CPU: anywhere, as before
+        assert os.sched_getaffinity(tid[0]) == set(allowed)
+        assert relays.pin_caller() is None
+        relays.release(b)  # type: ignore[arg-type]
+        assert os.sched_getaffinity(tid[0]) == set(allowed[1:])
+    finally:
+        done.set()
+        t.join()
+        os.sched_setaffinity(0, allowed)
