@@ -22,7 +22,7 @@ from capibara6.backends.native import NativeBackend
 from capibara6.backends.native_batched import BLOCK, NativeBatchedBackend
 from capibara6.config import ModelSpec
 from capibara6.engine.runner import Runner
-from capibara6.types import GenerationOutcome, SamplingParams, TextPrompt, TokenEvent
+from capibara6.types import ChatPrompt, GenerationOutcome, SamplingParams, TextPrompt, TokenEvent
 
 from .conftest import PD_TEXT
 
@@ -58,13 +58,17 @@ def make(gemma_gguf: pathlib.Path) -> Iterator[Callable[..., NativeBatchedBacken
 class Run:
     """One generation on its own thread (submitted at construction), recording its events."""
 
-    def __init__(self, backend: Any, prompt: str | list[int], **params: Any) -> None:
+    def __init__(self, backend: Any, prompt: str | list[int] | ChatPrompt, **params: Any) -> None:
         self.params = SamplingParams(**{"max_tokens": 10, "temperature": 0.0, **params})
         self.outcome = GenerationOutcome()
         self.cancel = threading.Event()
         self.events: list[TokenEvent] = []
         self.error: BaseException | None = None
-        prepared = backend.prepare(TextPrompt(prompt)) if isinstance(prompt, str) else _ids(backend, prompt)
+        if isinstance(prompt, ChatPrompt):
+            prepared = backend.prepare(prompt)
+            self.params = SamplingParams(**{**self.params.__dict__, "stop": prepared.stops})
+        else:
+            prepared = backend.prepare(TextPrompt(prompt)) if isinstance(prompt, str) else _ids(backend, prompt)
         self._gen = backend.generate(prepared, self.params, self.outcome, self.cancel)
         self.thread = threading.Thread(target=self._work, daemon=True)
         self.thread.start()
@@ -97,7 +101,7 @@ def _ids(backend: Any, ids: list[int]) -> Any:
     return Prepared(TokenPrompt(tuple(ids)), tuple(ids), len(ids))
 
 
-def alone(gemma_model: Any, gemma_tokenizer: Any, prompt: str | list[int], *, kv: str = "fp8", n_ctx: int = 256,
+def alone(gemma_model: Any, gemma_tokenizer: Any, prompt: str | list[int] | ChatPrompt, *, kv: str = "fp8", n_ctx: int = 256,
           **params: Any) -> Run:
     """The reference: a fresh single-sequence backend for this one prompt."""
     b = NativeBackend("alone", Runner(gemma_model, n_ctx=n_ctx, kv_cache=kv, ops="kernels"), gemma_tokenizer, "gemma")
@@ -186,24 +190,34 @@ def test_cancel_frees_blocks_at_once(make: Callable[..., NativeBatchedBackend]) 
     assert used_before[0] == -(-kv.length(cached[0]) // BLOCK) > 0
     assert done.outcome.finish_reason == "length"
 
+    records: list[tuple[list[int], list[int], list[int]]] = []  # at each step (scheduler thread): lengths, used, live
+    step = b.batch.step
+
+    def spy(*a: Any, **k: Any) -> Any:
+        records.append(([kv.length(s) for s in range(len(kv.seqs))], [g.pool.n_used for g in kv.groups],
+                        [len(live_blocks(b, gi)) for gi in range(len(kv.groups))]))
+        return step(*a, **k)
+
+    b.batch.step = spy  # type: ignore[method-assign]
     keep = Run(b, PROMPTS[1], max_tokens=200)
     gone = Run(b, PROMPTS[2], max_tokens=200)
     wait_for(lambda: len(keep.events) >= 3 and len(gone.events) >= 3)
-    slots = {sl.owner: i for i, sl in enumerate(b.scheduler._slots) if sl.owner is not None}
-    assert len(slots) == 2
-    gone_slot = next(i for i, sl in enumerate(b.scheduler._slots) if sl.owner is not None and i not in cached
-                     and sl.tokens[: len(b.tokenize(PROMPTS[2]))] == b.tokenize(PROMPTS[2]))
+    owned = {i for i, sl in enumerate(b.scheduler._slots) if sl.owner is not None}
+    assert len(owned) == 2 and cached[0] not in owned
+    p2 = b.tokenize(PROMPTS[2])
+    gone_slot = next(i for i in owned if b.scheduler._slots[i].tokens[: len(p2)] == p2)
+    keep_slot = next(iter(owned - {gone_slot}))
     assert kv.length(gone_slot) > 0
     gone.cancel.set()
     wait_for(lambda: kv.length(gone_slot) == 0, timeout=2)  # within a step or two, not at the end
     gone.join()
     assert gone.outcome.finish_reason is None and keep.thread.is_alive()
+    n = len(records)
+    wait_for(lambda: len(records) >= n + 2, timeout=5)
+    lengths, used, live = records[-1]  # a step while `keep` still runs
+    assert [s for s, ln in enumerate(lengths) if ln > 0] == sorted([cached[0], keep_slot])
+    assert used == live  # the cancelled sequence's blocks are back in the pools, nothing leaked
     assert all(t == [] for t in kv.seqs[gone_slot].tables)
-    for gi, g in enumerate(kv.groups):  # only the cached and the running sequence hold blocks
-        held = [s for s in range(len(kv.seqs)) if kv.length(s) > 0]
-        assert sorted(held) == sorted([cached[0], next(i for i in range(len(kv.seqs)) if i not in (gone_slot, cached[0])
-                                                       and kv.length(i) > 0)])
-        assert g.pool.n_used == len(live_blocks(b, gi, held))
 
     # closing the iterator (a client that goes away) frees the other stream's blocks too
     keep.cancel.set()
@@ -257,13 +271,14 @@ def test_prefix_blocks_are_shared_while_both_run(make: Callable[..., NativeBatch
     b = make(parallel=2, n_ctx=512, kv="fp32")
     kv = b.batch.kv
     p1, p2 = PREFIX + " Who said this?", PREFIX + " When was this written?"
-    seen: list[tuple[int, int, int]] = []  # (full-group blocks used, blocks shared, live sequences) per step
+    seen: list[tuple[int, int, int, int]] = []  # per step, full-attention group: used, shared, table entries, live seqs
     step = b.batch.step
 
     def spy(*a: Any, **k: Any) -> Any:
         out = step(*a, **k)
         g = kv.groups[0]
-        seen.append((g.pool.n_used, int((g.pool.ref > 1).sum()), sum(kv.length(s) > 0 for s in range(len(kv.seqs)))))
+        entries = sum(x >= 0 for s in kv.seqs for x in s.tables[0])
+        seen.append((g.pool.n_used, int((g.pool.ref > 1).sum()), entries, sum(kv.length(s) > 0 for s in range(len(kv.seqs)))))
         return out
 
     b.batch.step = spy  # type: ignore[method-assign]
@@ -272,12 +287,12 @@ def test_prefix_blocks_are_shared_while_both_run(make: Callable[..., NativeBatch
     second = Run(b, p2, max_tokens=6).join()
     first.join()
     assert second.outcome.cached_tokens >= len(b.tokenize(PREFIX)) - 1
-    both = [s for s in seen if s[2] == 2]
+    both = [s for s in seen if s[3] == 2]
     assert both, "the two sequences never ran in the same step"
-    l1, l2 = len(b.tokenize(p1)), len(b.tokenize(p2))
-    separate = -(-l1 // BLOCK) + -(-l2 // BLOCK)
-    assert max(s[1] for s in both) >= len(b.tokenize(PREFIX)) // BLOCK - 1  # the prefix's whole blocks
-    assert all(s[0] < separate + 8 - len(b.tokenize(PREFIX)) // BLOCK for s in both)  # fewer than two copies
+    whole = (len(b.tokenize(PREFIX)) - 1) // BLOCK  # whole blocks of the shared prefix
+    for used, shared, entries, _ in both:
+        assert shared >= whole  # the prefix's blocks are listed by both tables (reference count 2)
+        assert used == entries - shared < entries  # fewer blocks than two separate copies
     same_events(first, alone(gemma_model, gemma_tokenizer, p1, kv="fp32", max_tokens=40))
     same_events(second, alone(gemma_model, gemma_tokenizer, p2, kv="fp32", max_tokens=6))
     assert_pools_consistent(b)
@@ -373,6 +388,14 @@ def test_logprobs_and_stop_strings_match_alone(make: Callable[..., NativeBatched
             assert all(lp is not None and top is not None and len(top) <= max(1, kw["logprobs"]) for lp, top in got)
     assert runs[1].outcome.finish_reason == "stop" and runs[1].text == free.text[: free.text.index("yellow")]
     assert runs[1].outcome.completion_tokens == len(runs[1].tokens)
+    # chat prompts with the template's stop strings (special tokens in the prompt)
+    chats = [ChatPrompt(({"role": "user", "content": q},)) for q in ("Hi", "What is 2 + 2?")]
+    runs = together(b, chats, max_tokens=16, logprobs=1)
+    for r, c in zip(runs, chats):
+        ref = alone(gemma_model, gemma_tokenizer, c, max_tokens=16, logprobs=1)
+        same_events(r, ref)
+        assert r.params.stop == ("<end_of_turn>",)
+        assert [(e.logprob, e.top_logprobs) for e in r.events] == [(e.logprob, e.top_logprobs) for e in ref.events]
     wait_for(lambda: b.scheduler.running == 0)
     assert_pools_consistent(b)
     np.testing.assert_equal(b.kv_cache_bytes(), b.batch.kv.nbytes() + b.runner.kv.nbytes())

@@ -439,7 +439,7 @@ def check_step(kv: PagedKV, refs: list[KVCache], counts: list[tuple[int, int]], 
 
 
 @pytest.mark.parametrize("ops_name", OPS_PARAMS)
-@pytest.mark.parametrize("dtype", ["fp32", "fp8"])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "fp8"])
 def test_attend_equals_single_sequence_cache(ops_name: str, dtype: str) -> None:
     """Three sequences of different lengths, prefill chunks and decode rows mixed in each step,
     full-attention and sliding-window layers: each sequence's attention through the pages is the
