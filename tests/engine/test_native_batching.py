@@ -162,7 +162,7 @@ def test_batched_greedy_equals_alone(make: Callable[..., NativeBatchedBackend], 
 def test_seeded_sampling_equals_alone(make: Callable[..., NativeBatchedBackend], gemma_model: Any, gemma_tokenizer: Any) -> None:
     """Per-sequence samplers: seed, temperature, top-k/p, penalties over the sequence's own history."""
     b = make(parallel=4)
-    per = [
+    per: list[dict[str, Any]] = [
         {"temperature": 0.9, "top_k": 40, "top_p": 0.95, "seed": 11},
         {"temperature": 1.0, "seed": 12},
         {"temperature": 0.8, "min_p": 0.05, "seed": 13, "repeat_penalty": 1.3},
@@ -231,7 +231,7 @@ def test_cancel_frees_blocks_at_once(make: Callable[..., NativeBatchedBackend]) 
 def test_closing_the_iterator_frees_blocks_at_once(make: Callable[..., NativeBatchedBackend]) -> None:
     b = make(parallel=2, n_ctx=512)
     kv = b.batch.kv
-    it = b.generate(b.prepare(TextPrompt(PROMPTS[1])), SamplingParams(max_tokens=200, temperature=0.0), GenerationOutcome(),
+    it: Any = b.generate(b.prepare(TextPrompt(PROMPTS[1])), SamplingParams(max_tokens=200, temperature=0.0), GenerationOutcome(),
                     threading.Event())
     for _ in range(3):
         next(it)
@@ -295,6 +295,29 @@ def test_prefix_blocks_are_shared_while_both_run(make: Callable[..., NativeBatch
         assert used == entries - shared < entries  # fewer blocks than two separate copies
     same_events(first, alone(gemma_model, gemma_tokenizer, p1, kv="fp32", max_tokens=40))
     same_events(second, alone(gemma_model, gemma_tokenizer, p2, kv="fp32", max_tokens=6))
+    assert_pools_consistent(b)
+
+
+def test_cancelling_the_prefix_source_keeps_the_sharers_blocks(make: Callable[..., NativeBatchedBackend], gemma_model: Any,
+                                                                gemma_tokenizer: Any) -> None:
+    """The sequence whose blocks a later request forked is cancelled mid-way: only its own
+    references go; the sharer finishes with its alone output and nothing leaks."""
+    b = make(parallel=2, n_ctx=512, kv="fp32")
+    kv = b.batch.kv
+    p1, p2 = PREFIX + " Who said this?", PREFIX + " When was this written?"
+    first = Run(b, p1, max_tokens=200)
+    wait_for(lambda: len(first.events) >= 2)
+    second = Run(b, p2, max_tokens=12)
+    wait_for(lambda: len(second.events) >= 2)
+    assert second.outcome.cached_tokens >= len(b.tokenize(PREFIX)) - 1
+    first.cancel.set()
+    first.join()
+    second.join()
+    wait_for(lambda: b.scheduler.running == 0)
+    same_events(second, alone(gemma_model, gemma_tokenizer, p2, kv="fp32", max_tokens=12))
+    held = [s for s in range(len(kv.seqs)) if kv.length(s) > 0]
+    assert len(held) == 1 and kv.length(held[0]) == len(b.tokenize(p2)) + 11  # the finished sharer, cached
+    assert int(kv.groups[0].pool.ref.max()) == 1
     assert_pools_consistent(b)
 
 
@@ -375,7 +398,7 @@ def test_logprobs_and_stop_strings_match_alone(make: Callable[..., NativeBatched
     b = make(parallel=4)
     free = alone(gemma_model, gemma_tokenizer, PROMPTS[3], max_tokens=10)
     assert "yellow" in free.text, free.text
-    per = [{"logprobs": 3}, {"stop": ("yellow",)}, {"logprobs": 2, "stop": ("\n",)}, {"logprobs": 0}]
+    per: list[dict[str, Any]] = [{"logprobs": 3}, {"stop": ("yellow",)}, {"logprobs": 2, "stop": ("\n",)}, {"logprobs": 0}]
     prompts = [PROMPTS[0], PROMPTS[3], PROMPTS[1], PROMPTS[2]]
     runs = together(b, prompts, per, max_tokens=10)
     refs = [alone(gemma_model, gemma_tokenizer, p, max_tokens=10, **kw) for p, kw in zip(prompts, per)]
