@@ -27,8 +27,7 @@ class Tokenizer:
         self.eog_ids = frozenset(
             i for i in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, i)
         )
-        self._pieces: dict[int, bytes] = {}
-        self._buf = ctypes.create_string_buffer(256)
+        self._pieces: dict[int, bytes] = {}  # filled once per id; dict reads/writes are atomic under the GIL
 
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
         """Special tokens in `text` (chat markup) are parsed as such; BOS per the model's flag.
@@ -43,11 +42,15 @@ class Tokenizer:
         return ids
 
     def piece(self, token: int) -> bytes:
-        """Bytes a generated token adds (special tokens render as nothing, as in llama.cpp)."""
+        """Bytes a generated token adds (special tokens render as nothing, as in llama.cpp).
+        Thread-safe: the batched backend's request threads call it at once, and llama.cpp writes
+        the piece with the GIL released, so every miss gets its own buffer (a shared one gave
+        ~20k of 262k tokens another token's bytes under 4 threads)."""
         p = self._pieces.get(token)
         if p is None:
-            n = llama_cpp.llama_token_to_piece(self._vocab, token, self._buf, len(self._buf), 0, False)
-            p = bytes(self._buf.raw[: max(0, n)])
+            buf = ctypes.create_string_buffer(256)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            p = bytes(buf.raw[: max(0, n)])
             self._pieces[token] = p
         return p
 
