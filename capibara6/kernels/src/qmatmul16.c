@@ -18,6 +18,12 @@ typedef struct {
     int16_t *q;      /* [M, K] */
     float *d;        /* [M, K/32] */
     int32_t *asum;   /* [M, K/32] sum of the chunk's q (for the mins of Q4_K/Q5_K) */
+#ifdef C6_QX86
+    int16_t *qx;     /* [M, K4] (K4 = K rounded up to 128, zeros past K): per 128 values, 8 vectors of
+                      * 16, vector j = values 4j..4j+3 of each of the 4 groups */
+    float *d2;       /* [M, K4/16] d of each group twice (0 past K) */
+    float *dsx;      /* [M, K4/32] d * asum (Q4_K/Q5_K) */
+#endif
 #ifdef C6_I16_I8MM
     int8_t *hi;      /* [M, K] q >> 8 (signed) */
     uint8_t *lo;     /* [M, K] q & 255: q = 256 hi + lo exactly */
@@ -109,46 +115,126 @@ static float row_dot16(const int8_t *w, const chunks *cs, const act16 *a, int64_
 }
 
 #ifdef C6_QX86
-/* up to 4 activation rows per pass; every block type decoded in registers, one float multiplier
- * per 32 values */
+/* x86: one weight row against up to C6_X86_ROWS activation rows per pass, every block type decoded
+ * in registers once per pass. 4 consecutive 32-value groups are taken together, weights and
+ * activations both laid out as 8 vectors of 16 int16: vector j holds values 4j..4j+3 of each of the
+ * 4 groups (activations rearranged once per call, a->qx; weights by two unpack levels). 8 madd
+ * (VNNI: 1 madd + 7 dpwssd) into one register then give lanes [g0, g0, g1, g1, g2, g2, g3, g3],
+ * each the exact int32 sum of 16 products (|sum| < 2^31 for every type, Q6_K's 32 x 128 x 32767 x
+ * 16 included), converted and multiplied by [d_a(g) * d_w(g)] with one FMA per 4 groups. The
+ * float steps depend only on that row pair, never on M or on the rows sharing the pass (M = 1 runs
+ * the same code). */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define C6_DPWSSD(acc, w, x) _mm256_dpwssd_epi32(acc, w, x)
+#elif defined(__AVXVNNI__)
+#define C6_DPWSSD(acc, w, x) _mm256_dpwssd_avx_epi32(acc, w, x)
+#else
+#define C6_DPWSSD(acc, w, x) _mm256_add_epi32(acc, _mm256_madd_epi16(w, x))
+#endif
+#if defined(__AVX512VL__)
+#define C6_X86_ROWS 8  /* 32 vector registers */
+#else
+#define C6_X86_ROWS 4
+#endif
+#if defined(__FMA__)
+#define FMADD4(a, b, c) _mm_fmadd_ps(a, b, c)
+#else
+#define FMADD4(a, b, c) _mm_add_ps(_mm_mul_ps(a, b), c)
+#endif
+
+static inline float hsum4_ps(__m128 s) {
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* 4 groups of 32 int8 (values 0-15 low lane, 16-31 high) -> W[j] = int16 values 4j..4j+3 of g0..g3 */
+static inline __attribute__((always_inline)) void interleave4(const __m256i *w, __m256i *W) {
+    __m256i a = _mm256_unpacklo_epi32(w[0], w[1]), b = _mm256_unpackhi_epi32(w[0], w[1]);
+    __m256i c = _mm256_unpacklo_epi32(w[2], w[3]), d = _mm256_unpackhi_epi32(w[2], w[3]);
+    /* dword k of group g: lane k/4, position k%4; unpack lo/hi 32 gives positions {0,1} / {2,3} */
+    __m256i v[4] = {_mm256_unpacklo_epi64(a, c), _mm256_unpackhi_epi64(a, c), _mm256_unpacklo_epi64(b, d),
+                    _mm256_unpackhi_epi64(b, d)};  /* v[p]: dword p (low lane) and p + 4 (high lane) of g0..g3 */
+    for (int p = 0; p < 4; p++) {
+        W[p] = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(v[p]));
+        W[p + 4] = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(v[p], 1));
+    }
+}
+
+/* the MC activation rows against 4 interleaved groups starting at group c */
+static inline __attribute__((always_inline)) void groups4(const __m256i *W, __m256 fw8, __m128 fm4, int mins,
+                                                          const act16 *a, int64_t K4, int64_t m0, int64_t c,
+                                                          const int MC, __m256 *acc, __m128 *macc) {
+    for (int i = 0; i < MC; i++) {
+        int64_t m = m0 + i;
+        const int16_t *ap = a->qx + m * K4 + c * 32;
+        __m256i S = _mm256_madd_epi16(W[0], _mm256_loadu_si256((const __m256i *)ap));
+        for (int j = 1; j < 8; j++) S = C6_DPWSSD(S, W[j], _mm256_loadu_si256((const __m256i *)(ap + 16 * j)));
+        __m256 da = _mm256_loadu_ps(a->d2 + m * (K4 / 16) + c * 2);
+        acc[i] = FMADD(_mm256_cvtepi32_ps(S), _mm256_mul_ps(da, fw8), acc[i]);
+        if (mins) macc[i] = FMADD4(_mm_loadu_ps(a->dsx + m * (K4 / 32) + c), fm4, macc[i]);
+    }
+}
+
 static inline __attribute__((always_inline)) void rows16(int t, int bytes, const uint8_t *raw, const act16 *a,
                                                          int64_t K, int64_t m0, const int MC, float *out) {
-    int64_t nc = K / 32;
+    int64_t nc = K / 32, K4 = (nc + 3) / 4 * 128;
     int kq = t == T_Q4_K || t == T_Q5_K || t == T_Q6_K, mins = t == T_Q4_K || t == T_Q5_K;
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    float msum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    const int gpb = kq ? 8 : 1;  /* 32-value groups per block */
-    for (int64_t c0 = 0; c0 < nc; c0 += gpb)
-#pragma GCC unroll 8
-    for (int g = 0; g < gpb; g++) {
-        int64_t c = c0 + g;
-        __m256i wl, wh;
-        float f, fm = 0.0f;
-        if (kq) {  /* sub-block scales folded into the int16 weights: |q * sc| <= 32 * 128 */
-            const uint8_t *blk = raw + (c0 / 8) * bytes;
-            int32_t s0, s1, mn;
-            __m256i w = kgroup32(t, blk, g, &s0, &s1, &mn);
-            wl = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(w)), _mm256_set1_epi16((int16_t)s0));
-            wh = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(_mm256_extracti128_si256(w, 1)), _mm256_set1_epi16((int16_t)s1));
-            f = f16s(blk + (t == T_Q6_K ? 208 : 0));
-            if (mins) fm = f16s(blk + 2) * (float)mn;
-        } else {
-            __m256i w = block32(t, raw + c * bytes);
-            wl = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w));
-            wh = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(w, 1));
-            f = f16s(raw + c * bytes);
+    __m256 acc[C6_X86_ROWS];
+    __m128 macc[C6_X86_ROWS];
+    for (int i = 0; i < MC; i++) {
+        acc[i] = _mm256_setzero_ps();
+        macc[i] = _mm_setzero_ps();
+    }
+    __m256i w[4], W[8];
+    if (kq) {
+        for (int64_t b = 0; b < nc / 8; b++) {
+            const uint8_t *blk = raw + b * bytes;
+            __m256 fw8 = _mm256_set1_ps(f16s(blk + (t == T_Q6_K ? 208 : 0)));
+            float dmin = mins ? f16s(blk + 2) : 0.0f;
+#pragma GCC unroll 2
+            for (int h = 0; h < 2; h++) {
+                int32_t mn[4], s0[4], s1[4];
+#pragma GCC unroll 4
+                for (int g = 0; g < 4; g++) w[g] = kgroup32(t, blk, 4 * h + g, &s0[g], &s1[g], &mn[g]);
+                interleave4(w, W);
+                /* sub-block scales folded in (|q * sc| <= 32 * 128): W[0..3] hold values 0-15 of each
+                 * group, W[4..7] values 16-31 */
+                __m256i S0 = _mm256_setr_epi16(s0[0], s0[0], s0[0], s0[0], s0[1], s0[1], s0[1], s0[1], s0[2], s0[2],
+                                               s0[2], s0[2], s0[3], s0[3], s0[3], s0[3]);
+                __m256i S1 = t == T_Q6_K ? _mm256_setr_epi16(s1[0], s1[0], s1[0], s1[0], s1[1], s1[1], s1[1], s1[1],
+                                                             s1[2], s1[2], s1[2], s1[2], s1[3], s1[3], s1[3], s1[3])
+                                         : S0;
+                for (int j = 0; j < 8; j++) W[j] = _mm256_mullo_epi16(W[j], j < 4 ? S0 : S1);
+                __m128 fm4 = mins ? _mm_mul_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(_mm_setr_epi32(mn[0], mn[1], mn[2], mn[3])))
+                                  : _mm_setzero_ps();
+                groups4(W, fw8, fm4, mins, a, K4, m0, b * 8 + 4 * h, MC, acc, macc);
+            }
         }
-        for (int i = 0; i < MC; i++) {
-            int64_t m = m0 + i;
-            const int16_t *ap = a->q + m * K + c * 32;
-            float da = a->d[m * nc + c];
-            __m256i p = _mm256_add_epi32(_mm256_madd_epi16(wl, _mm256_loadu_si256((const __m256i *)ap)),
-                                         _mm256_madd_epi16(wh, _mm256_loadu_si256((const __m256i *)(ap + 16))));
-            acc[i] = FMADD(_mm256_cvtepi32_ps(p), _mm256_set1_ps(da * f), acc[i]);
-            if (mins) msum[i] += da * fm * (float)a->asum[m * nc + c];
+    } else {
+        const __m256i dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+        for (int64_t c = 0; c < nc; c += 4) {
+            int G = nc - c < 4 ? (int)(nc - c) : 4;
+            uint64_t h4 = 0;  /* the 4 blocks' fp16 scales (0 past the row's end) */
+#pragma GCC unroll 4
+            for (int g = 0; g < 4; g++) {
+                if (g < G) {
+                    w[g] = block32(t, raw + (c + g) * bytes);
+                    h4 |= (uint64_t)rd16(raw + (c + g) * bytes) << (16 * g);
+                } else w[g] = _mm256_setzero_si256();
+            }
+#if defined(__F16C__)
+            __m128 fw = _mm_cvtph_ps(_mm_cvtsi64_si128((long long)h4));
+#else
+            __m128 fw = _mm_setr_ps(c6_f16_to_f32((uint16_t)h4), c6_f16_to_f32((uint16_t)(h4 >> 16)),
+                                    c6_f16_to_f32((uint16_t)(h4 >> 32)), c6_f16_to_f32((uint16_t)(h4 >> 48)));
+#endif
+            __m256 fw8 = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(fw), dup);
+            interleave4(w, W);
+            groups4(W, fw8, _mm_setzero_ps(), 0, a, K4, m0, c, MC, acc, macc);
         }
     }
-    for (int i = 0; i < MC; i++) out[i] = hsum_ps(acc[i]) - msum[i];
+    for (int i = 0; i < MC; i++) out[i] = mins ? hsum_ps(acc[i]) - hsum4_ps(macc[i]) : hsum_ps(acc[i]);
 }
 #endif
 
@@ -466,6 +552,32 @@ static void q16_task(void *vctx, int64_t task) {
 #endif
     for (; n < n1; n++) {
         const uint8_t *raw = c->w + n * c->row_bytes;
+#ifdef C6_QX86
+        float o[C6_X86_ROWS];
+        for (int64_t m0 = 0; m0 < c->M; m0 += C6_X86_ROWS) {
+            int mc = c->M - m0 < C6_X86_ROWS ? (int)(c->M - m0) : C6_X86_ROWS;
+#if C6_X86_ROWS == 8
+#define ROWS16(T, B)                                                                  \
+            switch (mc) {                                                             \
+            case 1: rows16(T, B, raw, &c->a, K, m0, 1, o); break;            \
+            case 2: rows16(T, B, raw, &c->a, K, m0, 2, o); break;            \
+            case 3: rows16(T, B, raw, &c->a, K, m0, 3, o); break;            \
+            case 4: rows16(T, B, raw, &c->a, K, m0, 4, o); break;            \
+            case 5: rows16(T, B, raw, &c->a, K, m0, 5, o); break;            \
+            case 6: rows16(T, B, raw, &c->a, K, m0, 6, o); break;            \
+            case 7: rows16(T, B, raw, &c->a, K, m0, 7, o); break;            \
+            default: rows16(T, B, raw, &c->a, K, m0, 8, o); break;           \
+            }
+#else
+#define ROWS16(T, B)                                                                  \
+            switch (mc) {                                                             \
+            case 1: rows16(T, B, raw, &c->a, K, m0, 1, o); break;            \
+            case 2: rows16(T, B, raw, &c->a, K, m0, 2, o); break;            \
+            case 3: rows16(T, B, raw, &c->a, K, m0, 3, o); break;            \
+            default: rows16(T, B, raw, &c->a, K, m0, 4, o); break;           \
+            }
+#endif
+#else
         float o[4];
         for (int64_t m0 = 0; m0 < c->M; m0 += 4) {
             int mc = c->M - m0 < 4 ? (int)(c->M - m0) : 4;
@@ -477,6 +589,7 @@ static void q16_task(void *vctx, int64_t task) {
             case 3: ROWS16_FN(T, B, raw, &c->a, K, m0, 3, o); break;         \
             default: ROWS16_FN(T, B, raw, &c->a, K, m0, 4, o); break;        \
             }
+#endif
             switch (c->t) {
             case T_Q4_0: ROWS16(T_Q4_0, 18) break;
             case T_Q5_0: ROWS16(T_Q5_0, 22) break;
@@ -532,6 +645,10 @@ int c6_qmatmul16(const float *x, const void *w, int wtype, float *y, int64_t M, 
         return 0;
     }
     size_t qbytes = ((size_t)(M * K) * sizeof(int16_t) + 63) & ~(size_t)63, extra = 0;
+#ifdef C6_QX86
+    int64_t K4 = (K / 32 + 3) / 4 * 128;
+    extra = (size_t)(M * K4) * sizeof(int16_t) + (size_t)(M * K4 / 32) * 3 * sizeof(float);
+#endif
 #ifdef C6_I16_I8MM
     extra = 2 * (size_t)(M * K) + (size_t)(M * K / 32) * sizeof(float) + (size_t)(M * K / 16) * sizeof(int32_t) +
             (size_t)((M + 3) / 4 * 4 * (K / 32)) * sizeof(float) * 2 + (size_t)(M * K / 2) * sizeof(int32_t) +
@@ -542,6 +659,22 @@ int c6_qmatmul16(const float *x, const void *w, int wtype, float *y, int64_t M, 
     act16 a = {(int16_t *)buf, (float *)(buf + qbytes), NULL};
     a.asum = (int32_t *)(a.d + M * K / 32);
     for (int64_t m = 0; m < M; m++) quant_q16(x + m * K, a.q + m * K, a.d + m * (K / 32), a.asum + m * (K / 32), K);
+#ifdef C6_QX86
+    a.d2 = (float *)(a.asum + M * K / 32);
+    a.dsx = a.d2 + M * K4 / 16;
+    a.qx = (int16_t *)(a.dsx + M * K4 / 32);
+    for (int64_t m = 0; m < M; m++) {
+        int64_t nc = K / 32;
+        for (int64_t c = 0; c < K4 / 32; c++) {
+            float dc = c < nc ? a.d[m * nc + c] : 0.0f;
+            a.d2[m * (K4 / 16) + 2 * c] = a.d2[m * (K4 / 16) + 2 * c + 1] = dc;
+            a.dsx[m * (K4 / 32) + c] = c < nc && (wtype == T_Q4_K || wtype == T_Q5_K) ? dc * (float)a.asum[m * nc + c] : 0.0f;
+            for (int j = 0; j < 8; j++)
+                for (int v = 0; v < 4; v++)
+                    a.qx[m * K4 + (c / 4) * 128 + j * 16 + (c % 4) * 4 + v] = c < nc ? a.q[m * K + c * 32 + 4 * j + v] : 0;
+        }
+    }
+#endif
 #ifdef C6_I16_I8MM
     a.dasum = (float *)(a.asum + M * K / 32);
     a.a32 = (int32_t *)(a.dasum + M * K / 32);
