@@ -72,8 +72,14 @@ class _Relays:
     times a token, and waited 0.8-9 ms a token in the run queue where direct llama.cpp waits 0.02-
     0.07 ms). With no free CPU (the workers hold them all) they run anywhere, as before.
 
-    The event loop thread is left alone: threads it starts inherit its mask, and `n_threads: auto`
-    counts the calling thread's mask (capibara6.threads), so pinning it would shrink both."""
+    The event loop (the main thread; ~0.65 ms of CPU a streamed token) is the one that costs the
+    worker most when it lands on its CPU (perf sched_switch on a 2-CPU box: up to 152 preemptions
+    of the worker in a 128-token stream, else none). It is kept off the workers' CPUs too, but
+    only where the server has at most 2 CPUs: threads the loop starts inherit its mask, and
+    `n_threads: auto` counts the calling thread's mask (capibara6.threads, inference = all but
+    one, at least one), which on 2 CPUs is 1 thread either way, and on more would shrink. So with
+    more CPUs the loop floats, as before (Placement keeps a CPU for HTTP there); in-process models
+    started meanwhile on a 2-CPU box stay off the workers' CPUs as well."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -92,7 +98,10 @@ class _Relays:
 
     def _apply(self) -> None:
         mask = self._free() or self._allowed
-        for _, tid in self._held.values():
+        tids = [tid for _, tid in self._held.values()]
+        if self._allowed is not None and len(self._allowed) <= 2:
+            tids.append(os.getpid())  # the main thread: the event loop (see the class docstring)
+        for tid in tids:
             _set_affinity(tid, mask)
 
     def hold(self, worker: WorkerBackend, reader_tid: int) -> None:

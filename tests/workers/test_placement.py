@@ -76,6 +76,14 @@ def test_errors_with_their_own_constructors_cross_as_themselves() -> None:
     assert type(back) is ContextLengthExceeded and str(back) == str(err) and vars(back) == vars(err)
 
 
+def _in_thread(fn):  # type: ignore[no-untyped-def]
+    out: list[object] = []
+    t = threading.Thread(target=lambda: out.append(fn()))
+    t.start()
+    t.join()
+    return out[0]
+
+
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
 def test_relaying_threads_stay_off_the_workers_cpus_while_free_ones_exist() -> None:
     allowed = sorted(os.sched_getaffinity(0))
@@ -88,6 +96,13 @@ def test_relaying_threads_stay_off_the_workers_cpus_while_free_ones_exist() -> N
         go.set()
         done.wait(10)
 
+    def stream() -> tuple[bool, set[int]]:  # a stream's consuming thread, for the stream's duration
+        before = os.sched_getaffinity(0)
+        pinned = relays.pin_caller()
+        during = os.sched_getaffinity(0)
+        relays.unpin_caller(pinned)
+        return os.sched_getaffinity(0) == before, during
+
     t = threading.Thread(target=reader)
     t.start()
     go.wait(10)
@@ -95,16 +110,18 @@ def test_relaying_threads_stay_off_the_workers_cpus_while_free_ones_exist() -> N
     try:
         relays.hold(a, tid[0])  # type: ignore[arg-type]
         assert os.sched_getaffinity(tid[0]) == set(allowed[1:])
-        pinned = relays.pin_caller()  # a stream's consuming thread, for the stream's duration
-        assert os.sched_getaffinity(0) == set(allowed[1:])
-        relays.unpin_caller(pinned)
-        assert os.sched_getaffinity(0) == set(allowed)
-        relays.hold(b, 0)  # type: ignore[arg-type]  # the workers now hold every CPU: anywhere, as before
+        assert _in_thread(stream) == (True, set(allowed[1:]))
+        # the event loop (main thread) too, where the server has 2 CPUs (auto threads: 1 either way)
+        assert os.sched_getaffinity(os.getpid()) == (set(allowed[1:]) if len(allowed) <= 2 else set(allowed))
+        relays.hold(b, tid[0])  # type: ignore[arg-type]  # the workers now hold every CPU: anywhere, as before
         assert os.sched_getaffinity(tid[0]) == set(allowed)
-        assert relays.pin_caller() is None
+        assert os.sched_getaffinity(os.getpid()) == set(allowed)
+        assert _in_thread(relays.pin_caller) is None
         relays.release(b)  # type: ignore[arg-type]
         assert os.sched_getaffinity(tid[0]) == set(allowed[1:])
+        relays.release(a)  # type: ignore[arg-type]
+        assert os.sched_getaffinity(os.getpid()) == set(allowed)
     finally:
         done.set()
         t.join()
-        os.sched_setaffinity(0, allowed)
+        os.sched_setaffinity(os.getpid(), allowed)
