@@ -8,7 +8,7 @@ own cost per token (token frames through a socketpair, encode -> send -> recv ->
 path every streamed token takes out of a worker); the last line is one JSON object. Goal: decode
 ratio >= 0.98 and TTFT overhead <= 5 ms at the median, through the worker.
 
-The HTTP client here stands for a remote one, so while it reads the server's streams its thread
+The HTTP client here stands for a remote one, so while it reads the worker's streams its thread
 stays off the CPUs the worker is pinned to (when the box has others; `client_cpus` in the JSON).
 On a 2-CPU box the client's SSE reading (~0.25 ms of CPU a token) otherwise lands on the worker's
 CPU part of the time and preempts it (perf sched_switch: 0 to 101 preemptions in a 128-token
@@ -147,6 +147,7 @@ def main() -> int:
                 os.sched_setaffinity(0, client_cpus)
                 server_run(client, url, 2)
                 s.append(server_run(client, url, args.tokens))
+                os.sched_setaffinity(0, anywhere)  # in process nothing is pinned: as before
                 server_run(client, url, 2, "inproc")
                 p.append(server_run(client, url, args.tokens, "inproc"))
                 print(f"round {i}: direct ttft {d[-1][0]*1e3:.1f} ms {d[-1][1]:.1f} tok/s ({d[-1][2]} tok) | "

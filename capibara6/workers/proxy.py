@@ -67,29 +67,31 @@ def exit_reason(code: int | None) -> str:
 class _Relays:
     """Keeps the server's relaying threads (each worker's reader, and a stream's consuming thread
     while it relays) off the CPUs the workers are pinned to, when the server has CPUs no worker
-    holds (on 2 CPUs with one 1-thread worker: the other CPU). Unpinned, the scheduler woke them
-    on the worker's CPU about as often as not (the worker's generating thread was preempted 2-3
-    times a token, and waited 0.8-9 ms a token in the run queue where direct llama.cpp waits 0.02-
-    0.07 ms). With no free CPU (the workers hold them all) they run anywhere, as before.
+    holds (on 2 CPUs with one 1-thread worker: the other CPU). Unpinned, the scheduler put them on
+    the worker's CPU often enough to matter: over a 128-token stream the worker's generating thread
+    was preempted 2-3 times a token and waited 0.4-9 ms a token in the run queue (direct
+    llama.cpp: 0.02-0.4 times, 0.001-0.2 ms, same window; /proc/TID/schedstat). With no free CPU
+    (the workers hold them all) they run anywhere, as before.
 
-    The event loop (the main thread; ~0.65 ms of CPU a streamed token) is the one that costs the
-    worker most when it lands on its CPU (perf sched_switch on a 2-CPU box: up to 152 preemptions
-    of the worker in a 128-token stream, else none). It is kept off the workers' CPUs too, but
-    only where the server has at most 2 CPUs: threads the loop starts inherit its mask, and
-    `n_threads: auto` counts the calling thread's mask (capibara6.threads, inference = all but
-    one, at least one), which on 2 CPUs is 1 thread either way, and on more would shrink. So with
-    more CPUs the loop floats, as before (Placement keeps a CPU for HTTP there); in-process models
-    started meanwhile on a 2-CPU box stay off the workers' CPUs as well."""
+    The event loop (the main thread; ~0.65 ms of CPU a streamed token) costs the worker most when
+    it lands on its CPU (perf sched_switch on a 2-CPU box: up to 152 preemptions of the worker in
+    a 128-token stream, else none). It is kept off the workers' CPUs too while a worker stream
+    runs, but only where the server has at most 2 CPUs: threads the loop starts inherit its mask,
+    and `n_threads: auto` counts the calling thread's mask (capibara6.threads: all CPUs but one, at
+    least one), which on 2 CPUs is 1 thread either way and on more would shrink. With more CPUs
+    the loop floats, as before (Placement keeps a CPU for HTTP there). An in-process generation
+    started while a worker streams on a 2-CPU box stays off the worker's CPU as well."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._held: dict[int, tuple[tuple[int, ...], int]] = {}  # id(worker) -> (its CPUs, reader tid)
         self._allowed: frozenset[int] | None = None
+        self._streams = 0  # worker streams relaying now
 
     def _free(self) -> set[int] | None:
         """The CPUs no worker holds (None: there are none, or no affinity API)."""
         if self._allowed is None:
-            try:  # the main thread's mask (the event loop's: never pinned here), the server's own
+            try:  # the main thread's mask (the event loop's, before any pinning here): the server's own
                 self._allowed = frozenset(os.sched_getaffinity(os.getpid()))
             except (AttributeError, OSError):
                 self._allowed = frozenset()
@@ -98,11 +100,10 @@ class _Relays:
 
     def _apply(self) -> None:
         mask = self._free() or self._allowed
-        tids = [tid for _, tid in self._held.values()]
-        if self._allowed is not None and len(self._allowed) <= 2:
-            tids.append(os.getpid())  # the main thread: the event loop (see the class docstring)
-        for tid in tids:
+        for _, tid in self._held.values():
             _set_affinity(tid, mask)
+        if self._allowed is not None and len(self._allowed) <= 2:  # the event loop: see above
+            _set_affinity(os.getpid(), mask if self._streams else self._allowed)
 
     def hold(self, worker: WorkerBackend, reader_tid: int) -> None:
         with self._lock:
@@ -115,24 +116,32 @@ class _Relays:
                 self._apply()
 
     def pin_caller(self) -> tuple[int, frozenset[int]] | None:
-        """Pin the calling thread to the free CPUs: (its tid, its previous mask), or None when it
-        was left as it was."""
-        with self._lock:
-            free = self._free()
-        if free is None:
-            return None
+        """A worker stream starts relaying on the calling thread: pin it to the free CPUs. Returns
+        (its tid, its previous mask) for `unpin_caller`, None when it was left as it was."""
         try:
             tid = threading.get_native_id()
             prev = frozenset(os.sched_getaffinity(0))
         except (AttributeError, OSError):
             return None
-        return (tid, prev) if _set_affinity(tid, free) else None
+        with self._lock:
+            free = self._free()
+            if free is None or not _set_affinity(tid, free):
+                return None
+            self._streams += 1
+            if self._streams == 1:
+                self._apply()
+        return tid, prev
 
     def unpin_caller(self, pinned: tuple[int, frozenset[int]] | None) -> None:
-        """Give the thread `pin_caller` pinned its mask back (by tid: a generator may be closed
-        from another thread)."""
-        if pinned is not None:
-            _set_affinity(*pinned)
+        """The stream ended: its thread gets its mask back (by tid: a generator may be closed from
+        another thread), and the event loop its own once no worker stream is left."""
+        if pinned is None:
+            return
+        _set_affinity(*pinned)
+        with self._lock:
+            self._streams -= 1
+            if self._streams == 0:
+                self._apply()
 
 
 def _set_affinity(tid: int, cpus: set[int] | frozenset[int] | None) -> bool:

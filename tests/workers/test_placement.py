@@ -96,12 +96,12 @@ def test_relaying_threads_stay_off_the_workers_cpus_while_free_ones_exist() -> N
         go.set()
         done.wait(10)
 
-    def stream() -> tuple[bool, set[int]]:  # a stream's consuming thread, for the stream's duration
+    def stream() -> tuple[bool, set[int], set[int]]:  # a stream's consuming thread, while it streams
         before = os.sched_getaffinity(0)
         pinned = relays.pin_caller()
-        during = os.sched_getaffinity(0)
+        during, loop = os.sched_getaffinity(0), os.sched_getaffinity(os.getpid())
         relays.unpin_caller(pinned)
-        return os.sched_getaffinity(0) == before, during
+        return os.sched_getaffinity(0) == before, during, loop
 
     t = threading.Thread(target=reader)
     t.start()
@@ -110,9 +110,10 @@ def test_relaying_threads_stay_off_the_workers_cpus_while_free_ones_exist() -> N
     try:
         relays.hold(a, tid[0])  # type: ignore[arg-type]
         assert os.sched_getaffinity(tid[0]) == set(allowed[1:])
-        assert _in_thread(stream) == (True, set(allowed[1:]))
-        # the event loop (main thread) too, where the server has 2 CPUs (auto threads: 1 either way)
-        assert os.sched_getaffinity(os.getpid()) == (set(allowed[1:]) if len(allowed) <= 2 else set(allowed))
+        # the event loop (main thread) too while the stream runs, where the server has 2 CPUs
+        loop = set(allowed[1:]) if len(allowed) <= 2 else set(allowed)
+        assert _in_thread(stream) == (True, set(allowed[1:]), loop)
+        assert os.sched_getaffinity(os.getpid()) == set(allowed)  # no stream: the loop floats
         relays.hold(b, tid[0])  # type: ignore[arg-type]  # the workers now hold every CPU: anywhere, as before
         assert os.sched_getaffinity(tid[0]) == set(allowed)
         assert os.sched_getaffinity(os.getpid()) == set(allowed)
