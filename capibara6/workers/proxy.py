@@ -65,9 +65,11 @@ def exit_reason(code: int | None) -> str:
 
 
 class _Relays:
-    """Keeps the server's relaying threads (each worker's reader, and a stream's consuming thread
-    while it relays) off the CPUs the workers are pinned to, when the server has CPUs no worker
-    holds (on 2 CPUs with one 1-thread worker: the other CPU). Unpinned, the scheduler put them on
+    """While a worker stream relays tokens (from its first token to its end), keeps the server's
+    relaying threads (the workers' readers, and that stream's consuming thread) off the CPUs the
+    workers are pinned to, when the server has CPUs no worker holds (on 2 CPUs with one 1-thread
+    worker: the other CPU); the rest of the time (a prompt's round trips, prefill up to the first
+    token, idle) they run anywhere, so a TTFT never waits for one CPU while another is free. Unpinned, the scheduler put them on
     the worker's CPU often enough to matter: over a 128-token stream the worker's generating thread
     was preempted 2-3 times a token and waited 0.4-9 ms a token in the run queue (direct
     llama.cpp: 0.02-0.4 times, 0.001-0.2 ms, same window; /proc/TID/schedstat). With no free CPU
@@ -99,11 +101,11 @@ class _Relays:
         return free or None
 
     def _apply(self) -> None:
-        mask = self._free() or self._allowed
+        mask = (self._free() or self._allowed) if self._streams else self._allowed
         for _, tid in self._held.values():
             _set_affinity(tid, mask)
         if self._allowed is not None and len(self._allowed) <= 2:  # the event loop: see above
-            _set_affinity(os.getpid(), mask if self._streams else self._allowed)
+            _set_affinity(os.getpid(), mask)
 
     def hold(self, worker: WorkerBackend, reader_tid: int) -> None:
         with self._lock:
@@ -307,7 +309,8 @@ class WorkerBackend:
     ) -> Iterator[TokenEvent]:
         sent_cancel = False
         finished = False
-        restore = _relays.pin_caller()  # this thread relays tokens: keep it off the workers' CPUs
+        pinned: tuple[int, frozenset[int]] | None = None
+        relaying = False  # set once the first token is out: from then on, keep off the workers' CPUs
         try:
             while True:
                 if cancel.is_set() and not sent_cancel:
@@ -319,6 +322,9 @@ class WorkerBackend:
                     continue
                 if op == "tok":
                     yield body
+                    if not relaying:  # after the first token, so pinning never delays it
+                        relaying = True
+                        pinned = _relays.pin_caller()
                 elif op == "done":
                     finished = True
                     for f in fields(GenerationOutcome):
@@ -336,7 +342,7 @@ class WorkerBackend:
                     self._send_cancel(req)
                 self._drain(q)
             self._pending.pop(req, None)
-            _relays.unpin_caller(restore)
+            _relays.unpin_caller(pinned)
 
     def _drain(self, q: queue.SimpleQueue[Message]) -> None:
         """Wait (up to CLOSE_WAIT_S) for a cancelled generation's last frame."""
