@@ -168,8 +168,14 @@ static inline __attribute__((always_inline)) void groups4(const __m256i *W, __m2
     for (int i = 0; i < MC; i++) {
         int64_t m = m0 + i;
         const int16_t *ap = a->qx + m * K4 + c * 32;
-        __m256i S = _mm256_madd_epi16(W[0], _mm256_loadu_si256((const __m256i *)ap));
-        for (int j = 1; j < 8; j++) S = C6_DPWSSD(S, W[j], _mm256_loadu_si256((const __m256i *)(ap + 16 * j)));
+        /* two chains (latency); integer sums, so the split changes nothing */
+        __m256i S0 = _mm256_madd_epi16(W[0], _mm256_loadu_si256((const __m256i *)ap));
+        __m256i S1 = _mm256_madd_epi16(W[1], _mm256_loadu_si256((const __m256i *)(ap + 16)));
+        for (int j = 2; j < 8; j += 2) {
+            S0 = C6_DPWSSD(S0, W[j], _mm256_loadu_si256((const __m256i *)(ap + 16 * j)));
+            S1 = C6_DPWSSD(S1, W[j + 1], _mm256_loadu_si256((const __m256i *)(ap + 16 * j + 16)));
+        }
+        __m256i S = _mm256_add_epi32(S0, S1);
         __m256 da = _mm256_loadu_ps(a->d2 + m * (K4 / 16) + c * 2);
         acc[i] = FMADD(_mm256_cvtepi32_ps(S), _mm256_mul_ps(da, fw8), acc[i]);
         if (mins) macc[i] = FMADD4(_mm_loadu_ps(a->dsx + m * (K4 / 32) + c), fm4, macc[i]);
@@ -192,21 +198,41 @@ static inline __attribute__((always_inline)) void rows16(int t, int bytes, const
             const uint8_t *blk = raw + b * bytes;
             __m256 fw8 = _mm256_set1_ps(f16s(blk + (t == T_Q6_K ? 208 : 0)));
             float dmin = mins ? f16s(blk + 2) : 0.0f;
+            uint32_t sc[2] = {0, 0}, mw[2] = {0, 0};  /* Q4_K/Q5_K: 6-bit scales / mins of groups 0-3, 4-7 */
+            __m256i q6s = _mm256_setzero_si256();     /* Q6_K: its 16 int8 scales of this half, as int16 */
+            if (mins) {
+                uint32_t u[3];
+                memcpy(u, blk + 4, 12);
+                sc[0] = u[0] & 0x3f3f3f3fu;
+                sc[1] = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
+                mw[0] = u[1] & 0x3f3f3f3fu;
+                mw[1] = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
+            }
 #pragma GCC unroll 2
             for (int h = 0; h < 2; h++) {
-                int32_t mn[4], s0[4], s1[4];
 #pragma GCC unroll 4
-                for (int g = 0; g < 4; g++) w[g] = kgroup32(t, blk, 4 * h + g, &s0[g], &s1[g], &mn[g]);
+                for (int g = 0; g < 4; g++) {
+                    int32_t d0, d1, d2;
+                    w[g] = kgroup32(t, blk, 4 * h + g, &d0, &d1, &d2);
+                }
                 interleave4(w, W);
                 /* sub-block scales folded in (|q * sc| <= 32 * 128): W[0..3] hold values 0-15 of each
-                 * group, W[4..7] values 16-31 */
-                __m256i S0 = _mm256_setr_epi16(s0[0], s0[0], s0[0], s0[0], s0[1], s0[1], s0[1], s0[1], s0[2], s0[2],
-                                               s0[2], s0[2], s0[3], s0[3], s0[3], s0[3]);
-                __m256i S1 = t == T_Q6_K ? _mm256_setr_epi16(s1[0], s1[0], s1[0], s1[0], s1[1], s1[1], s1[1], s1[1],
-                                                             s1[2], s1[2], s1[2], s1[2], s1[3], s1[3], s1[3], s1[3])
-                                         : S0;
+                 * group, W[4..7] values 16-31; scale vectors [s(g0) x4, .., s(g3) x4] as int16 */
+                __m256i S0, S1;
+                if (t == T_Q6_K) {  /* int8 scales at 192 + 8h: [s0(g0), s1(g0), s0(g1), ..] */
+                    q6s = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)(blk + 192 + 8 * h))));
+                    S0 = _mm256_shuffle_epi8(q6s, _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 4, 5, 4, 5, 4, 5, 4, 5, 8, 9, 8, 9, 8, 9, 8,
+                                                                   9, 12, 13, 12, 13, 12, 13, 12, 13));
+                    S1 = _mm256_shuffle_epi8(q6s, _mm256_setr_epi8(2, 3, 2, 3, 2, 3, 2, 3, 6, 7, 6, 7, 6, 7, 6, 7, 10, 11, 10, 11, 10,
+                                                                   11, 10, 11, 14, 15, 14, 15, 14, 15, 14, 15));
+                } else {
+                    const char z = (char)0x80;
+                    S0 = S1 = _mm256_shuffle_epi8(_mm256_set1_epi32((int)sc[h]),
+                                                  _mm256_setr_epi8(0, z, 0, z, 0, z, 0, z, 1, z, 1, z, 1, z, 1, z, 2, z, 2, z, 2, z, 2,
+                                                                   z, 3, z, 3, z, 3, z, 3, z));
+                }
                 for (int j = 0; j < 8; j++) W[j] = _mm256_mullo_epi16(W[j], j < 4 ? S0 : S1);
-                __m128 fm4 = mins ? _mm_mul_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(_mm_setr_epi32(mn[0], mn[1], mn[2], mn[3])))
+                __m128 fm4 = mins ? _mm_mul_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128((int)mw[h]))))
                                   : _mm_setzero_ps();
                 groups4(W, fw8, fm4, mins, a, K4, m0, b * 8 + 4 * h, MC, acc, macc);
             }
