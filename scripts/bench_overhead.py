@@ -8,8 +8,9 @@ own cost per token (token frames through a socketpair, encode -> send -> recv ->
 path every streamed token takes out of a worker); the last line is one JSON object. Goal: decode
 ratio >= 0.98 and TTFT overhead <= 5 ms at the median, through the worker.
 
-The HTTP client here stands for a remote one, so while it reads the worker's streams its thread
-stays off the CPUs the worker is pinned to (when the box has others; `client_cpus` in the JSON).
+The HTTP client here stands for a remote one, so while it reads a worker's stream (from the first
+token on, as the server's relaying threads) its thread stays off the CPUs the worker is pinned to
+(when the box has others; `client_cpus` in the JSON).
 On a 2-CPU box the client's SSE reading (~0.25 ms of CPU a token) otherwise lands on the worker's
 CPU part of the time and preempts it (perf sched_switch: 0 to 101 preemptions in a 128-token
 stream), a cost of co-locating the benchmark's client that direct generation never pays. The
@@ -76,14 +77,23 @@ def ipc_us_per_token(n: int = 20000) -> float:
     return dt / n * 1e6
 
 
-def server_run(client: httpx.Client, url: str, tokens: int, model: str = "gemma3-270m") -> tuple[float, float, int]:
+def server_run(
+    client: httpx.Client, url: str, tokens: int, model: str = "gemma3-270m", read_on: list[int] | None = None
+) -> tuple[float, float, int]:
+    """`read_on`: CPUs the client reads the stream on from its first token (then back to its mask)."""
     body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0}
-    stamps = []
+    stamps: list[float] = []
+    mask = os.sched_getaffinity(0)
     t0 = time.perf_counter()
-    with client.stream("POST", url + "/v1/completions", json=body) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: {") and '"text":""' not in line:
-                stamps.append(time.perf_counter())
+    try:
+        with client.stream("POST", url + "/v1/completions", json=body) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {") and '"text":""' not in line:
+                    stamps.append(time.perf_counter())
+                    if read_on and len(stamps) == 1:
+                        os.sched_setaffinity(0, read_on)
+    finally:
+        os.sched_setaffinity(0, mask)
     return _rates(t0, stamps)
 
 
@@ -141,20 +151,16 @@ def main() -> int:
                 # processes evict each other's weights from the CPU caches, and without this the
                 # side that runs second pays for it. The KV state it leaves (prompt + 1 token) is
                 # the same as after a full run, so the timed request replays exactly as it would.
-                os.sched_setaffinity(0, anywhere)
                 direct_run(llm, 2)
                 d.append(direct_run(llm, args.tokens))
-                os.sched_setaffinity(0, client_cpus)
-                server_run(client, url, 2)
-                s.append(server_run(client, url, args.tokens))
-                os.sched_setaffinity(0, anywhere)  # in process nothing is pinned: as before
-                server_run(client, url, 2, "inproc")
+                server_run(client, url, 2, read_on=client_cpus)
+                s.append(server_run(client, url, args.tokens, read_on=client_cpus))
+                server_run(client, url, 2, "inproc")  # in process nothing is pinned: as before
                 p.append(server_run(client, url, args.tokens, "inproc"))
                 print(f"round {i}: direct ttft {d[-1][0]*1e3:.1f} ms {d[-1][1]:.1f} tok/s ({d[-1][2]} tok) | "
                       f"worker ttft {s[-1][0]*1e3:.1f} ms {s[-1][1]:.1f} tok/s ({s[-1][2]} tok) | "
                       f"in-process ttft {p[-1][0]*1e3:.1f} ms {p[-1][1]:.1f} tok/s", flush=True)
         finally:
-            os.sched_setaffinity(0, anywhere)
             srv.stop()
     med = statistics.median
     result = {
