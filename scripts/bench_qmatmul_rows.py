@@ -27,15 +27,15 @@ from capibara6 import kernels  # noqa: E402
 
 TYPES = {"Q4_0": 2, "Q5_0": 6, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
 
-# (label, type, N, K): the Gemma 3 270M layer shapes and its vocab projection
+# (label, type, N, K): the Gemma 3 270M layer shapes and its vocab projection (k-quants need K % 256 == 0)
 SYNTH = [
     ("ffn_down Q6_K", "Q6_K", 640, 2048),
     ("ffn_up Q5_0", "Q5_0", 2048, 640),
     ("attn_q Q5_0", "Q5_0", 1024, 640),
     ("ffn Q4_0", "Q4_0", 2048, 640),
     ("ffn Q8_0", "Q8_0", 2048, 640),
-    ("ffn Q4_K", "Q4_K", 2048, 640),
-    ("ffn Q5_K", "Q5_K", 2048, 640),
+    ("ffn Q4_K", "Q4_K", 2048, 768),
+    ("ffn Q5_K", "Q5_K", 2048, 768),
     ("ffn_down Q4_K", "Q4_K", 640, 2048),
     ("token_embd Q8_0", "Q8_0", 262144, 640),
 ]

@@ -19,8 +19,9 @@ typedef struct {
     float *d;        /* [M, K/32] */
     int32_t *asum;   /* [M, K/32] sum of the chunk's q (for the mins of Q4_K/Q5_K) */
 #ifdef C6_QX86
-    int16_t *qx;     /* [M, K4] (K4 = K rounded up to 128, zeros past K): per 128 values, 8 vectors of
-                      * 16, vector j = values 4j..4j+3 of each of the 4 groups */
+    int16_t *qx;     /* [M, K4 + 32] (K4 = K rounded up to 128, zeros past K): per 128 values, 8 vectors
+                      * of 16, vector j = values 4j..4j+3 of each of the 4 groups; rows 64 bytes more
+                      * than a multiple of 256 apart so 8 rows never share an L1 set (K = 2048) */
     float *d2;       /* [M, K4/16] d of each group twice (0 past K) */
     float *dsx;      /* [M, K4/32] d * asum (Q4_K/Q5_K) */
 #endif
@@ -167,7 +168,7 @@ static inline __attribute__((always_inline)) void groups4(const __m256i *W, __m2
                                                           const int MC, __m256 *acc, __m128 *macc) {
     for (int i = 0; i < MC; i++) {
         int64_t m = m0 + i;
-        const int16_t *ap = a->qx + m * K4 + c * 32;
+        const int16_t *ap = a->qx + m * (K4 + 32) + c * 32;
         /* two chains (latency); integer sums, so the split changes nothing */
         __m256i S0 = _mm256_madd_epi16(W[0], _mm256_loadu_si256((const __m256i *)ap));
         __m256i S1 = _mm256_madd_epi16(W[1], _mm256_loadu_si256((const __m256i *)(ap + 16)));
@@ -673,7 +674,7 @@ int c6_qmatmul16(const float *x, const void *w, int wtype, float *y, int64_t M, 
     size_t qbytes = ((size_t)(M * K) * sizeof(int16_t) + 63) & ~(size_t)63, extra = 0;
 #ifdef C6_QX86
     int64_t K4 = (K / 32 + 3) / 4 * 128;
-    extra = (size_t)(M * K4) * sizeof(int16_t) + (size_t)(M * K4 / 32) * 3 * sizeof(float);
+    extra = (size_t)(M * (K4 + 32)) * sizeof(int16_t) + (size_t)(M * K4 / 32) * 3 * sizeof(float) + 64;
 #endif
 #ifdef C6_I16_I8MM
     extra = 2 * (size_t)(M * K) + (size_t)(M * K / 32) * sizeof(float) + (size_t)(M * K / 16) * sizeof(int32_t) +
@@ -688,7 +689,7 @@ int c6_qmatmul16(const float *x, const void *w, int wtype, float *y, int64_t M, 
 #ifdef C6_QX86
     a.d2 = (float *)(a.asum + M * K / 32);
     a.dsx = a.d2 + M * K4 / 16;
-    a.qx = (int16_t *)(a.dsx + M * K4 / 32);
+    a.qx = (int16_t *)(((uintptr_t)(a.dsx + M * K4 / 32) + 63) & ~(uintptr_t)63);  /* 32-byte loads aligned */
     for (int64_t m = 0; m < M; m++) {
         int64_t nc = K / 32;
         for (int64_t c = 0; c < K4 / 32; c++) {
@@ -697,7 +698,7 @@ int c6_qmatmul16(const float *x, const void *w, int wtype, float *y, int64_t M, 
             a.dsx[m * (K4 / 32) + c] = c < nc && (wtype == T_Q4_K || wtype == T_Q5_K) ? dc * (float)a.asum[m * nc + c] : 0.0f;
             for (int j = 0; j < 8; j++)
                 for (int v = 0; v < 4; v++)
-                    a.qx[m * K4 + (c / 4) * 128 + j * 16 + (c % 4) * 4 + v] = c < nc ? a.q[m * K + c * 32 + 4 * j + v] : 0;
+                    a.qx[m * (K4 + 32) + (c / 4) * 128 + j * 16 + (c % 4) * 4 + v] = c < nc ? a.q[m * K + c * 32 + 4 * j + v] : 0;
         }
     }
 #endif
