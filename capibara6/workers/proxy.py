@@ -35,6 +35,11 @@ from .framing import Message, decode, encode, unpack_error
 if TYPE_CHECKING:
     from ..config import ModelSpec
 
+# Off: keeping the event loop off the workers' CPUs too (2-CPU servers only, see _Relays) removed
+# its preemptions of the worker (perf sched_switch: up to 152 in a 128-token stream, then 0), but
+# on a loaded box TTFT through the worker measured worse with it (medians 28-56 ms vs 20-37 ms
+# for the other variants, alternated in one run; not yet explained or confirmed on a quiet box).
+PIN_EVENT_LOOP = False
 CANCEL_POLL_S = 0.02  # how often a generation waiting for its next token looks at `cancel`
 CLOSE_WAIT_S = 10.0  # close(): how long a worker may take to exit before it is killed
 STATS_WAIT_S = 1.0  # kv_cache_bytes(): longest wait for a worker's answer
@@ -65,11 +70,13 @@ def exit_reason(code: int | None) -> str:
 
 
 class _Relays:
-    """While a worker stream relays tokens (from its first token to its end), keeps the server's
+    """While a worker stream relays tokens (from its second token to its end), keeps the server's
     relaying threads (the workers' readers, and that stream's consuming thread) off the CPUs the
     workers are pinned to, when the server has CPUs no worker holds (on 2 CPUs with one 1-thread
-    worker: the other CPU); the rest of the time (a prompt's round trips, prefill up to the first
-    token, idle) they run anywhere, so a TTFT never waits for one CPU while another is free. Unpinned, the scheduler put them on
+    worker: the other CPU); the rest of the time (a prompt's round trips, prefill, the first token,
+    idle) they run anywhere: pinning migrates the event loop, and done while the first token was
+    on its way it delayed it (TTFT through the worker +4 to +18 ms at the median on a loaded box,
+    pinning from the first token vs not pinning, alternated in one run). Unpinned, the scheduler put them on
     the worker's CPU often enough to matter: over a 128-token stream the worker's generating thread
     was preempted 2-3 times a token and waited 0.4-9 ms a token in the run queue (direct
     llama.cpp: 0.02-0.4 times, 0.001-0.2 ms, same window; /proc/TID/schedstat). With no free CPU
@@ -77,8 +84,9 @@ class _Relays:
 
     The event loop (the main thread; ~0.65 ms of CPU a streamed token) costs the worker most when
     it lands on its CPU (perf sched_switch on a 2-CPU box: up to 152 preemptions of the worker in
-    a 128-token stream, else none). It is kept off the workers' CPUs too while a worker stream
-    runs, but only where the server has at most 2 CPUs: threads the loop starts inherit its mask,
+    a 128-token stream, else none). With PIN_EVENT_LOOP (off: it cost TTFT on a loaded box) it is
+    kept off the workers' CPUs too while a worker stream runs, but only where the server has at
+    most 2 CPUs: threads the loop starts inherit its mask,
     and `n_threads: auto` counts the calling thread's mask (capibara6.threads: all CPUs but one, at
     least one), which on 2 CPUs is 1 thread either way and on more would shrink. With more CPUs
     the loop floats, as before (Placement keeps a CPU for HTTP there). An in-process generation
@@ -104,7 +112,7 @@ class _Relays:
         mask = (self._free() or self._allowed) if self._streams else self._allowed
         for _, tid in self._held.values():
             _set_affinity(tid, mask)
-        if self._allowed is not None and len(self._allowed) <= 2:  # the event loop: see above
+        if PIN_EVENT_LOOP and self._allowed is not None and len(self._allowed) <= 2:  # see above
             _set_affinity(os.getpid(), mask)
 
     def hold(self, worker: WorkerBackend, reader_tid: int) -> None:
@@ -310,7 +318,7 @@ class WorkerBackend:
         sent_cancel = False
         finished = False
         pinned: tuple[int, frozenset[int]] | None = None
-        relaying = False  # set once the first token is out: from then on, keep off the workers' CPUs
+        sent = 0  # tokens handed on; from the second on, keep off the workers' CPUs
         try:
             while True:
                 if cancel.is_set() and not sent_cancel:
@@ -322,9 +330,9 @@ class WorkerBackend:
                     continue
                 if op == "tok":
                     yield body
-                    if not relaying:  # after the first token, so pinning never delays it
-                        relaying = True
-                        pinned = _relays.pin_caller()
+                    sent += 1
+                    if sent == 2:  # not while the first token is on its way: pinning the event
+                        pinned = _relays.pin_caller()  # loop migrates it, which delayed it (TTFT)
                 elif op == "done":
                     finished = True
                     for f in fields(GenerationOutcome):
