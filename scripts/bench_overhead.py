@@ -9,7 +9,7 @@ path every streamed token takes out of a worker); the last line is one JSON obje
 ratio >= 0.98 and TTFT overhead <= 5 ms at the median, through the worker.
 
 The HTTP client here stands for a remote one, so while it reads a worker's stream (from the first
-token on, as the server's relaying threads) its thread stays off the CPUs the worker is pinned to
+token on) its thread stays off the CPUs the worker is pinned to
 (when the box has others; `client_cpus` in the JSON).
 On a 2-CPU box the client's SSE reading (~0.25 ms of CPU a token) otherwise lands on the worker's
 CPU part of the time and preempts it (perf sched_switch: 0 to 101 preemptions in a 128-token
