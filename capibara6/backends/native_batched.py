@@ -45,6 +45,10 @@ class NativeDecoder:
     """The Decoder protocol (llamacpp/scheduler.py) on the native engine; scheduler thread only,
     except `new_sampler` (request threads)."""
 
+    # every row takes its alone kernel path (engine/batch_runner.py), so a preempted sequence
+    # recomputed in its original chunks gets its original logits bit for bit (scheduler.py)
+    exact_recompute = True
+
     def __init__(self, runner: BatchRunner, tokenizer: Tokenizer) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
@@ -84,6 +88,15 @@ class NativeDecoder:
 
     def reusable(self, seq_id: int, n: int) -> bool:
         return self.runner.kv.reusable(seq_id, n)
+
+    def keep(self, seq_id: int) -> Any:
+        """Before a preemption drops the sequence: its FP8 key shifts, so that its recompute (prompt
+        + generated tokens in one prefill) stores keys as they were first stored; a shift taken
+        from the longer first chunk moved logprobs by up to 0.17 nats (tests/engine/test_native_batching.py)."""
+        return self.runner.kv.shifts(seq_id)
+
+    def restore(self, seq_id: int, kept: Any) -> None:
+        self.runner.kv.set_shifts(seq_id, kept)
 
     def seq_rm(self, seq_id: int, p0: int, p1: int) -> None:
         if p1 >= 0 and p1 < self.runner.kv.length(seq_id):

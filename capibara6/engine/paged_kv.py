@@ -200,6 +200,17 @@ class PagedKV:
         d.length = n
         d.shift = list(s.shift) if n else [None] * self.n_layer
 
+    def shifts(self, seq: int) -> list[np.ndarray | None]:
+        """The sequence's FP8 key shift per layer (None: not fixed yet)."""
+        return list(self.seqs[seq].shift)
+
+    def set_shifts(self, seq: int, shifts: list[np.ndarray | None]) -> None:
+        """Fix an empty sequence's shifts before its first store (a recompute after preemption)."""
+        s = self.seqs[seq]
+        if s.length:
+            raise ValueError(f"sequence {seq} already holds {s.length} positions")
+        s.shift = list(shifts)
+
     def reusable(self, seq: int, n: int) -> bool:
         """Whether `seq`'s first n positions can be continued: every sliding-window group still
         holds the positions n - window + 1 .. n - 1 the next query sees."""

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -152,10 +153,15 @@ def test_request_id_on_every_response(ssrv: ServerProcess) -> None:
 def test_logs_are_json_lines_without_prompts(ssrv: ServerProcess) -> None:
     body = {"model": MODEL, "prompt": MARKER, "max_tokens": 2}
     httpx.post(ssrv.url["standard"] + "/v1/completions", json=body, headers={**AUTH, "X-Request-ID": "log-check-1"}, timeout=60)
-    lines = [ln for ln in ssrv.log.read_text().splitlines() if ln.startswith("{")]
-    records = [json.loads(ln) for ln in lines]
+    deadline = time.monotonic() + 10  # the access line is written once the response has gone out
+    while True:
+        lines = [ln for ln in ssrv.log.read_text().splitlines() if ln.startswith("{")]
+        records = [json.loads(ln) for ln in lines]
+        access = [r for r in records if r.get("request_id") == "log-check-1"]
+        if access or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert records and all({"ts", "level", "logger", "msg"} <= set(r) for r in records)
-    access = [r for r in records if r.get("request_id") == "log-check-1"]
     assert access, lines[-5:]
     rec = access[-1]
     assert rec["status"] == 200 and rec["model"] == MODEL and rec["path"] == "/v1/completions" and rec["duration_ms"] > 0

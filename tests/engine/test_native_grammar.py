@@ -28,6 +28,7 @@ from tests.serverproc import ServerProcess
 
 JSON = llama_grammar.JSON_GBNF
 PROMPT = "A JSON object describing a cat:"
+FEW_SHOT = 'Example: {"name": "Tom", "color": "black"}\nAnother cat as JSON:'
 SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {"name": {"type": "string", "maxLength": 12}, "color": {"enum": ["black", "white", "ginger"]},
@@ -272,8 +273,9 @@ def client(srv: ServerProcess) -> OpenAI:
 
 
 def test_json_object_over_http_parses(srv: ServerProcess) -> None:
-    # a base model: on a chat prompt greedy JSON loops until the limit; this prompt's object closes
-    out = client(srv).completions.create(model="native", prompt=PROMPT, max_tokens=120, temperature=0,
+    # a base model: greedy JSON on a bare request ("A JSON object describing a cat:") invents keys
+    # until the limit; after one example object it writes a short one and closes it
+    out = client(srv).completions.create(model="native", prompt=FEW_SHOT, max_tokens=120, temperature=0,
                                          extra_body={"response_format": {"type": "json_object"}})
     assert out.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(out.choices[0].text), dict)

@@ -49,7 +49,8 @@ MIN_PREFIX_REUSE = 8  # shorter shared prefixes (BOS, chat header) are not worth
 
 class Decoder(Protocol):
     """The native side the scheduler drives: llama.cpp (llamacpp/batched.py: LlamaDecoder) or our
-    engine (backends/native_batched.py: NativeDecoder). May also have `reusable(seq_id, n) -> bool`."""
+    engine (backends/native_batched.py: NativeDecoder). May also have `reusable(seq_id, n) -> bool`,
+    `keep(seq_id) -> Any` and `restore(seq_id, kept)` (see Scheduler.__init__)."""
 
     n_cells: int  # KV cells shared by all sequences
 
@@ -91,6 +92,9 @@ class SeqState:
     pending: int | None = None  # last sampled token, fed at the next step
     generated: int = 0
     reused: int = 0  # prompt tokens taken from the prefix cache
+    kept: Any = None  # a preempted sequence's `decoder.keep(slot)`, handed to `decoder.restore` on recompute
+    chunks: list[int] = field(default_factory=list)  # sizes of the prompt chunks as first fed
+    replay: list[int] | None = None  # exact recompute: the chunk sizes still to feed (see _preempt)
     done: bool = False
 
     budget: int = 0  # KV cells set aside for this sequence now (grows while it generates)
@@ -139,6 +143,14 @@ class Scheduler:
         # optional on a Decoder: `reusable(seq_id, n)`, False when the first n positions of that
         # sequence can no longer be continued (the native paged cache frees out-of-window blocks)
         self._reusable: Callable[[int, int], bool] | None = getattr(decoder, "reusable", None)
+        # optional too: `keep(seq_id)` before a preemption drops a sequence, `restore(seq_id, kept)`
+        # when it is recomputed from scratch (the native cache keeps its FP8 key shift this way)
+        self._keep: Callable[[int], Any] | None = getattr(decoder, "keep", None)
+        self._restore: Callable[[int, Any], None] | None = getattr(decoder, "restore", None)
+        # and `exact_recompute = True`: a preempted sequence is recomputed in the chunks it was
+        # first computed in (its prompt's chunks, then its generated tokens one per step, as they
+        # were decoded), so a decoder whose rows are batch-independent gives it the same logits
+        self._exact_recompute = bool(getattr(decoder, "exact_recompute", False))
         self.prefill_chunk = prefill_chunk
         self.recurrent = recurrent  # whole-state reuse only (see the module docstring)
         self._slots = [_Slot() for _ in range(n_slots)]
@@ -253,7 +265,7 @@ class Scheduler:
     def _admit(self) -> None:
         while self._can_admit_head():
             seq = self._waiting.pop(0)
-            src, k = self._best_prefix(seq.prompt)
+            src, k = self._best_prefix(seq.prompt) if seq.replay is None else (-1, 0)
             seq.budget = self._first_budget(seq)
             self._make_room(seq.budget, keep=src)
             self._place(seq, src, k)
@@ -305,6 +317,11 @@ class Scheduler:
         sl = self._slots[seq.slot]
         # a decoding sequence: its KV tokens + the sampled one; a prefilling one: its whole prompt
         tokens = [*sl.tokens, seq.pending] if seq.pending is not None else seq.prompt
+        if self._keep is not None:
+            seq.kept = self._keep(seq.slot)
+        if self._exact_recompute:
+            fed = sum(seq.chunks)
+            seq.replay = [*seq.chunks, *([1] * (len(tokens) - fed if seq.pending is not None else 0))]
         self.decoder.seq_rm(seq.slot, 0, -1)
         sl.owner, sl.tokens = None, []
         self._running.remove(seq)
@@ -333,6 +350,9 @@ class Scheduler:
         sl = self._slots[dst]
         sl.owner, sl.tokens = seq, seq.prompt[:k]
         seq.slot, seq.n_past, seq.reused = dst, k, k
+        if seq.kept is not None and k == 0 and self._restore is not None:
+            self._restore(dst, seq.kept)  # recompute as the sequence was first computed
+        seq.kept = None
         if k and self._on_prefix_hit is not None:
             self._on_prefix_hit(k)
 
@@ -359,7 +379,14 @@ class Scheduler:
                 break
             if seq.pending is not None:
                 continue
-            take = min(budget, len(seq.prompt) - seq.n_past)
+            if seq.replay:
+                if seq.replay[0] > budget:
+                    continue  # the next step has the room (a recorded chunk fitted one step's budget)
+                take = seq.replay.pop(0)
+            else:
+                take = min(budget, len(seq.prompt) - seq.n_past)
+                if seq.replay is None:
+                    seq.chunks.append(take)
             last = seq.n_past + take == len(seq.prompt)
             for j in range(take):
                 tokens.append(seq.prompt[seq.n_past + j])
