@@ -30,7 +30,7 @@ from ..engine.sampler import Sampler, SampleResult
 from ..engine.tokenizer import Tokenizer
 from ..threads import resolve_threads
 from ..types import GenerationOutcome, Prepared, SamplingParams, TokenEvent
-from .llamacpp.scheduler import Scheduler, SeqState, read_tokens
+from .llamacpp.scheduler import Scheduler, SeqState, read_tokens, submit_new
 from .native import NativeBackend
 from .stops import StopText
 
@@ -150,13 +150,7 @@ class NativeBatchedBackend(NativeBackend):
         if params.max_tokens <= 0:
             outcome.finish_reason = "length"
             return iter(())
-        seq = SeqState(ids, params, sampler=self.decoder.new_sampler(params))  # a bad grammar: 400 here
-        try:
-            self.scheduler.submit(seq)
-        except BaseException:
-            self.decoder.free_sampler(seq.sampler)
-            raise
-        return self._read(seq, params, outcome, cancel)
+        return self._read(submit_new(self.scheduler, self.decoder, ids, params), params, outcome, cancel)
 
     def _read(
         self, seq: SeqState, params: SamplingParams, outcome: GenerationOutcome, cancel: threading.Event

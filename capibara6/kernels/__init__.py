@@ -264,6 +264,16 @@ def fp8_quantize_rows(x, out_q=None, out_scale=None):
     return out_q, out_scale
 
 
+def _kv_arrays(k, v, ndim):
+    """k, v: a KV cache of `ndim` dims, float32 or uint8 (FP8 e4m3fn), v of k's dtype."""
+    if not isinstance(k, np.ndarray):
+        raise TypeError(f"k: expected a numpy.ndarray (float32 or uint8), got {type(k).__name__}")
+    if k.dtype not in (_F32, _U8):
+        raise TypeError(f"k: expected dtype float32 or uint8 (FP8 e4m3fn), got {k.dtype}")
+    _arr("k", k, dtype=k.dtype, ndims=(ndim,))
+    _arr("v", v, dtype=k.dtype, ndims=(ndim,))
+
+
 def attention(q, k, v, *, n_past, scale, window=0, k_scale=None, v_scale=None, ring=0, out=None):
     """Causal (optionally sliding-window) grouped-query attention with online softmax.
     q [T, Hq, D] float32 at positions n_past..n_past+T-1; k, v [S, Hkv, D] float32, or uint8 FP8
@@ -274,12 +284,7 @@ def attention(q, k, v, *, n_past, scale, window=0, k_scale=None, v_scale=None, r
     Returns out [T, Hq, D] float32."""
     _arr("q", q, ndims=(3,))
     T, Hq, D = q.shape
-    if not isinstance(k, np.ndarray):
-        raise TypeError(f"k: expected a numpy.ndarray (float32 or uint8), got {type(k).__name__}")
-    if k.dtype not in (_F32, _U8):
-        raise TypeError(f"k: expected dtype float32 or uint8 (FP8 e4m3fn), got {k.dtype}")
-    _arr("k", k, dtype=k.dtype, ndims=(3,))
-    _arr("v", v, dtype=k.dtype, ndims=(3,))
+    _kv_arrays(k, v, 3)
     S, Hkv, Dk = k.shape
     if Dk != D:
         raise ValueError(f"k: expected head dim {D} (from q), got shape {k.shape}")
@@ -349,12 +354,7 @@ def attention_paged(q, k, v, *, tables, q_start, n_past, block, scale, window=0,
     sequences. Returns out [T_total, Hq, D] float32."""
     _arr("q", q, ndims=(3,))
     T, Hq, D = q.shape
-    if not isinstance(k, np.ndarray):
-        raise TypeError(f"k: expected a numpy.ndarray (float32 or uint8), got {type(k).__name__}")
-    if k.dtype not in (_F32, _U8):
-        raise TypeError(f"k: expected dtype float32 or uint8 (FP8 e4m3fn), got {k.dtype}")
-    _arr("k", k, dtype=k.dtype, ndims=(4,))
-    _arr("v", v, dtype=k.dtype, ndims=(4,))
+    _kv_arrays(k, v, 4)
     n_blocks, blk, Hkv, Dk = k.shape
     block = _int_arg("block", block, 1)
     if blk != block:

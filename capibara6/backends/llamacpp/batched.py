@@ -44,7 +44,7 @@ from ...types import Estimate, GenerationOutcome, Prepared, SamplingParams, Toke
 from ..stops import StopText
 from .constrained import Constrained
 from .plain import LlamaCppBackend, _kv_kwargs, token_logprobs
-from .scheduler import Scheduler, SeqState, read_tokens
+from .scheduler import Scheduler, SeqState, read_tokens, submit_new
 
 if TYPE_CHECKING:
     from collections.abc import Sequence as Seq
@@ -241,13 +241,7 @@ class LlamaCppBatchedBackend(LlamaCppBackend):
         self, prepared: Prepared, params: SamplingParams, outcome: GenerationOutcome, cancel: threading.Event
     ) -> Iterator[TokenEvent]:
         tokens = self.prompt_tokens(prepared, params, outcome)
-        seq = SeqState(tokens, params, sampler=self.decoder.new_sampler(params))
-        try:
-            self.scheduler.submit(seq)
-        except BaseException:
-            self.decoder.free_sampler(seq.sampler)
-            raise
-        return self._read(seq, params, outcome, cancel)
+        return self._read(submit_new(self.scheduler, self.decoder, tokens, params), params, outcome, cancel)
 
     def _read(
         self, seq: SeqState, params: SamplingParams, outcome: GenerationOutcome, cancel: threading.Event

@@ -445,6 +445,18 @@ class Scheduler:
             del self.stats[: len(self.stats) // 2]
 
 
+def submit_new(scheduler: Scheduler, decoder: Any, tokens: list[int], params: SamplingParams) -> SeqState:
+    """A sequence with its own sampler (`decoder.new_sampler`: a bad grammar raises here, before
+    anything streams), queued on `scheduler`; the sampler is freed if the queueing fails."""
+    seq = SeqState(tokens, params, sampler=decoder.new_sampler(params))
+    try:
+        scheduler.submit(seq)
+    except BaseException:
+        decoder.free_sampler(seq.sampler)
+        raise
+    return seq
+
+
 def read_tokens(seq: SeqState, outcome: GenerationOutcome, cancel: threading.Event, poll_s: float) -> Iterator[tuple[int, Any]]:
     """A request thread's side of a sequence: (token, logprobs or None) as the scheduler emits
     them, counted into `outcome`. Ends when the sequence ends (outcome.finish_reason set) or when
