@@ -16,7 +16,7 @@ from capibara6.engine import ops_numpy
 from capibara6.engine.kv_cache import KVCache
 from capibara6.engine.paged_kv import BlockPool, KVExhausted, PagedKV, Segment
 
-from .conftest import OPS_PARAMS, kernels_available
+from .conftest import OPS_PARAMS
 
 H_Q, H_KV, D = 4, 2, 64
 SCALE = 1.0 / math.sqrt(D)
@@ -461,7 +461,6 @@ def test_attend_equals_single_sequence_cache(ops_name: str, dtype: str) -> None:
     assert any(b < 0 for b in kv.seqs[2].tables[1])
 
 
-@pytest.mark.skipif(not kernels_available(), reason="kernels not built")
 def test_attend_after_fork_equals_single_sequence_cache() -> None:
     """A forked prefix continued by both sequences (copy on write in the partial block) attends as
     two independent single-sequence caches that hold the same prefix."""
@@ -482,3 +481,38 @@ def test_attend_after_fork_equals_single_sequence_cache() -> None:
     for _ in range(20):
         check_step(kv, refs, [(1, 1), (0, 1)], windows, rng)
     check_invariants(kv)
+
+
+def _bad_paged_calls() -> list[tuple[dict[str, object], str]]:
+    """Calls of attention_paged over a 3-sequence pool that must fail before anything is read."""
+    block, n_blocks = 4, 12
+    tables = np.array([[0, 1, 2, -1], [3, 4, 5, 6], [7, -1, -1, -1]], np.int32)  # seq 1 reads keys 0..14
+    ok: dict[str, object] = dict(q_start=np.array([0, 1, 6, 6], np.int64), n_past=np.array([9, 10, 2], np.int64),
+                                 tables=tables, block=block)
+    freed = tables.copy()
+    freed[1, 2] = -1
+    outside = tables.copy()
+    outside[0, 2] = n_blocks
+    return [(dict(ok, tables=freed), "tables"), (dict(ok, tables=outside), "tables"),
+            (dict(ok, tables=tables[:, :2].copy()), "tables"),
+            (dict(ok, q_start=np.array([0, 6, 1, 6], np.int64)), "q_start"),
+            (dict(ok, q_start=np.array([1, 1, 6, 6], np.int64)), "q_start"),
+            (dict(ok, n_past=np.array([9, -1, 2], np.int64)), "n_past"), (dict(ok, block=8), "k"), (ok, "")]
+
+
+def test_numpy_reference_refuses_what_the_kernel_refuses() -> None:
+    """ops_numpy.attention_paged (the engine's reference) raises the kernel's ValueError, naming the
+    same argument, for the same bad tables, q_start, n_past and block; a good call passes both."""
+    from capibara6 import kernels
+
+    rng = np.random.default_rng(9)
+    k = rng.standard_normal((12, 4, 1, 8)).astype(np.float32)
+    v = rng.standard_normal((12, 4, 1, 8)).astype(np.float32)
+    q = rng.standard_normal((6, 2, 8)).astype(np.float32)
+    for call, name in _bad_paged_calls():
+        for ops in (kernels, ops_numpy):
+            if not name:
+                ops.attention_paged(q, k, v, scale=0.3, **call)  # type: ignore[attr-defined]
+                continue
+            with pytest.raises(ValueError, match=name):
+                ops.attention_paged(q, k, v, scale=0.3, **call)  # type: ignore[attr-defined]
