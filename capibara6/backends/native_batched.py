@@ -90,9 +90,9 @@ class NativeDecoder:
         return self.runner.kv.reusable(seq_id, n)
 
     def keep(self, seq_id: int) -> Any:
-        """Before a preemption drops the sequence: its FP8 key shifts, so that its recompute (prompt
-        + generated tokens in one prefill) stores keys as they were first stored; a shift taken
-        from the longer first chunk moved logprobs by up to 0.17 nats (tests/engine/test_native_batching.py)."""
+        """Before a preemption drops the sequence: its FP8 key shifts, so that its recompute stores
+        keys as they were first stored (a shift taken again from the recompute's first chunk, which
+        then held generated tokens too, moved logprobs by up to 0.17 nats)."""
         return self.runner.kv.shifts(seq_id)
 
     def restore(self, seq_id: int, kept: Any) -> None:

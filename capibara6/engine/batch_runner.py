@@ -65,21 +65,17 @@ class BatchRunner(ModelRun):
             counts[s] = counts.get(s, 0) + 1
         order = sorted(range(n), key=lambda i: (first[seq_ids[i]], i))  # each sequence's rows together, in order
         segments: list[Segment] = []
-        for i in order:
-            s = seq_ids[i]
-            if segments and segments[-1].seq == s:
-                last = segments[-1]
-                if pos[i] != last.pos + last.count:
-                    raise ValueError(f"sequence {s}: positions of one step must be consecutive")
-                segments[-1] = Segment(s, last.start, last.count + 1, last.pos)
-            else:
-                if not 0 <= s < self.n_seq:
-                    raise ValueError(f"sequence id {s} out of range 0..{self.n_seq - 1}")
-                if pos[i] + counts[s] > self.n_ctx:
-                    raise ValueError(f"sequence {s} would exceed n_ctx={self.n_ctx}")
-                segments.append(Segment(s, len(segments) and segments[-1].start + segments[-1].count, 1, pos[i]))
+        for s, count in counts.items():  # in order of first appearance, as `order`
+            if not 0 <= s < self.n_seq:
+                raise ValueError(f"sequence id {s} out of range 0..{self.n_seq - 1}")
+            p0 = pos[first[s]]
+            if p0 + count > self.n_ctx:
+                raise ValueError(f"sequence {s} would exceed n_ctx={self.n_ctx}")
+            segments.append(Segment(s, segments[-1].start + segments[-1].count if segments else 0, count, p0))
         toks = np.asarray([tokens[i] for i in order], dtype=np.int64)
         positions = np.asarray([pos[i] for i in order], dtype=np.int32)
+        if not np.array_equal(positions, np.concatenate([np.arange(sg.pos, sg.pos + sg.count) for sg in segments])):
+            raise ValueError("a sequence's positions in one step must be consecutive")
         where = {i: j for j, i in enumerate(order)}  # batch row -> row of the grouped pass
         out_rows = np.asarray([where[i] for i in range(n) if want[i]], dtype=np.int64)
         self.ops.use_threads(self.n_threads)

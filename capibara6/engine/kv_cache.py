@@ -22,6 +22,13 @@ import numpy as np
 KV_DTYPES = ("fp32", "fp16", "fp8")
 
 
+def kv_bytes_per_token(dtype: str, n_layer: int, n_head_kv: int, head_dim_k: int, head_dim_v: int) -> int:
+    """K and V bytes one position holds over all layers (fp8: the E4M3 bytes + two fp32 scales per KV head)."""
+    h, d = n_head_kv, head_dim_k + head_dim_v
+    per = {"fp32": 4 * h * d, "fp16": 2 * h * d, "fp8": h * d + 8 * h}
+    return per[dtype] * n_layer
+
+
 @dataclass
 class _Layer:
     k: np.ndarray  # [cap, Hkv, Dk] float32 | float16 | uint8 (FP8 bytes)
@@ -158,6 +165,4 @@ class KVCache:
         return total
 
     def bytes_per_token(self) -> int:
-        h, dk, dv = self.n_head_kv, self.head_dim_k, self.head_dim_v
-        per = {"fp32": 4 * h * (dk + dv), "fp16": 2 * h * (dk + dv), "fp8": h * (dk + dv) + 8 * h}
-        return per[self.dtype] * self.n_layer
+        return kv_bytes_per_token(self.dtype, self.n_layer, self.n_head_kv, self.head_dim_k, self.head_dim_v)

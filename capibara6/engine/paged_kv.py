@@ -30,7 +30,7 @@ from types import ModuleType
 
 import numpy as np
 
-from .kv_cache import KV_DTYPES
+from .kv_cache import KV_DTYPES, kv_bytes_per_token
 
 
 class KVExhausted(RuntimeError):
@@ -128,7 +128,6 @@ class PagedKV:
         self.block = block
         self.n_layer = n_layer
         self.n_head_kv, self.head_dim_k, self.head_dim_v = n_head_kv, head_dim_k, head_dim_v
-        self.n_cells = n_cells
         wins = tuple(windows) or (0,) * n_layer
         full_blocks = -(-n_cells // block) + n_seq + 1
         self.groups: list[_Group] = []
@@ -266,9 +265,9 @@ class PagedKV:
             for i, t in enumerate(tables):
                 arr[i, : len(t)] = t
             self._tables.append(arr)
-            rows = [arr[i, p // bs] * bs + p % bs for i, sg in enumerate(segments)
-                    for p in range(sg.pos, sg.pos + sg.count)]
-            self._rows.append(np.asarray(rows, np.int64))
+            rows = [arr[i, p // bs].astype(np.int64) * bs + p % bs
+                    for i, p in enumerate(np.arange(sg.pos, sg.pos + sg.count) for sg in segments)]
+            self._rows.append(np.concatenate(rows) if rows else np.zeros(0, np.int64))
 
     def _copy_block(self, gi: int, b: int) -> int:
         g = self.groups[gi]
@@ -353,6 +352,4 @@ class PagedKV:
         return sum(g.pool.n_blocks * self.block_bytes(i) for i, g in enumerate(self.groups))
 
     def bytes_per_token(self) -> int:
-        h, dk, dv = self.n_head_kv, self.head_dim_k, self.head_dim_v
-        per = {"fp32": 4 * h * (dk + dv), "fp16": 2 * h * (dk + dv), "fp8": h * (dk + dv) + 8 * h}
-        return per[self.dtype] * self.n_layer
+        return kv_bytes_per_token(self.dtype, self.n_layer, self.n_head_kv, self.head_dim_k, self.head_dim_v)

@@ -274,6 +274,23 @@ def _kv_arrays(k, v, ndim):
     _arr("v", v, dtype=k.dtype, ndims=(ndim,))
 
 
+def _kv_scales(k, k_scale, v_scale, shape, dims):
+    """An FP8 (uint8) cache needs k_scale, v_scale float32 of `shape` (its rows x KV heads; `dims`
+    names them); any other needs none. Returns whether the cache is FP8."""
+    fp8 = k.dtype == _U8
+    if not fp8:
+        if k_scale is not None or v_scale is not None:
+            raise ValueError("k_scale, v_scale: only valid with an FP8 (uint8) cache")
+        return False
+    if k_scale is None or v_scale is None:
+        raise ValueError(f"k_scale, v_scale: required (float32 {dims}) for an FP8 (uint8) cache")
+    for name, sc in (("k_scale", k_scale), ("v_scale", v_scale)):
+        _arr(name, sc, ndims=(len(shape),))
+        if sc.shape != tuple(shape):
+            raise ValueError(f"{name}: expected shape {tuple(shape)}, got {sc.shape}")
+    return True
+
+
 def attention(q, k, v, *, n_past, scale, window=0, k_scale=None, v_scale=None, ring=0, out=None):
     """Causal (optionally sliding-window) grouped-query attention with online softmax.
     q [T, Hq, D] float32 at positions n_past..n_past+T-1; k, v [S, Hkv, D] float32, or uint8 FP8
@@ -304,18 +321,7 @@ def attention(q, k, v, *, n_past, scale, window=0, k_scale=None, v_scale=None, r
                              f"(ring {ring}, window {window}, T {T}, S {S})")
     elif n_past + T > S:
         raise ValueError(f"k: cache has {S} rows, need n_past + T = {n_past + T}")
-    fp8 = k.dtype == _U8
-    if fp8:
-        if k_scale is None or v_scale is None:
-            raise ValueError("k_scale, v_scale: required (float32 [S, Hkv]) for an FP8 (uint8) cache")
-        _arr("k_scale", k_scale, ndims=(2,))
-        _arr("v_scale", v_scale, ndims=(2,))
-        if k_scale.shape != (S, Hkv):
-            raise ValueError(f"k_scale: expected shape {(S, Hkv)}, got {k_scale.shape}")
-        if v_scale.shape != (S, Hkv):
-            raise ValueError(f"v_scale: expected shape {(S, Hkv)}, got {v_scale.shape}")
-    elif k_scale is not None or v_scale is not None:
-        raise ValueError("k_scale, v_scale: only valid with an FP8 (uint8) cache")
+    fp8 = _kv_scales(k, k_scale, v_scale, (S, Hkv), "[S, Hkv]")
     out = _out(out, (T, Hq, D), inputs=(q, k, v, k_scale, v_scale))
     if T == 0:
         return out
@@ -375,18 +381,7 @@ def attention_paged(q, k, v, *, tables, q_start, n_past, block, scale, window=0,
                          f"got {q_start.shape}")
     if n_past.shape != (n_seq,):
         raise ValueError(f"n_past: expected shape ({n_seq},) (n_seq = len(tables)), got {n_past.shape}")
-    fp8 = k.dtype == _U8
-    if fp8:
-        if k_scale is None or v_scale is None:
-            raise ValueError("k_scale, v_scale: required (float32 [n_blocks, block, Hkv]) for an FP8 (uint8) cache")
-        _arr("k_scale", k_scale, ndims=(3,))
-        _arr("v_scale", v_scale, ndims=(3,))
-        if k_scale.shape != k.shape[:3]:
-            raise ValueError(f"k_scale: expected shape {k.shape[:3]}, got {k_scale.shape}")
-        if v_scale.shape != k.shape[:3]:
-            raise ValueError(f"v_scale: expected shape {k.shape[:3]}, got {v_scale.shape}")
-    elif k_scale is not None or v_scale is not None:
-        raise ValueError("k_scale, v_scale: only valid with an FP8 (uint8) cache")
+    fp8 = _kv_scales(k, k_scale, v_scale, k.shape[:3], "[n_blocks, block, Hkv]")
     out = _out(out, (T, Hq, D), inputs=(q, k, v, k_scale, v_scale))
     ks = _ptr(k_scale) if fp8 else _ffi.NULL
     vs = _ptr(v_scale) if fp8 else _ffi.NULL

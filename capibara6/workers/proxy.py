@@ -35,11 +35,6 @@ from .framing import Message, decode, encode, unpack_error
 if TYPE_CHECKING:
     from ..config import ModelSpec
 
-# Off: keeping the event loop off the workers' CPUs too (2-CPU servers only, see _Relays) removed
-# its preemptions of the worker (perf sched_switch: up to 152 in a 128-token stream, then 0), but
-# on a loaded box TTFT through the worker measured worse with it (medians 28-56 ms vs 20-37 ms
-# for the other variants, alternated in one run; not yet explained or confirmed on a quiet box).
-PIN_EVENT_LOOP = False
 CANCEL_POLL_S = 0.02  # how often a generation waiting for its next token looks at `cancel`
 CLOSE_WAIT_S = 10.0  # close(): how long a worker may take to exit before it is killed
 STATS_WAIT_S = 1.0  # kv_cache_bytes(): longest wait for a worker's answer
@@ -82,15 +77,12 @@ class _Relays:
     llama.cpp: 0.02-0.4 times, 0.001-0.2 ms, same window; /proc/TID/schedstat). With no free CPU
     (the workers hold them all) they run anywhere, as before.
 
-    The event loop (the main thread; ~0.65 ms of CPU a streamed token) costs the worker most when
-    it lands on its CPU (perf sched_switch on a 2-CPU box: up to 152 preemptions of the worker in
-    a 128-token stream, else none). With PIN_EVENT_LOOP (off: it cost TTFT on a loaded box) it is
-    kept off the workers' CPUs too while a worker stream runs, but only where the server has at
-    most 2 CPUs: threads the loop starts inherit its mask,
-    and `n_threads: auto` counts the calling thread's mask (capibara6.threads: all CPUs but one, at
-    least one), which on 2 CPUs is 1 thread either way and on more would shrink. With more CPUs
-    the loop floats, as before (Placement keeps a CPU for HTTP there). An in-process generation
-    started while a worker streams on a 2-CPU box stays off the worker's CPU as well."""
+    The event loop (the main thread; ~0.65 ms of CPU a streamed token) is left to float. It costs
+    the worker most when it lands on its CPU (perf sched_switch on a 2-CPU box: up to 152
+    preemptions of the worker in a 128-token stream), and pinning it too (2-CPU servers only, as
+    threads it starts inherit its mask and `n_threads: auto` counts that mask) removed them, but
+    TTFT through the worker measured worse with it on a loaded box (medians 28-56 ms vs 20-37 ms,
+    alternated in one run), so it was taken out; see docs/workers.md."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -112,8 +104,6 @@ class _Relays:
         mask = (self._free() or self._allowed) if self._streams else self._allowed
         for _, tid in self._held.values():
             _set_affinity(tid, mask)
-        if PIN_EVENT_LOOP and self._allowed is not None and len(self._allowed) <= 2:  # see above
-            _set_affinity(os.getpid(), mask)
 
     def hold(self, worker: WorkerBackend, reader_tid: int) -> None:
         with self._lock:
