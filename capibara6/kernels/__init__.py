@@ -264,14 +264,22 @@ def fp8_quantize_rows(x, out_q=None, out_scale=None):
     return out_q, out_scale
 
 
-def _kv_arrays(k, v, ndim):
-    """k, v: a KV cache of `ndim` dims, float32 or uint8 (FP8 e4m3fn), v of k's dtype."""
+def _kv_arrays(k, v, ndim, Hq, D):
+    """k, v: a KV cache of `ndim` dims [..., Hkv, D], float32 or uint8 (FP8 e4m3fn), v of k's
+    dtype and shape, for Hq query heads of head dim D (Hkv divides Hq)."""
     if not isinstance(k, np.ndarray):
         raise TypeError(f"k: expected a numpy.ndarray (float32 or uint8), got {type(k).__name__}")
     if k.dtype not in (_F32, _U8):
         raise TypeError(f"k: expected dtype float32 or uint8 (FP8 e4m3fn), got {k.dtype}")
     _arr("k", k, dtype=k.dtype, ndims=(ndim,))
     _arr("v", v, dtype=k.dtype, ndims=(ndim,))
+    Hkv, Dk = k.shape[-2:]
+    if Dk != D:
+        raise ValueError(f"k: expected head dim {D} (from q), got shape {k.shape}")
+    if v.shape != k.shape:
+        raise ValueError(f"v: expected shape {k.shape} (same as k), got {v.shape}")
+    if Hkv < 1 or Hq % Hkv:
+        raise ValueError(f"k: number of kv heads ({Hkv}) must divide the number of q heads ({Hq})")
 
 
 def _kv_scales(k, k_scale, v_scale, shape, dims):
@@ -301,14 +309,8 @@ def attention(q, k, v, *, n_past, scale, window=0, k_scale=None, v_scale=None, r
     Returns out [T, Hq, D] float32."""
     _arr("q", q, ndims=(3,))
     T, Hq, D = q.shape
-    _kv_arrays(k, v, 3)
-    S, Hkv, Dk = k.shape
-    if Dk != D:
-        raise ValueError(f"k: expected head dim {D} (from q), got shape {k.shape}")
-    if v.shape != k.shape:
-        raise ValueError(f"v: expected shape {k.shape} (same as k), got {v.shape}")
-    if Hkv < 1 or Hq % Hkv:
-        raise ValueError(f"k: number of kv heads ({Hkv}) must divide the number of q heads ({Hq})")
+    _kv_arrays(k, v, 3, Hq, D)
+    S, Hkv, _ = k.shape
     if isinstance(n_past, bool) or not isinstance(n_past, (int, np.integer)) or n_past < 0:
         raise ValueError(f"n_past: expected an int >= 0, got {n_past!r}")
     if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 0:
@@ -360,17 +362,11 @@ def attention_paged(q, k, v, *, tables, q_start, n_past, block, scale, window=0,
     sequences. Returns out [T_total, Hq, D] float32."""
     _arr("q", q, ndims=(3,))
     T, Hq, D = q.shape
-    _kv_arrays(k, v, 4)
-    n_blocks, blk, Hkv, Dk = k.shape
+    _kv_arrays(k, v, 4, Hq, D)
+    n_blocks, blk, Hkv, _ = k.shape
     block = _int_arg("block", block, 1)
     if blk != block:
         raise ValueError(f"k: expected shape (n_blocks, block={block}, Hkv, D), got {k.shape}")
-    if Dk != D:
-        raise ValueError(f"k: expected head dim {D} (from q), got shape {k.shape}")
-    if v.shape != k.shape:
-        raise ValueError(f"v: expected shape {k.shape} (same as k), got {v.shape}")
-    if Hkv < 1 or Hq % Hkv:
-        raise ValueError(f"k: number of kv heads ({Hkv}) must divide the number of q heads ({Hq})")
     window = _int_arg("window", window, 0)
     _arr("tables", tables, dtype=_I32, ndims=(2,))
     n_seq, max_blocks = tables.shape
