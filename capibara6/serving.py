@@ -39,6 +39,7 @@ from .types import (
     TokenPrompt,
     Unsupported,
 )
+from .workers.launch import CallLimits, finish_call
 
 Messages = list[dict[str, Any]]
 PromptSource = str | list[int] | Messages  # completion text, token ids, or chat messages
@@ -247,30 +248,32 @@ class Generation:
         accepted: asyncio.Future[None] = loop.create_future()
 
         run = self.tool_run
+        call_limits = CallLimits(limits.max_prompt_tokens, self.plan.max_tokens, limits.max_tokens_cap)
 
         def prepare(cancel: threading.Event) -> Iterator[TokenEvent]:
             # templating and tokens: the backend's, once
-            prepared = backend.prepare(ChatPrompt(tuple(run.messages), run.template_tools) if run else to_prompt(prompt))
-            stops = tuple(params.stop) + tuple(s for s in prepared.stops if s not in params.stop)
-            if prepared.n_tokens > limits.max_prompt_tokens:
-                raise InvalidRequest(
-                    f"The prompt has {prepared.n_tokens} tokens; the limit is {limits.max_prompt_tokens}.", param="prompt"
-                )
-            room = backend.n_ctx - prepared.n_tokens
-            max_tokens = self.plan.max_tokens or max(1, min(limits.max_tokens_cap, room))
-            call = replace(params, max_tokens=max_tokens, stop=stops, grammar=run.grammar if run and run.grammar else params.grammar)
+            source = ChatPrompt(tuple(run.messages), run.template_tools) if run else to_prompt(prompt)
+            base = replace(params, grammar=run.grammar) if run and run.grammar else params
+            lazy = run is not None and run.lazy is not None
+            one_trip = None if lazy else getattr(backend, "prepare_generate", None)
+            if one_trip is not None:  # a model worker: both steps in one round trip (workers/launch.py)
+                return cast("Iterator[TokenEvent]", one_trip(source, base, call_limits, outcome, cancel))
+            prepared = backend.prepare(source)
+            call = finish_call(prepared, base, backend.n_ctx, call_limits)
             if run is not None and run.lazy is not None:
                 return run_auto(backend, prepared, call, outcome, cancel, run)
             return backend.generate(prepared, call, outcome, cancel)
 
         def job(cancel: threading.Event) -> Iterator[TokenEvent]:
+            # the backend's iterator itself, not a generator around it: a worker's stream relays
+            # its tokens to the loop from its reader thread (TokenStream, `relay`)
             try:
                 events = prepare(cancel)
             except BaseException as err:
                 loop.call_soon_threadsafe(_settle, accepted, err)
                 raise
             loop.call_soon_threadsafe(_settle, accepted, None)
-            yield from events
+            return events
 
         stream = TokenStream(job, model=self.plan.model)  # a fatal signal in it names the model
         self._stack.push_async_callback(stream.aclose)

@@ -2,7 +2,10 @@
 
 One connection per worker, multiplexed by request id: a reader thread in the server decodes every
 frame and hands it to the waiting request's queue, so a batched worker streams several
-generations at once. Cancellation: `generate` forwards the caller's `cancel` the moment it sees it
+generations at once; a relaying stream's tokens (TokenStream's) it hands to the event loop
+itself (`_WorkerStream.relay`: no hop through the stream's thread). A generation's prompt goes
+with it in one message (`prepare_generate`: prepared, its call finished and generated in the
+worker), so one round trip comes before the prefill, not two. Cancellation: `generate` forwards the caller's `cancel` the moment it sees it
 set (it checks between tokens and every CANCEL_POLL_S while waiting for one), and the worker sets
 its own event, which the backend checks between tokens: it stops within a token or two.
 
@@ -24,13 +27,15 @@ import time
 from dataclasses import fields
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Generator, Sequence
 
 import numpy as np
 
 from ..errors import ModelCrashed
+from ..threads import server_cpus
 from ..types import GenerationOutcome, Pooling, Prepared, Prompt, SamplingParams, TokenEvent
 from .framing import Message, decode, encode, unpack_error
+from .launch import CallLimits
 
 if TYPE_CHECKING:
     from ..config import ModelSpec
@@ -66,8 +71,9 @@ def exit_reason(code: int | None) -> str:
 
 class _Relays:
     """While a worker stream relays tokens (from its second token to its end), keeps the server's
-    relaying threads (the workers' readers, and that stream's consuming thread) off the CPUs the
-    workers are pinned to, when the server has CPUs no worker holds (on 2 CPUs with one 1-thread
+    relaying threads (the workers' readers, which hand a TokenStream's tokens to the event loop
+    themselves, `_WorkerStream.relay`; and a stream's consuming thread when it is iterated instead)
+    off the CPUs the workers are pinned to, when the server has CPUs no worker holds (on 2 CPUs with one 1-thread
     worker: the other CPU); the rest of the time (a prompt's round trips, prefill, the first token,
     idle) they run anywhere: pinning migrates the event loop, and done while the first token was
     on its way it delayed it (TTFT through the worker +4 to +18 ms at the median on a loaded box,
@@ -93,10 +99,7 @@ class _Relays:
     def _free(self) -> set[int] | None:
         """The CPUs no worker holds (None: there are none, or no affinity API)."""
         if self._allowed is None:
-            try:  # the main thread's mask (the event loop's, before any pinning here): the server's own
-                self._allowed = frozenset(os.sched_getaffinity(os.getpid()))
-            except (AttributeError, OSError):
-                self._allowed = frozenset()
+            self._allowed = frozenset(server_cpus())  # the server's own mask, as it started
         free = set(self._allowed).difference(*(cpus for cpus, _ in self._held.values()))
         return free or None
 
@@ -132,6 +135,25 @@ class _Relays:
                 self._apply()
         return tid, prev
 
+    def begin(self, hold: _Hold) -> None:
+        """A relaying stream (tokens handed on by the reader itself) passed its first token:
+        count it, so the readers keep off the workers' CPUs. Once per `hold`, never after `end`."""
+        with self._lock:
+            if hold.state != 0:
+                return
+            hold.state = 1
+            self._streams += 1
+            if self._streams == 1:
+                self._apply()
+
+    def end(self, hold: _Hold) -> None:
+        with self._lock:
+            counted, hold.state = hold.state == 1, 2
+            if counted:
+                self._streams -= 1
+                if self._streams == 0:
+                    self._apply()
+
     def unpin_caller(self, pinned: tuple[int, frozenset[int]] | None) -> None:
         """The stream ended: its thread gets its mask back (by tid: a generator may be closed from
         another thread), and the event loop its own once no worker stream is left."""
@@ -157,6 +179,57 @@ def _set_affinity(tid: int, cpus: set[int] | frozenset[int] | None) -> bool:
 _relays = _Relays()
 
 
+class _Hold:
+    """One relaying stream's share of `_Relays`: 0 not counted yet, 1 counted, 2 over."""
+
+    __slots__ = ("state",)
+
+    def __init__(self) -> None:
+        self.state = 0
+
+
+class _WorkerStream:
+    """A worker generation's tokens: iterate it (the calling thread takes each token from the
+    reader), or call `relay(put)` (TokenStream does): the reader thread hands each token to `put`
+    itself, one thread hop less per token. Either way the end (`done`, an error, a crash) comes
+    through this object, and `close()` (or leaving early) cancels the worker's generation and
+    waits for it, so the instance is free when the lease returns."""
+
+    def __init__(
+        self, backend: WorkerBackend, req: int, q: queue.SimpleQueue[Message], outcome: GenerationOutcome,
+        cancel: threading.Event,
+    ) -> None:
+        self._backend, self._req, self._q, self._outcome, self._cancel = backend, req, q, outcome, cancel
+        self._gen: Generator[TokenEvent, None, None] | None = None
+        self._used = False
+
+    def __iter__(self) -> _WorkerStream:
+        return self
+
+    def __next__(self) -> TokenEvent:
+        if self._gen is None:
+            assert not self._used, "relay() took this stream"
+            self._used = True
+            self._gen = self._backend._stream(self._req, self._q, self._outcome, self._cancel)
+        return next(self._gen)
+
+    def relay(self, put: Callable[[TokenEvent], None]) -> None:
+        """Hand every token to `put` (called on the reader thread) and return at the stream's end;
+        its error or crash raises here."""
+        assert not self._used, "this stream is being iterated"
+        self._used = True
+        self._backend._relay(self._req, self._q, self._outcome, self._cancel, put)
+
+    def close(self) -> None:
+        if self._gen is not None:
+            self._gen.close()
+        elif not self._used:  # never started: stop the worker's generation all the same
+            self._used = True
+            self._backend._send_cancel(self._req)
+            self._backend._drain(self._q)
+            self._backend._pending.pop(self._req, None)
+
+
 class WorkerBackend:
     """A loaded instance living in its own process. `memory_bytes` is the worker's RSS."""
 
@@ -170,6 +243,8 @@ class WorkerBackend:
         self.n_ctx = 0
         self._ids = itertools.count(1)
         self._pending: dict[int, queue.SimpleQueue[Message]] = {}
+        self._sinks: dict[int, Callable[[TokenEvent], None]] = {}  # relaying streams' token sinks
+        self._sink_lock = threading.Lock()
         self._lock = threading.Lock()
         self._dead: str | None = None
         self._closing = False
@@ -222,6 +297,16 @@ class WorkerBackend:
                 msg = decode(self.events.recv_bytes())
             except (EOFError, OSError):
                 break
+            if msg[0] == "tok":
+                with self._sink_lock:  # a stream switching to relay drains its queue under it
+                    sink = self._sinks.get(msg[1])
+                    if sink is not None:
+                        sink(msg[2])
+                        continue
+                    q = self._pending.get(msg[1])
+                    if q is not None:
+                        q.put(msg)
+                continue
             q = self._pending.get(msg[1])
             if q is not None:
                 q.put(msg)
@@ -287,10 +372,22 @@ class WorkerBackend:
 
     def generate(
         self, prepared: Prepared, params: SamplingParams, outcome: GenerationOutcome, cancel: threading.Event
-    ) -> Iterator[TokenEvent]:
+    ) -> _WorkerStream:
         """As the contract asks, refusals (ContextLengthExceeded ...) raise here, at the call: the
         worker answers `acc` once its backend's generate accepted the prompt, before prefill."""
-        req, q = self._open("gen", (prepared, params))
+        return self._start("gen", (prepared, params), outcome, cancel)
+
+    def prepare_generate(
+        self, prompt: Prompt, params: SamplingParams, limits: CallLimits, outcome: GenerationOutcome,
+        cancel: threading.Event,
+    ) -> _WorkerStream:
+        """`prepare`, `finish_call` and `generate` in one message: the worker runs all three and
+        the prefill follows at once, one round trip before the first token instead of two.
+        Refusals (the prompt's, the limits', the context's) raise here, as from `generate`."""
+        return self._start("pgen", (prompt, params, limits), outcome, cancel)
+
+    def _start(self, op: str, body: Any, outcome: GenerationOutcome, cancel: threading.Event) -> _WorkerStream:
+        req, q = self._open(op, body)
         try:
             op, _, body = q.get()
         except BaseException:
@@ -300,11 +397,11 @@ class WorkerBackend:
         if op != "acc":
             self._pending.pop(req, None)
             raise self._crashed(body) if op == "crash" else unpack_error(body)
-        return self._stream(req, q, outcome, cancel)
+        return _WorkerStream(self, req, q, outcome, cancel)
 
     def _stream(
         self, req: int, q: queue.SimpleQueue[Message], outcome: GenerationOutcome, cancel: threading.Event
-    ) -> Iterator[TokenEvent]:
+    ) -> Generator[TokenEvent, None, None]:
         sent_cancel = False
         finished = False
         pinned: tuple[int, frozenset[int]] | None = None
@@ -323,17 +420,10 @@ class WorkerBackend:
                     sent += 1
                     if sent == 2:  # not while the first token is on its way: pinning the event
                         pinned = _relays.pin_caller()  # loop migrates it, which delayed it (TTFT)
-                elif op == "done":
-                    finished = True
-                    for f in fields(GenerationOutcome):
-                        setattr(outcome, f.name, body[f.name])
-                    return
-                elif op == "crash":
-                    finished = True
-                    raise self._crashed(body)
-                else:
-                    finished = True
-                    raise unpack_error(body)
+                    continue
+                finished = True
+                self._end(op, body, outcome)
+                return
         finally:
             if not finished:  # the consumer walked away: stop the worker's generation and wait
                 if not sent_cancel:  # for it, so the instance is free when the lease returns
@@ -341,6 +431,72 @@ class WorkerBackend:
                 self._drain(q)
             self._pending.pop(req, None)
             _relays.unpin_caller(pinned)
+
+    def _relay(
+        self, req: int, q: queue.SimpleQueue[Message], outcome: GenerationOutcome, cancel: threading.Event,
+        put: Callable[[TokenEvent], None],
+    ) -> None:
+        """`_stream` with the tokens handed to `put` by the reader thread as they arrive (no hop
+        through this thread); this thread waits for the end, forwarding `cancel`. Tokens that came
+        before the switch go first, in order; none goes out once `cancel` is set."""
+        hold = _Hold()
+        count = 0
+
+        def sink(ev: TokenEvent) -> None:  # on the reader thread
+            nonlocal count
+            if cancel.is_set():
+                return
+            put(ev)
+            count += 1
+            if count == 2:  # from the second token on, as _stream: the relaying thread is the reader now
+                _relays.begin(hold)
+
+        early: list[Message] = []
+        with self._sink_lock:
+            while True:
+                try:
+                    early.append(q.get_nowait())
+                except queue.Empty:
+                    break
+            while early and early[0][0] == "tok":
+                sink(early.pop(0)[2])
+            self._sinks[req] = sink
+        sent_cancel = False
+        finished = False
+        try:
+            while True:
+                if cancel.is_set() and not sent_cancel:
+                    self._send_cancel(req)
+                    sent_cancel = True
+                if early:
+                    op, _, body = early.pop(0)
+                else:
+                    try:
+                        op, _, body = q.get(timeout=CANCEL_POLL_S)
+                    except queue.Empty:
+                        continue
+                finished = True
+                self._end(op, body, outcome)
+                return
+        finally:
+            if not finished:
+                if not sent_cancel:
+                    self._send_cancel(req)
+                self._drain(q)
+            with self._sink_lock:
+                self._sinks.pop(req, None)
+            self._pending.pop(req, None)
+            _relays.end(hold)
+
+    def _end(self, op: str, body: Any, outcome: GenerationOutcome) -> None:
+        """A stream's last frame: `done` fills `outcome`, the rest raise."""
+        if op == "done":
+            for f in fields(GenerationOutcome):
+                setattr(outcome, f.name, body[f.name])
+            return
+        if op == "crash":
+            raise self._crashed(body)
+        raise unpack_error(body)
 
     def _drain(self, q: queue.SimpleQueue[Message]) -> None:
         """Wait (up to CLOSE_WAIT_S) for a cancelled generation's last frame."""
