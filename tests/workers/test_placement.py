@@ -7,9 +7,10 @@ import threading
 from pathlib import Path
 from types import SimpleNamespace
 
+from capibara6 import threads
 from capibara6.types import TokenEvent
 from capibara6.workers.framing import decode, encode, encode_token
-from capibara6.workers.placement import Placement, numa_nodes, parse_cpulist
+from capibara6.workers.placement import Placement, first_cpu, numa_nodes, parse_cpulist
 from capibara6.workers.proxy import _Relays
 
 
@@ -43,6 +44,51 @@ def test_released_cpus_are_given_again_and_oversubscription_shares_least_used() 
     p.release("a")
     p.release("c")
     assert p.assign("d", 1) != p.given["b"]
+
+
+def test_each_server_starts_at_its_own_cpu_and_goes_round() -> None:
+    """Servers sharing a box spread their workers: the start follows the pid (`first_cpu`)."""
+    assert [first_cpu(4, salt=pid) for pid in (100, 101, 102, 103, 104)] == [0, 1, 2, 3, 0]
+    assert first_cpu(1, salt=12345) == 0
+    p = Placement(list(range(8)), nodes=[], start=5)  # CPU 7 is for HTTP: workers get 0-6
+    assert [p.assign(k, 1) for k in "abc"] == [(5,), (6,), (0,)]
+    assert p.assign("d", 3) == (1, 2, 3) and p.describe()["first_cpu"] == 5
+    two = [Placement([0, 1], nodes=[], start=k).assign("a", 1) for k in (0, 1)]
+    assert two == [(0,), (1,)]  # two servers on a 2-CPU box: not both on CPU 0
+    # with NUMA nodes, still a node whole: the start picks the node, then goes round inside it
+    q = Placement(list(range(17)), nodes=[list(range(8)), list(range(8, 16))], start=10)
+    assert q.assign("a", 4) == (10, 11, 12, 13) and set(q.assign("b", 4)) <= set(range(8))
+    assert Placement([0, 1]).describe()["first_cpu"] == [0, 1][os.getpid() % 2]
+
+
+def test_the_servers_cpus_are_its_mask_at_start_not_a_pinned_threads() -> None:
+    """threads.server_cpus (what `n_threads: auto`, placement and the relays count) reads the mask
+    once, from the main thread: a thread pinned to one CPU (a relaying one) still counts them all."""
+    allowed = sorted(os.sched_getaffinity(0))
+    saved = threads._server_cpus
+    threads._server_cpus = None
+    try:
+        seen: list[tuple[list[int], int, list[int]]] = []
+
+        def pinned_thread() -> None:
+            os.sched_setaffinity(0, {allowed[-1]})
+            seen.append((threads.server_cpus(), threads.usable_cpus(), Placement(nodes=[]).cpus + [Placement(nodes=[]).http_cpu]))
+
+        t = threading.Thread(target=pinned_thread)
+        t.start()
+        t.join()
+        cpus, usable, placed = seen[0]
+        assert cpus == allowed
+        limit = threads._cgroup_cpu_limit()
+        assert usable == (min(len(allowed), limit) if limit else len(allowed))
+        assert sorted(c for c in placed if c is not None) == allowed
+        os.sched_setaffinity(0, {allowed[0]})  # read once: a later change of this thread's mask
+        try:  # does not move it
+            assert threads.server_cpus() == allowed
+        finally:
+            os.sched_setaffinity(0, allowed)
+    finally:
+        threads._server_cpus = saved
 
 
 def test_numa_nodes_read_from_sysfs(tmp_path: Path) -> None:
