@@ -282,7 +282,8 @@ class Generation:
     async def events(self) -> AsyncIterator[Delta | ChoiceEnd]:
         """Every choice's deltas and its end, in order. Call after start() or open()."""
         assert self._first is not None, "call start() or open() first"
-        for k, (index, prompt) in enumerate(self.plan.choices()):
+        choices = self.plan.choices()
+        for k, (index, prompt) in enumerate(choices):
             if k == 0:
                 _, _, stream, outcome = self._first
                 pending = self._pushback
@@ -309,6 +310,12 @@ class Generation:
                 self.metrics.prefix_cache_hits.labels(self.plan.model).inc()
                 self.metrics.prefix_cache_tokens.labels(self.plan.model).inc(outcome.cached_tokens)
             self.usage.completion_tokens += outcome.completion_tokens
+            if k == len(choices) - 1:
+                # every choice's stream is closed, its thread out of the backend: the lease goes
+                # back now, not after the response's own teardown (the last chunks, [DONE], the
+                # SSE task group: ~1-3 ms of the event loop), which a client's next request to the
+                # model waited for in its lease (TTFT of back-to-back requests through a worker)
+                await self.aclose()
             yield ChoiceEnd(index, outcome.finish_reason)
 
     def _finished(self) -> None:
@@ -319,6 +326,8 @@ class Generation:
         m.generation_tokens.labels(model).inc(self.usage.completion_tokens)
 
     async def aclose(self) -> None:
+        """Return the lease (after the streams are closed) and count the request. Idempotent:
+        `events()` calls it once the last choice ended, the response again when it is done."""
         await self._stack.aclose()
 
     async def __aenter__(self) -> Generation:
