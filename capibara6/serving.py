@@ -260,7 +260,8 @@ class Generation:
                 return cast("Iterator[TokenEvent]", one_trip(source, base, call_limits, outcome, cancel))
             prepared = backend.prepare(source)
             call = finish_call(prepared, base, backend.n_ctx, call_limits)
-            if run is not None and run.lazy is not None:
+            if lazy:
+                assert run is not None
                 return run_auto(backend, prepared, call, outcome, cancel, run)
             return backend.generate(prepared, call, outcome, cancel)
 

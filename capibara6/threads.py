@@ -76,7 +76,6 @@ def resolve_threads(setting: int | str, concurrent: int = 1, total: int | None =
     return max(1, int(setting))
 
 
-
 class IdleThreads:
     """Runs calls on threads kept for reuse: a call wakes an idle thread if there is one (a
     queue put, no wait) and starts a new one otherwise, so any number run at once; a thread that

@@ -46,15 +46,9 @@ def numa_nodes(root: Path = NODE_DIR) -> list[list[int]]:
     return nodes
 
 
-def allowed_cpus() -> list[int]:
-    """The server's CPUs (its affinity mask at start: capibara6.threads.server_cpus)."""
-    return server_cpus()
-
-
 def first_cpu(n: int, salt: int | None = None) -> int:
     """Where this server's placement starts among its `n` CPUs: its process id (or `salt`) modulo
-    `n`, so servers
-    sharing a machine (several sessions, a test run beside a benchmark) do not all pin their first
+    `n`, so servers sharing a machine (several sessions, a test run beside a benchmark) do not all pin their first
     worker to the lowest CPU (measured: a second server's worker on the same CPU 0 held a worker
     at 43-45 tok/s against 74-75 for direct generation)."""
     return (os.getpid() if salt is None else salt) % n if n > 0 else 0
@@ -68,7 +62,7 @@ class Placement:
     ) -> None:
         """`start`: the index (in the server's CPUs) where handing out begins, the order wrapping
         around from there; None: `first_cpu` of this process."""
-        allowed = sorted(cpus if cpus is not None else allowed_cpus())
+        allowed = sorted(cpus if cpus is not None else server_cpus())  # the server's mask at start
         self.http_cpu = allowed[-1] if len(allowed) > 2 else None
         self.cpus = [c for c in allowed if c != self.http_cpu]
         k = (first_cpu(len(self.cpus)) if start is None else start) % max(1, len(self.cpus))

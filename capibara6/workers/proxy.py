@@ -225,9 +225,7 @@ class _WorkerStream:
             self._gen.close()
         elif not self._used:  # never started: stop the worker's generation all the same
             self._used = True
-            self._backend._send_cancel(self._req)
-            self._backend._drain(self._q)
-            self._backend._pending.pop(self._req, None)
+            self._backend._forget(self._req, self._q, stop=True)
 
 
 class WorkerBackend:
@@ -425,11 +423,7 @@ class WorkerBackend:
                 self._end(op, body, outcome)
                 return
         finally:
-            if not finished:  # the consumer walked away: stop the worker's generation and wait
-                if not sent_cancel:  # for it, so the instance is free when the lease returns
-                    self._send_cancel(req)
-                self._drain(q)
-            self._pending.pop(req, None)
+            self._forget(req, q, stop=not finished, cancel_sent=sent_cancel)
             _relays.unpin_caller(pinned)
 
     def _relay(
@@ -479,14 +473,20 @@ class WorkerBackend:
                 self._end(op, body, outcome)
                 return
         finally:
-            if not finished:
-                if not sent_cancel:
-                    self._send_cancel(req)
-                self._drain(q)
+            self._forget(req, q, stop=not finished, cancel_sent=sent_cancel)  # drained before the sink goes
             with self._sink_lock:
                 self._sinks.pop(req, None)
-            self._pending.pop(req, None)
             _relays.end(hold)
+
+    def _forget(self, req: int, q: queue.SimpleQueue[Message], *, stop: bool, cancel_sent: bool = False) -> None:
+        """A stream is over for its consumer. With `stop` (it walked away before the end) the
+        worker's generation is cancelled and waited for, so the instance is free when the lease
+        returns; then the request's queue goes."""
+        if stop:
+            if not cancel_sent:
+                self._send_cancel(req)
+            self._drain(q)
+        self._pending.pop(req, None)
 
     def _end(self, op: str, body: Any, outcome: GenerationOutcome) -> None:
         """A stream's last frame: `done` fills `outcome`, the rest raise."""
